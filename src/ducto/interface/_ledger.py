@@ -1,0 +1,613 @@
+"""
+The contract's rules, once, on plain data and without I/O.
+
+Every store calls these functions: `MemoryStore` on its dicts, the SQL stores on rows they
+loaded inside their transaction. Argument checks, the lot burn-down order, refund
+allocation, hold and cap arithmetic, idempotency fingerprints, billing windows, cursors and
+the analytics definitions all live here, so a fix lands once and every store gets it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any, Final, Literal
+
+from pydantic import ValidationError
+
+from ducto.errors import InvalidArgumentError
+from ducto.interface.models import (
+    AggregateStatsRow,
+    CreditMetadata,
+    DailySpendRow,
+    SpendByModelRow,
+    SpendByUserRow,
+    SpendCap,
+    TopUserRow,
+)
+
+MAX_AMOUNT: Final = 2**62
+"""Largest amount (and largest balance) any store accepts, so every sum fits in 64 bits."""
+MAX_ID_LENGTH: Final = 256
+MAX_KEY_LENGTH: Final = 256
+MAX_TTL_SECONDS: Final = 366 * 86400
+MAX_PAGE: Final = 1000
+UNKNOWN_MODEL: Final = "unknown"
+
+GRANT_TYPES: Final = frozenset({"purchase", "subscription", "signup_bonus", "adjustment"})
+REFUNDABLE_TYPES: Final = frozenset({"usage", "team_usage"})
+TRANSACTION_TYPES: Final = frozenset(
+    {
+        "purchase",
+        "subscription",
+        "signup_bonus",
+        "adjustment",
+        "usage",
+        "refund",
+        "expiry",
+        "team_usage",
+        "team_topup",
+    }
+)
+
+OpKind = Literal["reserve", "deduct", "grant", "refund", "team_deduct", "team_topup"]
+"""Idempotency keys are scoped per account and per one of these operation kinds."""
+
+
+# -- Argument checks ---------------------------------------------------------------------------
+
+
+def check_amount(name: str, value: object, *, minimum: int = 1) -> int:
+    """
+    Return `value` if it is an `int` (not `bool`) in ``[minimum, MAX_AMOUNT]``.
+
+    Raises:
+        InvalidArgumentError: Naming the parameter and the value.
+    """
+    if type(value) is not int:
+        raise InvalidArgumentError(
+            f"{name} must be an int number of credits, got {type(value).__name__} {value!r}"
+        )
+    if not minimum <= value <= MAX_AMOUNT:
+        raise InvalidArgumentError(
+            f"{name} must be between {minimum} and {MAX_AMOUNT}, got {value!r}"
+        )
+    return value
+
+
+def check_signed_amount(name: str, value: object) -> int:
+    """Return `value` if it is a non-zero `int` with ``abs(value) <= MAX_AMOUNT``."""
+    if type(value) is not int:
+        raise InvalidArgumentError(
+            f"{name} must be an int number of credits, got {type(value).__name__} {value!r}"
+        )
+    if value == 0 or abs(value) > MAX_AMOUNT:
+        raise InvalidArgumentError(
+            f"{name} must be non-zero and within +/-{MAX_AMOUNT}, got {value!r}"
+        )
+    return value
+
+
+def check_id(name: str, value: object) -> str:
+    """Return `value` if it is a non-empty `str` of at most `MAX_ID_LENGTH` characters."""
+    if type(value) is not str:
+        raise InvalidArgumentError(f"{name} must be a str, got {type(value).__name__} {value!r}")
+    if not value or len(value) > MAX_ID_LENGTH or "\x00" in value:
+        raise InvalidArgumentError(
+            f"{name} must be a non-empty str of at most {MAX_ID_LENGTH} characters "
+            f"without NUL, got {value[:40]!r}"
+        )
+    return value
+
+
+def check_optional_key(name: str, value: object) -> str | None:
+    """Return an optional idempotency key after checking it like an id."""
+    if value is None:
+        return None
+    if type(value) is not str or not value or len(value) > MAX_KEY_LENGTH or "\x00" in value:
+        raise InvalidArgumentError(
+            f"{name} must be None or a non-empty str of at most {MAX_KEY_LENGTH} characters, "
+            f"got {value!r}"
+        )
+    return value
+
+
+def check_optional_text(name: str, value: object, *, max_length: int = 4096) -> str | None:
+    """Return an optional free-text argument after checking its type and length."""
+    if value is None:
+        return None
+    if type(value) is not str or len(value) > max_length:
+        raise InvalidArgumentError(
+            f"{name} must be None or a str of at most {max_length} characters, got {value!r}"
+        )
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Return `value` if it is a `bool`."""
+    if type(value) is not bool:
+        raise InvalidArgumentError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def to_utc(name: str, value: object) -> datetime:
+    """
+    Return `value` as an aware UTC datetime.
+
+    An aware datetime in any zone is converted; a naive one is taken as UTC.
+    """
+    if not isinstance(value, datetime):
+        raise InvalidArgumentError(
+            f"{name} must be a datetime, got {type(value).__name__} {value!r}"
+        )
+    if value.tzinfo is None or value.tzinfo.utcoffset(value) is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def to_optional_utc(name: str, value: object) -> datetime | None:
+    """Like `to_utc`, but None passes through."""
+    return None if value is None else to_utc(name, value)
+
+
+def check_ttl(value: object) -> timedelta:
+    """Return a hold TTL (seconds as int/float, or a timedelta) as a positive timedelta."""
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif type(value) in (int, float):
+        seconds = float(value)  # type: ignore[arg-type]
+    else:
+        raise InvalidArgumentError(
+            f"ttl must be seconds (int or float) or a timedelta, got {value!r}"
+        )
+    if not math.isfinite(seconds) or not 0 < seconds <= MAX_TTL_SECONDS:
+        raise InvalidArgumentError(
+            f"ttl must be more than 0 and at most {MAX_TTL_SECONDS} seconds, got {value!r}"
+        )
+    return timedelta(seconds=seconds)
+
+
+def check_min_balance(value: object) -> int:
+    """Return a reservation floor: an `int` in ``[0, MAX_AMOUNT]``."""
+    return check_amount("min_balance", value, minimum=0)
+
+
+def check_metadata(value: object, name: str = "metadata") -> CreditMetadata | None:
+    """Accept `CreditMetadata`, a plain dict (validated into one) or None."""
+    if value is None or isinstance(value, CreditMetadata):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return CreditMetadata.model_validate(dict(value))
+        except ValidationError as exc:
+            raise InvalidArgumentError(f"{name} is not valid CreditMetadata: {exc}") from exc
+    raise InvalidArgumentError(
+        f"{name} must be CreditMetadata, a dict or None, got {type(value).__name__}"
+    )
+
+
+def check_grant_type(value: object) -> str:
+    """Return a grant type (``purchase``, ``subscription``, ``signup_bonus``, ``adjustment``)."""
+    if value not in GRANT_TYPES:
+        raise InvalidArgumentError(f"type must be one of {sorted(GRANT_TYPES)}, got {value!r}")
+    return str(value)
+
+
+def check_types_filter(value: object) -> frozenset[str] | None:
+    """Return a set of transaction types to filter on, or None for all."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise InvalidArgumentError(f"types must be a list of transaction types, got {value!r}")
+    types = frozenset(value)
+    unknown = types - TRANSACTION_TYPES
+    if unknown or not types:
+        raise InvalidArgumentError(
+            f"types must be a non-empty list drawn from {sorted(TRANSACTION_TYPES)}, "
+            f"got {sorted(map(str, types))!r}"
+        )
+    return types
+
+
+def check_limit(value: object, *, name: str = "limit", maximum: int = MAX_PAGE) -> int:
+    """Return a page size or row limit in ``[1, maximum]``."""
+    if type(value) is not int or not 1 <= value <= maximum:
+        raise InvalidArgumentError(f"{name} must be an int from 1 to {maximum}, got {value!r}")
+    return value
+
+
+def check_window(start: object, end: object) -> tuple[datetime, datetime]:
+    """Return a half-open ``[start, end)`` window as aware UTC datetimes, start <= end."""
+    s, e = to_utc("start", start), to_utc("end", end)
+    if e < s:
+        raise InvalidArgumentError(
+            f"end ({e.isoformat()}) must not be before start ({s.isoformat()})"
+        )
+    return s, e
+
+
+def check_spend_cap(cap: object) -> SpendCap:
+    """Return a validated `SpendCap` whose user id is set."""
+    if not isinstance(cap, SpendCap):
+        raise InvalidArgumentError(f"cap must be a SpendCap, got {type(cap).__name__}")
+    check_id("cap.user_id", cap.user_id)
+    check_amount("cap.limit", cap.limit, minimum=0)
+    if cap.model is not None:
+        check_id("cap.model", cap.model)
+    return cap
+
+
+def check_cap_type(value: object) -> Literal["daily", "monthly"]:
+    """Return ``daily`` or ``monthly``."""
+    if value == "daily":
+        return "daily"
+    if value == "monthly":
+        return "monthly"
+    raise InvalidArgumentError(f"cap_type must be 'daily' or 'monthly', got {value!r}")
+
+
+def check_version(value: object) -> int:
+    """Return a pricing version number (an int >= 1)."""
+    if type(value) is not int or value < 1:
+        raise InvalidArgumentError(f"version must be an int >= 1, got {value!r}")
+    return value
+
+
+def check_balance_bound(name: str, new_value: int) -> None:
+    """Refuse an operation whose result would leave `MAX_AMOUNT` range."""
+    if abs(new_value) > MAX_AMOUNT:
+        raise InvalidArgumentError(
+            f"{name} would become {new_value}, beyond the supported range of +/-{MAX_AMOUNT}"
+        )
+
+
+# -- Ids, time and windows ---------------------------------------------------------------------
+
+
+class IdSource:
+    """Unique, unguessable-enough ids: a random per-store prefix plus a counter."""
+
+    __slots__ = ("_count", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._count = 0
+
+    def next(self, kind: str) -> str:
+        """Return a new id such as ``tx_3fa4c1d2e9b0_1f``."""
+        self._count += 1
+        return f"{kind}_{self._prefix}_{self._count:x}"
+
+
+def utc_now() -> datetime:
+    """The default clock: the current aware UTC time."""
+    return datetime.now(UTC)
+
+
+def read_clock(clock: Any) -> datetime:
+    """Call a store clock and insist on an aware datetime (converted to UTC)."""
+    now = clock()
+    if not isinstance(now, datetime) or now.tzinfo is None:
+        raise InvalidArgumentError(f"clock must return an aware datetime, got {now!r}")
+    return now if now.tzinfo is UTC else now.astimezone(UTC)
+
+
+def day_key(moment: datetime) -> int:
+    """The UTC calendar day of an aware UTC datetime, as a proleptic ordinal."""
+    return moment.toordinal()
+
+
+def month_key(moment: datetime) -> int:
+    """The UTC calendar month of an aware UTC datetime, as ``year * 12 + month - 1``."""
+    return moment.year * 12 + moment.month - 1
+
+
+def month_bounds(moment: datetime) -> tuple[datetime, datetime]:
+    """The half-open UTC calendar month ``[start, end)`` containing `moment`."""
+    start = datetime(moment.year, moment.month, 1, tzinfo=UTC)
+    if moment.month == 12:
+        return start, datetime(moment.year + 1, 1, 1, tzinfo=UTC)
+    return start, datetime(moment.year, moment.month + 1, 1, tzinfo=UTC)
+
+
+def day_bounds(moment: datetime) -> tuple[datetime, datetime]:
+    """The half-open UTC calendar day ``[start, end)`` containing `moment`."""
+    start = datetime(moment.year, moment.month, moment.day, tzinfo=UTC)
+    return start, start + timedelta(days=1)
+
+
+def cap_window_key(cap_type: str, moment: datetime) -> int:
+    """The window a cap of `cap_type` (daily or monthly) counts at `moment`."""
+    return day_key(moment) if cap_type == "daily" else month_key(moment)
+
+
+def cap_window_bounds(cap_type: str, moment: datetime) -> tuple[datetime, datetime]:
+    """The half-open window a cap of `cap_type` counts at `moment`."""
+    return day_bounds(moment) if cap_type == "daily" else month_bounds(moment)
+
+
+# -- Lots --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class Lot:
+    """A positive grant's remainder. ``seq`` orders lots by creation."""
+
+    id: str
+    seq: int
+    remaining: int
+    expires_at: datetime | None
+
+
+_NEVER = datetime.max.replace(tzinfo=UTC)
+
+
+def lot_order(expires_at: datetime | None, seq: int) -> tuple[datetime, int]:
+    """
+    Sort key of the burn-down order.
+
+    Soonest-expiring first, non-expiring last, oldest first among equals.
+    """
+    return (_NEVER if expires_at is None else expires_at, seq)
+
+
+def draw(lots: Iterable[Lot], amount: int) -> tuple[list[tuple[Lot, int]], int]:
+    """
+    Take up to `amount` from `lots`, in the order given, lowering each lot's remainder.
+
+    Returns:
+        The draws as ``(lot, taken)`` pairs and the part of `amount` nothing covered.
+    """
+    draws: list[tuple[Lot, int]] = []
+    rest = amount
+    if rest <= 0:
+        return draws, 0
+    for lot in lots:
+        take = lot.remaining if lot.remaining < rest else rest
+        if take > 0:
+            lot.remaining -= take
+            draws.append((lot, take))
+            rest -= take
+            if rest == 0:
+                break
+    return draws, rest
+
+
+def split_credit(balance: int, amount: int) -> tuple[int, int]:
+    """
+    Split a credit into the part that pays a negative balance and the part that becomes a lot.
+
+    Returns:
+        ``(debt_paid, lot_credit)``.
+    """
+    debt_paid = min(amount, -balance) if balance < 0 else 0
+    return debt_paid, amount - debt_paid
+
+
+def shortfall(balance_before: int, paid: int) -> int:
+    """The part of a debit of `paid` that took the balance below zero."""
+    before_debt = max(0, -balance_before)
+    after_debt = max(0, paid - balance_before)
+    return after_debt - before_debt
+
+
+@dataclass(slots=True)
+class Draw:
+    """One lot a debit drew from, and how much of that has been refunded into it since."""
+
+    lot_id: str
+    taken: int
+    refunded: int = 0
+
+
+@dataclass(slots=True)
+class RefundPlan:
+    """Where a refund's credits go: debt first, then lots newest-drawn first, then a new lot."""
+
+    debt_paid: int
+    into_lots: list[tuple[str, int]]
+    new_lot: int
+
+
+def plan_refund(draws: Sequence[Draw], amount: int, balance: int) -> RefundPlan:
+    """
+    Allocate a refund of `amount` on an account whose balance is `balance`.
+
+    The credit first pays any negative balance, then returns to the lots the debit drew
+    from, newest-drawn first, up to what each gave; whatever is left (the debit ran past
+    every lot) becomes a new non-expiring lot. Updates ``Draw.refunded`` in place.
+    """
+    debt_paid, rest = split_credit(balance, amount)
+    into: list[tuple[str, int]] = []
+    for item in reversed(draws):
+        if rest == 0:
+            break
+        room = item.taken - item.refunded
+        if room > 0:
+            give = min(room, rest)
+            item.refunded += give
+            into.append((item.lot_id, give))
+            rest -= give
+    return RefundPlan(debt_paid, into, rest)
+
+
+# -- Holds, caps and allowance -----------------------------------------------------------------
+
+
+def spendable(
+    balance: int, expired_unswept: int, reserved: int, allowance_remaining: int = 0
+) -> int:
+    """What can be held or spent now: balance minus unswept expired credits and holds."""
+    return balance - expired_unswept - reserved + allowance_remaining
+
+
+def cap_trips(spend: int, held: int, amount: int, limit: int) -> bool:
+    """A cap trips when window spend plus active holds plus `amount` goes over its limit."""
+    return spend + held + amount > limit
+
+
+def cap_applies(cap_model: str | None, model: str | None) -> bool:
+    """A cap without a model covers all usage; a per-model cap covers that model only."""
+    return cap_model is None or cap_model == model
+
+
+def allowance_split(amount: int, allowance_remaining: int) -> tuple[int, int]:
+    """Split a charge into the part the plan allowance covers and the part the balance pays."""
+    covered = min(amount, max(0, allowance_remaining))
+    return covered, amount - covered
+
+
+def feature_present(features: Mapping[str, Any], feature: str) -> tuple[bool, Any]:
+    """A feature is present when its key exists and the value is not None or False."""
+    value = features.get(feature)
+    return (feature in features and value is not None and value is not False), value
+
+
+# -- Idempotency and metadata ------------------------------------------------------------------
+
+
+def row_metadata(caller: CreditMetadata | None, system: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge caller metadata with system keys; system keys win, None values are dropped."""
+    merged: dict[str, Any] = {}
+    if caller is not None:
+        merged.update(caller.model_dump(exclude_none=True))
+    for key, value in system.items():
+        if value is not None:
+            merged[key] = value
+    return merged
+
+
+def metadata_model(metadata: CreditMetadata | None) -> str | None:
+    """The model a request names, if any."""
+    return None if metadata is None else metadata.model
+
+
+# -- Cursors -----------------------------------------------------------------------------------
+
+_CURSOR_PREFIX: Final = "c1."
+
+
+def encode_cursor(seq: int) -> str:
+    """An opaque cursor pointing just past the ledger row with sequence number `seq`."""
+    return f"{_CURSOR_PREFIX}{seq:x}"
+
+
+def decode_cursor(cursor: object) -> int | None:
+    """Return the sequence number inside a cursor (None for the first page)."""
+    if cursor is None:
+        return None
+    if isinstance(cursor, str) and cursor.startswith(_CURSOR_PREFIX):
+        try:
+            seq = int(cursor[len(_CURSOR_PREFIX) :], 16)
+        except ValueError:
+            pass
+        else:
+            if seq >= 0:
+                return seq
+    raise InvalidArgumentError(f"cursor is not a cursor this store returned: {cursor!r}")
+
+
+# -- Analytics ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class SpendEvent:
+    """One usage debit as analytics sees it: who spent, on what, when, net of refunds."""
+
+    user_id: str
+    model: str
+    created_at: datetime
+    net: int
+
+
+def _in_window(
+    events: Iterable[SpendEvent], start: datetime, end: datetime
+) -> Iterator[SpendEvent]:
+    for event in events:
+        if start <= event.created_at < end:
+            yield event
+
+
+def _ranked(totals: Mapping[str, list[int]]) -> list[tuple[str, int, int]]:
+    return sorted(((k, v[0], v[1]) for k, v in totals.items()), key=lambda r: (-r[1], r[0]))
+
+
+def _group(events: Iterable[SpendEvent], key: str) -> dict[str, list[int]]:
+    totals: dict[str, list[int]] = {}
+    for event in events:
+        entry = totals.setdefault(getattr(event, key), [0, 0])
+        entry[0] += event.net
+        entry[1] += 1
+    return totals
+
+
+def spend_by_user(
+    events: Iterable[SpendEvent], start: datetime, end: datetime
+) -> list[SpendByUserRow]:
+    """Net paid usage per user in ``[start, end)``, by spend descending then user id."""
+    rows = _ranked(_group(_in_window(events, start, end), "user_id"))
+    return [SpendByUserRow(user_id=k, total_spend=s, transaction_count=c) for k, s, c in rows]
+
+
+def spend_by_model(
+    events: Iterable[SpendEvent], start: datetime, end: datetime
+) -> list[SpendByModelRow]:
+    """Net paid usage per model in ``[start, end)``, by spend descending then model."""
+    rows = _ranked(_group(_in_window(events, start, end), "model"))
+    return [SpendByModelRow(model=k, total_spend=s, transaction_count=c) for k, s, c in rows]
+
+
+def top_users(
+    events: Iterable[SpendEvent], limit: int, start: datetime, end: datetime
+) -> list[TopUserRow]:
+    """The `limit` users with the most net paid usage in ``[start, end)``."""
+    rows = _ranked(_group(_in_window(events, start, end), "user_id"))[:limit]
+    return [TopUserRow(user_id=k, total_spend=s) for k, s, _ in rows]
+
+
+def daily_spend(
+    events: Iterable[SpendEvent], start: datetime, end: datetime
+) -> list[DailySpendRow]:
+    """Net paid usage per UTC day in ``[start, end)``, oldest day first."""
+    totals: dict[date, list[int]] = {}
+    for event in _in_window(events, start, end):
+        entry = totals.setdefault(event.created_at.date(), [0, 0])
+        entry[0] += event.net
+        entry[1] += 1
+    return [
+        DailySpendRow(date=day.isoformat(), total_spend=s, transaction_count=c)
+        for day, (s, c) in sorted(totals.items())
+    ]
+
+
+def window_days(start: datetime, end: datetime) -> int:
+    """How many UTC calendar days the half-open window touches (at least 1)."""
+    if end <= start:
+        return 1
+    last = end - timedelta(microseconds=1)
+    return (last.date() - start.date()).days + 1
+
+
+def aggregate_stats(
+    events: Iterable[SpendEvent], start: datetime, end: datetime
+) -> AggregateStatsRow:
+    """Totals over ``[start, end)``: spend, users, average per UTC day, top model and user."""
+    window = list(_in_window(events, start, end))
+    by_user = _ranked(_group(window, "user_id"))
+    by_model = _ranked(_group(window, "model"))
+    total = sum(e.net for e in window)
+    average = (Decimal(total) / window_days(start, end)).quantize(
+        Decimal("0.01"), rounding=ROUND_HALF_EVEN
+    )
+    return AggregateStatsRow(
+        total_credits_consumed=total,
+        active_users=len(by_user),
+        avg_daily_spend=average,
+        top_model=by_model[0][0] if by_model else "",
+        top_user=by_user[0][0] if by_user else "",
+        transaction_count=len(window),
+    )

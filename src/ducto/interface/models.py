@@ -1,0 +1,536 @@
+"""
+Pydantic v2 inputs and results of every store operation.
+
+The names and fields are ducto 1.x's; credits are `int` minor units everywhere, and new
+fields have defaults so 1.x code keeps working. Every result with an ``error`` field also has
+``ok`` and ``raise_for_error()``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ducto.errors import ErrorCode, error_from_fields
+
+__all__ = [
+    "AddCreditsResult",
+    "AddTeamMemberResult",
+    "AggregateStatsRow",
+    "AllowanceResult",
+    "BalanceResult",
+    "CapCheckResult",
+    "CheckFeatureResult",
+    "CreateTeamResult",
+    "CreditMetadata",
+    "DailySpendRow",
+    "DeductionResult",
+    "GetUserPlanResult",
+    "PlanDefinition",
+    "PricingConfigData",
+    "PricingConfigHistoryItem",
+    "PricingConfigResult",
+    "RefundResult",
+    "ReleaseResult",
+    "RemoveSpendCapResult",
+    "RemoveTeamMemberResult",
+    "ReserveResult",
+    "RoundingMode",
+    "SetUserPlanResult",
+    "SetupResult",
+    "SpendByModelRow",
+    "SpendByUserRow",
+    "SpendCap",
+    "SweepResult",
+    "TeamBalanceResult",
+    "TeamDeductionResult",
+    "TeamMember",
+    "TeamTopupResult",
+    "TopUserRow",
+    "TransactionPage",
+    "TransactionRow",
+    "TransactionType",
+]
+
+TransactionType = Literal[
+    "purchase",
+    "subscription",
+    "signup_bonus",
+    "adjustment",
+    "usage",
+    "refund",
+    "expiry",
+    "team_usage",
+    "team_topup",
+]
+"""Every kind of ledger row."""
+
+RoundingMode = Literal["ceil", "floor", "half_up", "half_even"]
+"""How a Decimal cost becomes whole credits."""
+
+
+class _Result(BaseModel):
+    """A result that may carry a business error code instead of raising."""
+
+    error: ErrorCode | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the operation succeeded (``error`` is None)."""
+        return self.error is None
+
+    def raise_for_error(self) -> Self:
+        """
+        Raise the `CreditError` subclass matching ``error``, or return self when ok.
+
+        Raises:
+            CreditError: The subclass for ``error`` (``InsufficientCreditsError``, ...),
+                carrying the result's data as attributes.
+        """
+        if self.error is None:
+            return self
+        raise error_from_fields(self.error, dict(self))
+
+
+# -- Metadata ----------------------------------------------------------------------------------
+
+
+class CreditMetadata(BaseModel):
+    """
+    Metadata attached to ledger rows and holds.
+
+    The typed fields are the ones ducto itself reads (``model`` drives per-model caps and
+    analytics); any other JSON-serialisable key passes through unchanged.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    model: str | None = None
+    reference_type: str | None = None
+    reference_id: str | None = None
+    idempotency_key: str | None = None
+    fixed_job: str | None = None
+
+
+# -- Pricing configuration ---------------------------------------------------------------------
+
+
+class PlanDefinition(BaseModel):
+    """A subscription plan: a monthly free allowance, rate overrides and feature flags."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    name: str
+    free_allowance: int = Field(default=0, ge=0, le=2**62, strict=True)
+    rate_overrides: dict[str, str] | None = None
+    features: dict[str, Any] | None = None
+
+
+class PricingConfigData(BaseModel):
+    """
+    A pricing configuration: expressions per model, tool, search and cache, plus plans.
+
+    ducto 1.x configs load unchanged. Unknown keys are refused.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = 1
+    models: dict[str, str]
+    tools: dict[str, str] = Field(default_factory=lambda: {"_default": "tool_calls * 0"})
+    search: dict[str, str] = Field(default_factory=dict)
+    cache: dict[str, str] = Field(default_factory=dict)
+    fixed: dict[str, int] = Field(default_factory=dict)
+    min_balance: int = Field(default=5, ge=0, le=2**62, strict=True)
+    plans: dict[str, PlanDefinition] | None = None
+    rounding: RoundingMode = "ceil"
+
+    @field_validator("models")
+    @classmethod
+    def _models_not_empty(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("models must define at least one model or '_default'")
+        return value
+
+    @field_validator("fixed")
+    @classmethod
+    def _fixed_non_negative(cls, value: dict[str, int]) -> dict[str, int]:
+        for job, cost in value.items():
+            if cost < 0:
+                raise ValueError(f"fixed cost of {job!r} must be >= 0, got {cost}")
+        return value
+
+
+class PricingConfigResult(BaseModel):
+    """A stored pricing version."""
+
+    id: str
+    config: PricingConfigData
+    version: int = 1
+    label: str | None = None
+    active: bool = False
+    created_at: datetime | None = None
+
+
+class PricingConfigHistoryItem(BaseModel):
+    """A summary of one pricing version, for listings."""
+
+    id: str
+    version: int
+    label: str | None = None
+    active: bool = False
+    created_at: datetime | None = None
+
+
+class SetupResult(BaseModel):
+    """What `setup()` created or migrated."""
+
+    tables_created: list[str] = Field(default_factory=list)
+    rpcs_created: list[str] = Field(default_factory=list)
+    errors: list[str] = Field(default_factory=list)
+    schema_version: int = 0
+
+    @property
+    def success(self) -> bool:
+        """True when setup reported no errors."""
+        return not self.errors
+
+
+# -- Balances, grants, holds -------------------------------------------------------------------
+
+
+class BalanceResult(BaseModel):
+    """
+    A user's balance.
+
+    ``balance`` is the ledger balance; ``available`` is what can be spent now: balance minus
+    active holds minus expired-but-unswept credits, plus the remaining plan allowance.
+    """
+
+    user_id: str
+    balance: int = 0
+    lifetime_purchased: int = 0
+    available: int = 0
+    reserved: int = 0
+    expired_unswept: int = 0
+    allowance_remaining: int = 0
+
+
+class AddCreditsResult(_Result):
+    """The outcome of a grant (or a negative adjustment)."""
+
+    transaction_id: str = ""
+    user_id: str
+    amount: int
+    new_balance: int = 0
+    lifetime_purchased: int = 0
+    expires_at: datetime | None = None
+    available: int = 0
+    idempotent: bool = False
+    idempotency_key: str | None = None
+
+
+class ReserveResult(_Result):
+    """The outcome of `reserve_credits`: a hold, or the reason there is none."""
+
+    reservation_id: str = ""
+    user_id: str
+    amount: int
+    balance: int = 0
+    reserved_total: int = 0
+    expires_at: datetime | None = None
+    available: int = 0
+    idempotent: bool = False
+    idempotency_key: str | None = None
+    cap_limit: int | None = None
+    cap_spend: int | None = None
+    cap_model: str | None = None
+
+
+class DeductionResult(_Result):
+    """
+    The outcome of settling a hold.
+
+    ``amount`` is what the balance paid (the charge minus ``allowance_consumed``);
+    ``shortfall`` is the part of it that took the balance below zero.
+    """
+
+    transaction_id: str = ""
+    user_id: str
+    reservation_id: str = ""
+    amount: int = 0
+    balance_after: int = 0
+    allowance_consumed: int = 0
+    shortfall: int = 0
+    idempotent: bool = False
+    idempotency_key: str | None = None
+    cap_warning: str | None = None
+
+
+class ReleaseResult(_Result):
+    """The outcome of `release_reservation`."""
+
+    reservation_id: str
+    user_id: str
+    amount: int = 0
+    released: bool = False
+    available: int = 0
+
+
+class RefundResult(_Result):
+    """The outcome of refunding (part of) a usage debit."""
+
+    refund_transaction_id: str = ""
+    original_transaction_id: str
+    user_id: str = ""
+    team_id: str | None = None
+    amount: int = 0
+    new_balance: int = 0
+    refundable: int = 0
+    idempotent: bool = False
+    idempotency_key: str | None = None
+
+
+class SweepResult(BaseModel):
+    """What a sweep of expired credits found (and, unless a dry run, wrote off)."""
+
+    expired_count: int = 0
+    expired_amount: int = 0
+    dry_run: bool = False
+
+
+# -- Ledger ------------------------------------------------------------------------------------
+
+
+class TransactionRow(BaseModel):
+    """One ledger row. ``user_id`` is the account: a user id, or a team id for team rows."""
+
+    id: str
+    user_id: str
+    account_type: Literal["user", "team"] = "user"
+    amount: int
+    type: TransactionType
+    balance_after: int
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime
+    reservation_id: str | None = None
+    idempotency_key: str | None = None
+    refunded: int = 0
+
+
+class TransactionPage(BaseModel):
+    """A page of ledger rows, newest first; pass ``next_cursor`` to get the next page."""
+
+    items: list[TransactionRow] = Field(default_factory=list)
+    next_cursor: str | None = None
+
+
+# -- Plans -------------------------------------------------------------------------------------
+
+
+class AllowanceResult(BaseModel):
+    """The free allowance of the current billing period (the UTC calendar month)."""
+
+    plan_id: str
+    allowance_remaining: int
+    period_start: str
+    period_end: str
+    free_allowance: int = 0
+    allowance_used: int = 0
+
+
+class GetUserPlanResult(BaseModel):
+    """A user's plan as defined by the active pricing version."""
+
+    user_id: str
+    plan_id: str | None = None
+    plan_name: str | None = None
+    free_allowance: int = 0
+    features: dict[str, Any] = Field(default_factory=dict)
+
+
+class CheckFeatureResult(BaseModel):
+    """Whether a user's plan has a feature (present unless absent, None or False)."""
+
+    user_id: str
+    feature: str
+    value: Any = None
+    has_feature: bool = False
+
+
+class SetUserPlanResult(BaseModel):
+    """The plan now recorded for the user."""
+
+    user_id: str
+    plan_id: str
+
+
+# -- Spend caps --------------------------------------------------------------------------------
+
+
+class SpendCap(BaseModel):
+    """
+    A per-user spend limit over the UTC day or UTC month, optionally for one model.
+
+    Accepts both ``cap_type=`` and its 1.x alias ``type=``. ``deny`` caps refuse holds that
+    would exceed them; ``warn`` and ``notify`` caps only report.
+    """
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    user_id: str = ""
+    cap_type: Literal["daily", "monthly"] = Field(default="daily", alias="type")
+    model: str | None = None
+    limit: int = Field(default=0, ge=0, le=2**62, strict=True)
+    action: Literal["deny", "warn", "notify"] = "deny"
+
+
+class CapCheckResult(BaseModel):
+    """
+    An advisory cap check.
+
+    ``capped`` is True when window spend plus active holds plus the amount exceeds the
+    most pressing matching cap; ``action`` is None when no cap applies.
+    """
+
+    capped: bool = False
+    current_spend: int = 0
+    cap_limit: int = 0
+    action: Literal["deny", "warn", "notify"] | None = None
+    model: str | None = None
+    reserved: int = 0
+    cap_type: Literal["daily", "monthly"] | None = None
+
+
+class RemoveSpendCapResult(BaseModel):
+    """Whether a cap was removed."""
+
+    user_id: str
+    cap_type: Literal["daily", "monthly"]
+    model: str | None = None
+    removed: bool = False
+
+
+# -- Teams -------------------------------------------------------------------------------------
+
+
+class TeamBalanceResult(_Result):
+    """A team pool's balance."""
+
+    team_id: str = ""
+    name: str = ""
+    balance: int = 0
+    member_count: int = 0
+    available: int = 0
+
+
+class TeamMember(BaseModel):
+    """A team member, with its cap and its net team spend in the current UTC month."""
+
+    user_id: str = ""
+    role: str = ""
+    spend_cap: int | None = None
+    total_spent: int = 0
+
+
+class CreateTeamResult(BaseModel):
+    """A new team."""
+
+    team_id: str = ""
+    name: str = ""
+    balance: int = 0
+    transaction_id: str | None = None
+
+
+class AddTeamMemberResult(_Result):
+    """The membership as recorded."""
+
+    team_id: str = ""
+    user_id: str = ""
+    role: str = "member"
+    spend_cap: int | None = None
+
+
+class RemoveTeamMemberResult(_Result):
+    """Whether a member was removed."""
+
+    team_id: str
+    user_id: str
+    removed: bool = False
+
+
+class TeamTopupResult(_Result):
+    """The outcome of adding credits to a team pool."""
+
+    transaction_id: str = ""
+    team_id: str
+    amount: int
+    team_balance_after: int = 0
+    idempotent: bool = False
+    idempotency_key: str | None = None
+
+
+class TeamDeductionResult(_Result):
+    """The outcome of charging a team pool on behalf of a member."""
+
+    transaction_id: str = ""
+    team_id: str = ""
+    user_id: str = ""
+    amount: int = 0
+    team_balance_after: int = 0
+    available: int = 0
+    idempotent: bool = False
+    idempotency_key: str | None = None
+    cap_limit: int | None = None
+    cap_spend: int | None = None
+
+
+# -- Analytics ---------------------------------------------------------------------------------
+
+
+class SpendByUserRow(BaseModel):
+    """Net paid usage of one user in a window."""
+
+    user_id: str = ""
+    total_spend: int = 0
+    transaction_count: int = 0
+
+
+class SpendByModelRow(BaseModel):
+    """Net paid usage of one model in a window (``unknown`` when rows named no model)."""
+
+    model: str = ""
+    total_spend: int = 0
+    transaction_count: int = 0
+
+
+class TopUserRow(BaseModel):
+    """One of the users who spent most in a window."""
+
+    user_id: str = ""
+    total_spend: int = 0
+
+
+class DailySpendRow(BaseModel):
+    """Net paid usage of one UTC day (``date`` is ``YYYY-MM-DD``)."""
+
+    date: str = ""
+    total_spend: int = 0
+    transaction_count: int = 0
+
+
+class AggregateStatsRow(BaseModel):
+    """Totals over a window; ``avg_daily_spend`` divides by the UTC days the window spans."""
+
+    total_credits_consumed: int = 0
+    active_users: int = 0
+    avg_daily_spend: Decimal = Decimal(0)
+    top_model: str = ""
+    top_user: str = ""
+    transaction_count: int = 0
