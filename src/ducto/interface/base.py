@@ -23,6 +23,7 @@ from ducto.interface.models import (
     CapCheckResult,
     CheckFeatureResult,
     CreateTeamResult,
+    CreditLot,
     CreditMetadata,
     DailySpendRow,
     DeductionResult,
@@ -155,6 +156,10 @@ class CreditStore(Protocol):
         end: datetime | None = None,
     ) -> TransactionPage:
         """Page a user's ledger, newest first."""
+        ...
+
+    async def list_lots(self, user_id: str) -> list[CreditLot]:
+        """The user's lots that still hold credits, in the order debits consume them."""
         ...
 
     # -- pricing ---------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from ducto.interface.models import (
     CapCheckResult,
     CheckFeatureResult,
     CreateTeamResult,
+    CreditLot,
     CreditMetadata,
     DailySpendRow,
     DeductionResult,
@@ -1014,6 +1015,34 @@ class MemoryStore:
             items=[_public_row(row) for row in picked],
             next_cursor=L.encode_cursor(picked[-1].seq) if more else None,
         )
+
+    async def list_lots(self, user_id: str) -> list[CreditLot]:
+        """
+        The user's lots that still hold credits, in the order debits consume them.
+
+        Unexpired lots come first (soonest-expiring first, non-expiring last), then expired
+        lots not yet swept (``expired=True``).
+        """
+        L.check_id("user_id", user_id)
+        now = self._now()
+        async with self._locks.hold(("u", user_id)):
+            await checkpoint()
+            acct = self._users.get(user_id)
+            if acct is None:
+                return []
+            self._lapse(acct, now)
+            live = sorted((e for e in acct.live if e[2].remaining > 0), key=lambda e: e[:2])
+            gone = sorted((e for e in acct.expired if e[2].remaining > 0), key=lambda e: e[:2])
+            return [
+                CreditLot(
+                    id=e[2].id,
+                    remaining=e[2].remaining,
+                    expires_at=e[2].expires_at,
+                    expired=expired,
+                )
+                for entries, expired in ((live, False), (gone, True))
+                for e in entries
+            ]
 
     # -- pricing -------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ __all__ = [
     "CapCheckResult",
     "CheckFeatureResult",
     "CreateTeamResult",
+    "CreditLot",
     "CreditMetadata",
     "DailySpendRow",
     "DeductionResult",
@@ -322,6 +323,15 @@ class TransactionRow(BaseModel):
     reservation_id: str | None = None
     idempotency_key: str | None = None
     refunded: int = 0
+
+
+class CreditLot(BaseModel):
+    """A grant's unspent remainder, with its expiry (None: never expires)."""
+
+    id: str
+    remaining: int
+    expires_at: datetime | None = None
+    expired: bool = False
 
 
 class TransactionPage(BaseModel):

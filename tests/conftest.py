@@ -1,0 +1,85 @@
+"""Shared fixtures: the event loop, the store under test, a controllable clock, fresh ids."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from ducto.interface.base import CreditStore
+from ducto.interface.memory import MemoryStore
+
+REQUIRED = set(filter(None, os.environ.get("DUCTO_REQUIRE_STORES", "").split(",")))
+STORE_KINDS = ("memory",)
+STORES = [pytest.param(k, marks=getattr(pytest.mark, k), id=k) for k in STORE_KINDS]
+
+
+class FakeClock:
+    """A clock tests move by hand; stores read it through their ``clock=`` argument."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float = 0, **delta: float) -> datetime:
+        """Move time forward and return the new instant."""
+        self.now += timedelta(seconds=seconds, **delta)
+        return self.now
+
+    def set(self, moment: datetime) -> None:
+        """Jump to `moment` (aware)."""
+        self.now = moment
+
+
+def _open_memory(tmp_path: Path, clock: FakeClock) -> CreditStore:
+    return MemoryStore(clock=clock)
+
+
+OPENERS: dict[str, Callable[[Path, FakeClock], CreditStore]] = {"memory": _open_memory}
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Run each anyio test on asyncio and on trio."""
+    return str(request.param)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A clock at 2026-03-15 12:00 UTC (mid-month, mid-day) that tests move by hand."""
+    return FakeClock(datetime(2026, 3, 15, 12, 0, tzinfo=UTC))
+
+
+@pytest.fixture(params=STORES)
+async def store(
+    request: pytest.FixtureRequest, anyio_backend: str, tmp_path: Path, clock: FakeClock
+) -> AsyncIterator[CreditStore]:
+    """Every store kind, opened and set up, reading time from `clock`."""
+    kind: str = request.param
+    try:
+        new_store = OPENERS[kind](tmp_path, clock)
+    except (ImportError, LookupError) as exc:
+        if kind in REQUIRED:
+            pytest.fail(f"{kind} store is required: {exc}")
+        pytest.skip(f"{kind} store unavailable: {exc}")
+    async with new_store:
+        await new_store.setup()
+        yield new_store
+
+
+@pytest.fixture
+def user_id() -> str:
+    """A fresh user id: safe on a shared database, no truncation needed."""
+    return f"user-{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def other_user_id() -> str:
+    """A second fresh user id."""
+    return f"user-{uuid.uuid4().hex}"
