@@ -231,6 +231,7 @@ BAD_CALLS = [
     bad("reserve-negative-ttl", "ttl", lambda s, w: s.reserve_credits(w.user, 5, "chat", ttl=-1)),
     bad("reserve-str-ttl", "ttl", lambda s, w: s.reserve_credits(w.user, 5, "chat", ttl="60")),
     bad("reserve-none-ttl", "ttl", lambda s, w: s.reserve_credits(w.user, 5, "chat", ttl=None)),
+    bad("reserve-bool-ttl", "ttl", lambda s, w: s.reserve_credits(w.user, 5, "chat", ttl=True)),
     bad("reserve-nan-ttl", "ttl", lambda s, w: s.reserve_credits(w.user, 5, "chat", ttl=math.nan)),
     bad("reserve-inf-ttl", "ttl", lambda s, w: s.reserve_credits(w.user, 5, "chat", ttl=math.inf)),
     bad(
@@ -581,6 +582,24 @@ async def test_largest_amounts_are_accepted(store: CreditStore, user_id: str) ->
     with pytest.raises(InvalidArgumentError, match="balance"):
         await store.add_credits(user_id, 1, "purchase")
     assert 2**62 == (await store.get_balance(user_id)).balance
+    await assert_invariants(store, user_id)
+
+
+async def test_settlement_beyond_the_balance_range_is_refused(
+    store: CreditStore, user_id: str
+) -> None:
+    """A charge that would take the balance below -2**62 is refused and the hold stays active."""
+    await store.add_credits(user_id, 2, "purchase")
+    first = await store.reserve_credits(user_id, 1, "chat", min_balance=0)
+    second = await store.reserve_credits(user_id, 1, "chat", min_balance=0)
+    assert (await store.deduct_credits(user_id, first.reservation_id, 2**62)).ok
+    before = (await store.get_balance(user_id), await all_rows(store, user_id))
+
+    with pytest.raises(InvalidArgumentError, match="balance"):
+        await store.deduct_credits(user_id, second.reservation_id, 2**62)
+
+    assert before == (await store.get_balance(user_id), await all_rows(store, user_id))
+    assert 1 == before[0].reserved
     await assert_invariants(store, user_id)
 
 

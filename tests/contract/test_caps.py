@@ -258,6 +258,22 @@ async def test_monthly_window_spans_days_and_rolls_over(
     assert await _reserve(store, user_id, 50) is None
 
 
+async def test_usage_counts_in_the_window_it_was_settled_in(
+    store: CreditStore, user_id: str, clock: FakeClock
+) -> None:
+    """A hold made before midnight and settled after it counts in the new day."""
+    await _funded(store, user_id, SpendCap(user_id=user_id, cap_type="daily", limit=50))
+    clock.set(datetime(2026, 3, 15, 23, 59, tzinfo=UTC))
+    hold = await store.reserve_credits(user_id, 40, "chat", min_balance=0)
+    clock.set(datetime(2026, 3, 16, 0, 1, tzinfo=UTC))
+    await store.deduct_credits(user_id, hold.reservation_id, 40)
+    today = await _reserve(store, user_id, 11)
+    clock.set(datetime(2026, 3, 17, tzinfo=UTC))
+
+    assert ErrorCode.SPEND_CAP_EXCEEDED == today
+    assert await _reserve(store, user_id, 50) is None
+
+
 async def test_daily_and_monthly_caps_both_apply(
     store: CreditStore, user_id: str, clock: FakeClock
 ) -> None:

@@ -325,6 +325,24 @@ async def test_refused_refund_does_not_consume_its_key(store: CreditStore, user_
     await assert_invariants(store, user_id)
 
 
+async def test_refund_keys_are_scoped_per_debited_account(
+    store: CreditStore, user_id: str, other_user_id: str
+) -> None:
+    """The same refund key on two users' usage refunds both."""
+    for who in (user_id, other_user_id):
+        await store.add_credits(who, 100, "purchase")
+    mine = await _usage(store, user_id, 30)
+    theirs = await _usage(store, other_user_id, 30)
+
+    first = await store.refund_credits(mine, 10, idempotency_key="rf-1")
+    second = await store.refund_credits(theirs, 10, idempotency_key="rf-1")
+
+    assert (True, True) == (first.ok, second.ok)
+    assert not second.idempotent
+    assert 80 == (await store.get_balance(other_user_id)).balance
+    await assert_invariants(store, other_user_id)
+
+
 async def test_refund_frees_cap_headroom(store: CreditStore, user_id: str) -> None:
     """A refund lowers the window spend a deny cap counts."""
     await store.add_credits(user_id, 1000, "purchase")
