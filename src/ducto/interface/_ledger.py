@@ -154,8 +154,13 @@ def to_optional_utc(name: str, value: object) -> datetime | None:
     return None if value is None else to_utc(name, value)
 
 
+_DEFAULT_TTL: Final = timedelta(seconds=600)
+
+
 def check_ttl(value: object) -> timedelta:
     """Return a hold TTL (seconds as int/float, or a timedelta) as a positive timedelta."""
+    if value == 600.0 and type(value) is float:
+        return _DEFAULT_TTL
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif type(value) in (int, float):

@@ -1,7 +1,8 @@
-"""Per-key `anyio` locks, created on demand and dropped when nobody holds or waits for them."""
+"""Per-key locks that exist only while some task holds or waits for them."""
 
 from __future__ import annotations
 
+from collections import deque
 from types import TracebackType
 
 import anyio
@@ -11,60 +12,87 @@ __all__ = ["KeyedLocks"]
 Key = tuple[str, str]
 
 
-class _Entry:
-    __slots__ = ("lock", "users")
+class _Waiter:
+    __slots__ = ("event", "granted")
 
     def __init__(self) -> None:
-        # fast_acquire: an uncontended acquire does not yield, which halves the cost of a
-        # store call; every store call still yields once at its own checkpoint.
-        self.lock = anyio.Lock(fast_acquire=True)
-        self.users = 0
+        self.event = anyio.Event()
+        self.granted = False
 
 
 class KeyedLocks:
     """
-    A table of locks keyed by ``(kind, id)``.
+    A table of FIFO mutexes keyed by ``(kind, id)``.
 
-    A key's lock exists only while some task holds or waits for it, so a million distinct
-    users leave no million locks behind. Several keys are always taken in sorted order, so
-    two operations that share keys cannot deadlock.
+    A key is locked while it is in the table; its entry holds the queue of waiters, created
+    only under contention. An uncontended acquire costs a dict insert and does not yield
+    (like ``anyio.Lock(fast_acquire=True)``); a contended one waits on an `anyio.Event` and is
+    a cancellation point. Release hands the lock straight to the oldest waiter, so nobody
+    starves, and drops the entry when nobody waits: a million distinct users leave no million
+    locks behind. Several keys are always taken in sorted order, so two operations that share
+    keys cannot deadlock.
     """
 
     __slots__ = ("_table",)
 
     def __init__(self) -> None:
-        self._table: dict[Key, _Entry] = {}
+        self._table: dict[Key, deque[_Waiter] | None] = {}
 
     def __len__(self) -> int:
         return len(self._table)
 
     def hold(self, *keys: Key) -> _Held:
         """Return an async context manager holding the locks of `keys` (sorted, deduplicated)."""
-        return _Held(self._table, tuple(sorted(set(keys))) if len(keys) > 1 else keys)
+        return _Held(self, keys if len(keys) == 1 else tuple(sorted(set(keys))))
+
+    async def acquire(self, key: Key) -> None:
+        """Take the lock of `key`, waiting in line if another task holds it."""
+        table = self._table
+        if key not in table:
+            table[key] = None
+            return
+        waiters = table[key]
+        if waiters is None:
+            waiters = table[key] = deque()
+        waiter = _Waiter()
+        waiters.append(waiter)
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.granted:
+                # The lock was handed over just as we were cancelled: pass it on.
+                self.release(key)
+            else:
+                waiters.remove(waiter)
+            raise
+
+    def release(self, key: Key) -> None:
+        """Release the lock of `key`, handing it to the oldest waiter if there is one."""
+        waiters = self._table[key]
+        if waiters:
+            waiter = waiters.popleft()
+            waiter.granted = True
+            waiter.event.set()
+        else:
+            del self._table[key]
 
 
 class _Held:
-    __slots__ = ("_entries", "_keys", "_table")
+    __slots__ = ("_count", "_keys", "_locks")
 
-    def __init__(self, table: dict[Key, _Entry], keys: tuple[Key, ...]) -> None:
-        self._table = table
+    def __init__(self, locks: KeyedLocks, keys: tuple[Key, ...]) -> None:
+        self._locks = locks
         self._keys = keys
-        self._entries: list[_Entry] = []
+        self._count = 0
 
     async def __aenter__(self) -> None:
-        table = self._table
-        for key in self._keys:
-            entry = table.get(key)
-            if entry is None:
-                entry = table[key] = _Entry()
-            entry.users += 1
-            try:
-                await entry.lock.acquire()
-            except BaseException:
-                self._drop(key, entry)
-                self._release_all()
-                raise
-            self._entries.append(entry)
+        try:
+            for key in self._keys:
+                await self._locks.acquire(key)
+                self._count += 1
+        except BaseException:
+            self._release()
+            raise
 
     async def __aexit__(
         self,
@@ -72,15 +100,9 @@ class _Held:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._release_all()
+        self._release()
 
-    def _release_all(self) -> None:
-        entries, self._entries = self._entries, []
-        for key, entry in zip(reversed(self._keys[: len(entries)]), reversed(entries), strict=True):
-            entry.lock.release()
-            self._drop(key, entry)
-
-    def _drop(self, key: Key, entry: _Entry) -> None:
-        entry.users -= 1
-        if entry.users == 0 and self._table.get(key) is entry:
-            del self._table[key]
+    def _release(self) -> None:
+        count, self._count = self._count, 0
+        for key in reversed(self._keys[:count]):
+            self._locks.release(key)

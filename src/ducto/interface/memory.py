@@ -70,6 +70,7 @@ __all__ = ["MemoryStore"]
 _ACTIVE, _SETTLED, _RELEASED = 0, 1, 2
 _NOWHERE, _LIVE, _EXPIRED = 0, 1, 2
 _DAILY, _MONTHLY = "daily", "monthly"
+_NO_METADATA: dict[str, Any] = {}
 
 
 @dataclass(slots=True, eq=False)
@@ -106,6 +107,8 @@ class _Row:
     refunded: int = 0
     spender: str | None = None
     model: str | None = None
+    operation_type: str | None = None
+    allowance: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -684,24 +687,20 @@ class MemoryStore:
             short = L.shortfall(acct.balance, paid)
             draws = self._debit(acct, paid)
             model = (meta.model if meta is not None else None) or hold.model
-            system = {
-                "model": model,
-                "operation_type": hold.operation_type,
-                "reservation_id": reservation_id,
-                "idempotency_key": key,
-                "allowance_consumed": covered or None,
-            }
+            # The system keys of a usage row are merged in when the row is read.
             row = self._append_row(
                 acct,
                 -paid,
                 "usage",
-                L.row_metadata(meta, system),
+                L.row_metadata(meta, {}) if meta is not None else _NO_METADATA,
                 now,
                 reservation_id=reservation_id,
                 idempotency_key=key,
                 draws=draws,
                 spender=user_id,
                 model=model,
+                operation_type=hold.operation_type,
+                allowance=covered,
             )
             self._spend_rows.append(row)
             self._add_spend(acct, model, now, paid)
@@ -1607,6 +1606,19 @@ def _check_pricing(config: object) -> PricingConfigData:
     raise InvalidArgumentError(f"config must be PricingConfigData, got {type(config).__name__}")
 
 
+def _row_metadata(row: _Row) -> dict[str, Any]:
+    if row.type != "usage":
+        return dict(row.metadata)
+    system = {
+        "model": row.model,
+        "operation_type": row.operation_type,
+        "reservation_id": row.reservation_id,
+        "idempotency_key": row.idempotency_key,
+        "allowance_consumed": row.allowance or None,
+    }
+    return {**row.metadata, **{k: v for k, v in system.items() if v is not None}}
+
+
 def _public_row(row: _Row) -> TransactionRow:
     return TransactionRow(
         id=row.id,
@@ -1615,7 +1627,7 @@ def _public_row(row: _Row) -> TransactionRow:
         amount=row.amount,
         type=row.type,  # type: ignore[arg-type]
         balance_after=row.balance_after,
-        metadata=dict(row.metadata),
+        metadata=_row_metadata(row),
         created_at=row.created_at,
         reservation_id=row.reservation_id,
         idempotency_key=row.idempotency_key,
