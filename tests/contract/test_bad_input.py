@@ -1,6 +1,6 @@
 """Misuse raises InvalidArgumentError naming the parameter and changes nothing; error results."""
 
-# ruff: noqa: SIM300  (tests state expectations first: assert expected == actual)
+
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Balances and grants: get_balance, add_credits, negative adjustments, idempotency, debt."""
 
-# ruff: noqa: SIM300  (tests state expectations first: assert expected == actual)
+
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Spend caps: storage, deny enforcement at reserve, windows, per-model caps, warnings, checks."""
 
-# ruff: noqa: SIM300  (tests state expectations first: assert expected == actual)
+
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Holds: reserve_credits, deduct_credits and release_reservation."""
 
-# ruff: noqa: SIM300  (tests state expectations first: assert expected == actual)
+
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The ledger (one row per balance change, paged newest first) and the spend analytics."""
 
-# ruff: noqa: SIM300  (tests state expectations first: assert expected == actual)
+
 
 from __future__ import annotations
 

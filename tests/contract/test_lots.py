@@ -1,6 +1,6 @@
 """Lots and expiry: the burn-down order, expired credits, sweeps and list_lots."""
 
-# ruff: noqa: SIM300  (tests state expectations first: assert expected == actual)
+
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Pricing versions, plans, features and the monthly plan allowance."""
 
-# ruff: noqa: SIM300  (tests state expectations first: assert expected == actual)
+
 
 from __future__ import annotations
 

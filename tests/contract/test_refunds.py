@@ -1,6 +1,6 @@
 """Refunds: what is refundable, cumulative amounts, where credits go back, idempotency, windows."""
 
-# ruff: noqa: SIM300  (tests state expectations first: assert expected == actual)
+
 
 from __future__ import annotations
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from tests.contract._checks import assert_invariants
 
 from ducto.interface.base import CreditStore
-from tests.contract._checks import assert_invariants
 
 pytestmark = pytest.mark.anyio
 

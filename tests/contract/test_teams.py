@@ -1,6 +1,6 @@
 """Teams: pools, members, top-ups, team deductions, member caps and team refunds."""
 
-# ruff: noqa: SIM300  (tests state expectations first: assert expected == actual)
+
 
 from __future__ import annotations
 
@@ -535,7 +535,7 @@ async def test_team_ledger_is_listed_under_the_team_id(store: CreditStore, user_
     usage = await store.deduct_team(team_id, user_id, 30)
     await store.refund_credits(usage.transaction_id, 10)
 
-    page = await store.list_transactions(team_id)
+    page = await store.list_team_transactions(team_id)
     rows = page.items[::-1]
 
     assert [

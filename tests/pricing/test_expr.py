@@ -1,6 +1,6 @@
 """Tests for the pricing expression language: syntax, functions, limits and errors."""
 
-# ruff: noqa: SIM300  (tests state expectations first: assert expected == actual)
+
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Property tests for the pricing expression language: hostile input and a reference model."""
 
-# ruff: noqa: SIM300  (tests state expectations first: assert expected == actual)
+
 
 from __future__ import annotations
 

@@ -240,19 +240,24 @@ def check_spend_cap(cap: object) -> SpendCap:
     if not isinstance(cap, SpendCap):
         raise InvalidArgumentError(f"cap must be a SpendCap, got {type(cap).__name__}")
     check_id("cap.user_id", cap.user_id)
+    check_cap_type(cap.cap_type, "cap.cap_type")
+    if cap.action not in ("deny", "warn", "notify"):
+        raise InvalidArgumentError(
+            f"cap.action must be 'deny', 'warn' or 'notify', got {cap.action!r}"
+        )
     check_amount("cap.limit", cap.limit, minimum=0)
     if cap.model is not None:
         check_id("cap.model", cap.model)
     return cap
 
 
-def check_cap_type(value: object) -> Literal["daily", "monthly"]:
+def check_cap_type(value: object, name: str = "cap_type") -> Literal["daily", "monthly"]:
     """Return ``daily`` or ``monthly``."""
     if value == "daily":
         return "daily"
     if value == "monthly":
         return "monthly"
-    raise InvalidArgumentError(f"cap_type must be 'daily' or 'monthly', got {value!r}")
+    raise InvalidArgumentError(f"{name} must be 'daily' or 'monthly', got {value!r}")
 
 
 def check_version(value: object) -> int:
@@ -401,15 +406,6 @@ def shortfall(balance_before: int, paid: int) -> int:
 
 
 @dataclass(slots=True)
-class Draw:
-    """One lot a debit drew from, and how much of that has been refunded into it since."""
-
-    lot_id: str
-    taken: int
-    refunded: int = 0
-
-
-@dataclass(slots=True)
 class RefundPlan:
     """Where a refund's credits go: debt first, then lots newest-drawn first, then a new lot."""
 
@@ -418,25 +414,36 @@ class RefundPlan:
     new_lot: int
 
 
-def plan_refund(draws: Sequence[Draw], amount: int, balance: int) -> RefundPlan:
+def plan_refund(
+    draws: Sequence[tuple[str, int]], refunded: list[int], amount: int, balance: int
+) -> RefundPlan:
     """
     Allocate a refund of `amount` on an account whose balance is `balance`.
 
     The credit first pays any negative balance, then returns to the lots the debit drew
     from, newest-drawn first, up to what each gave; whatever is left (the debit ran past
-    every lot) becomes a new non-expiring lot. Updates ``Draw.refunded`` in place.
+    every lot) becomes a new non-expiring lot.
+
+    Args:
+        draws: The debit's ``(lot_id, taken)`` pairs, in the order it drew them.
+        refunded: The debit's refund totals: ``refunded[0]`` overall, ``refunded[i + 1]``
+            what went back into ``draws[i]``. Updated in place.
+        amount: Credits to refund.
+        balance: The account balance before the refund.
     """
     debt_paid, rest = split_credit(balance, amount)
     into: list[tuple[str, int]] = []
-    for item in reversed(draws):
+    for index in range(len(draws) - 1, -1, -1):
         if rest == 0:
             break
-        room = item.taken - item.refunded
+        lot_id, taken = draws[index]
+        room = taken - refunded[index + 1]
         if room > 0:
             give = min(room, rest)
-            item.refunded += give
-            into.append((item.lot_id, give))
+            refunded[index + 1] += give
+            into.append((lot_id, give))
             rest -= give
+    refunded[0] += amount
     return RefundPlan(debt_paid, into, rest)
 
 
@@ -476,12 +483,22 @@ def feature_present(features: Mapping[str, Any], feature: str) -> tuple[bool, An
 
 
 def row_metadata(caller: CreditMetadata | None, system: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge caller metadata with system keys; system keys win, None values are dropped."""
-    merged: dict[str, Any] = {}
-    if caller is not None:
-        merged.update(caller.model_dump(exclude_none=True))
+    """Merge caller metadata with system keys (see `merge_system`)."""
+    return merge_system(caller.model_dump(exclude_none=True) if caller is not None else {}, system)
+
+
+def merge_system(caller: Mapping[str, Any], system: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    Merge caller metadata with system keys.
+
+    System keys always win: one without a value removes the caller's key of that name, so a
+    row never shows, say, an idempotency key it was not written with.
+    """
+    merged = dict(caller)
     for key, value in system.items():
-        if value is not None:
+        if value is None:
+            merged.pop(key, None)
+        else:
             merged[key] = value
     return merged
 

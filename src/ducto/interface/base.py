@@ -158,6 +158,19 @@ class CreditStore(Protocol):
         """Page a user's ledger, newest first."""
         ...
 
+    async def list_team_transactions(
+        self,
+        team_id: str,
+        *,
+        limit: int = 100,
+        cursor: str | None = None,
+        types: Iterable[str] | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> TransactionPage:
+        """Page a team pool's ledger, newest first."""
+        ...
+
     async def list_lots(self, user_id: str) -> list[CreditLot]:
         """The user's lots that still hold credits, in the order debits consume them."""
         ...

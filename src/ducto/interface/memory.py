@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, NamedTuple, Self
 
 import anyio
 from anyio.lowlevel import checkpoint
@@ -67,7 +67,7 @@ from ducto.interface.models import (
 
 __all__ = ["MemoryStore"]
 
-_ACTIVE, _SETTLED, _RELEASED = 0, 1, 2
+_SETTLED, _RELEASED = 1, 2
 _NOWHERE, _LIVE, _EXPIRED = 0, 1, 2
 _DAILY, _MONTHLY = "daily", "monthly"
 _NO_METADATA: dict[str, Any] = {}
@@ -81,21 +81,22 @@ class _Lot(L.Lot):
 
 @dataclass(slots=True, eq=False)
 class _Hold:
-    id: str
+    """An open hold: active, or past its TTL but neither settled nor released."""
+
     amount: int
     operation_type: str
     model: str | None
     use_allowance: bool
     expires_at: datetime
-    state: int = _ACTIVE
     counted: bool = True
 
 
-@dataclass(slots=True, eq=False)
-class _Row:
+class _Row(NamedTuple):
+    # Rows are immutable tuples of atomic values, so the cyclic garbage collector stops
+    # tracking them: a long history costs memory but no collection time.
     id: str
     seq: int
-    account: _Account
+    account: tuple[str, str]
     amount: int
     type: str
     balance_after: int
@@ -103,8 +104,7 @@ class _Row:
     created_at: datetime
     reservation_id: str | None = None
     idempotency_key: str | None = None
-    draws: list[L.Draw] | None = None
-    refunded: int = 0
+    draws: tuple[tuple[str, int], ...] | None = None
     spender: str | None = None
     model: str | None = None
     operation_type: str | None = None
@@ -127,7 +127,8 @@ class _Account:
     expired_unswept: int = 0
     reserved_by_model: dict[str, int] = field(default_factory=dict)
     holds: dict[str, _Hold] = field(default_factory=dict)
-    hold_heap: list[tuple[datetime, int, _Hold]] = field(default_factory=list)
+    closed: dict[str, tuple[int, int]] = field(default_factory=dict)
+    hold_heap: list[tuple[datetime, int, str]] = field(default_factory=list)
     lots: dict[str, _Lot] = field(default_factory=dict)
     live: list[tuple[datetime, int, _Lot]] = field(default_factory=list)
     expired: list[tuple[datetime, int, _Lot]] = field(default_factory=list)
@@ -172,6 +173,7 @@ class MemoryStore:
         self._users: dict[str, _Account] = {}
         self._teams: dict[str, _Account] = {}
         self._rows_by_id: dict[str, _Row] = {}
+        self._refunded: dict[str, list[int]] = {}
         self._spend_rows: list[_Row] = []
         self._seq = 0
         self._expiring: list[tuple[datetime, int, _Account, _Lot]] = []
@@ -217,6 +219,13 @@ class MemoryStore:
 
     # -- account internals ---------------------------------------------------------------------
 
+    def _refund_total(self, row_id: str) -> int:
+        refunds = self._refunded.get(row_id)
+        return refunds[0] if refunds else 0
+
+    def _account(self, key: tuple[str, str]) -> _Account:
+        return self._users[key[1]] if key[0] == "u" else self._teams[key[1]]
+
     def _user(self, user_id: str) -> _Account:
         acct = self._users.get(user_id)
         if acct is None:
@@ -227,8 +236,8 @@ class MemoryStore:
         """Stop counting holds whose TTL passed and set aside lots that expired."""
         heap = acct.hold_heap
         while heap and heap[0][0] <= now:
-            hold = heapq.heappop(heap)[2]
-            if hold.counted:
+            hold = acct.holds.get(heapq.heappop(heap)[2])
+            if hold is not None and hold.counted:
                 self._uncount(acct, hold)
         live = acct.live
         while live and live[0][0] <= now:
@@ -237,6 +246,13 @@ class MemoryStore:
             if lot.remaining > 0:
                 acct.expired_unswept += lot.remaining
                 self._to_expired_heap(acct, lot)
+
+    def _close(self, acct: _Account, hold_id: str, hold: _Hold, state: int) -> None:
+        """Settle or release an open hold; only its final state and amount are kept."""
+        if hold.counted:
+            self._uncount(acct, hold)
+        del acct.holds[hold_id]
+        acct.closed[hold_id] = (state, hold.amount)
 
     def _uncount(self, acct: _Account, hold: _Hold) -> None:
         hold.counted = False
@@ -263,7 +279,7 @@ class MemoryStore:
                 heapq.heappop(heap)
                 lot.place = _NOWHERE
 
-    def _debit(self, acct: _Account, amount: int) -> list[L.Draw]:
+    def _debit(self, acct: _Account, amount: int) -> tuple[tuple[str, int], ...]:
         """Take `amount` from the lots in burn-down order; the rest takes the balance below 0."""
         draws, rest = L.draw(self._iter_heap(acct.live), amount)
         if rest:
@@ -271,7 +287,7 @@ class MemoryStore:
             acct.expired_unswept -= sum(taken for _, taken in late)
             draws += late
         acct.balance -= amount
-        return [L.Draw(lot.id, taken) for lot, taken in draws]
+        return tuple((lot.id, taken) for lot, taken in draws)
 
     def _credit(
         self, acct: _Account, amount: int, expires_at: datetime | None, now: datetime
@@ -311,7 +327,7 @@ class MemoryStore:
         row = _Row(
             self._ids.next("tx"),
             self._seq,
-            acct,
+            acct.key,
             amount,
             type_,
             acct.balance,
@@ -438,13 +454,8 @@ class MemoryStore:
         expiry = L.to_optional_utc("expires_at", expires_at)
         key = L.check_optional_key("idempotency_key", idempotency_key)
         now = self._now()
-        if expiry is not None:
-            if amount < 0:
-                raise InvalidArgumentError("expires_at cannot be set on a negative adjustment")
-            if expiry <= now:
-                raise InvalidArgumentError(
-                    f"expires_at must be in the future, got {expiry.isoformat()}"
-                )
+        if expiry is not None and amount < 0:
+            raise InvalidArgumentError("expires_at cannot be set on a negative adjustment")
         async with self._locks.hold(("u", user_id)):
             acct = self._users.get(user_id)
             if acct is not None:
@@ -458,6 +469,7 @@ class MemoryStore:
                     idempotency_key=key,
                     error=ErrorCode.IDEMPOTENCY_CONFLICT,
                 )
+            _check_future("expires_at", expiry, now)
             balance = acct.balance if acct else 0
             available = self._available(acct) if acct else 0
             if amount < 0 and available + amount < 0:
@@ -572,17 +584,16 @@ class MemoryStore:
                     **refusal,
                 )
             acct = acct or self._user(user_id)
-            hold = _Hold(
-                self._ids.next("res"), amount, operation_type, model, use_allowance, now + lifetime
-            )
-            acct.holds[hold.id] = hold
+            hold_id = self._ids.next("res")
+            hold = _Hold(amount, operation_type, model, use_allowance, now + lifetime)
+            acct.holds[hold_id] = hold
             self._seq += 1
-            heapq.heappush(acct.hold_heap, (hold.expires_at, self._seq, hold))
+            heapq.heappush(acct.hold_heap, (hold.expires_at, self._seq, hold_id))
             acct.reserved += amount
             if model is not None:
                 acct.reserved_by_model[model] = acct.reserved_by_model.get(model, 0) + amount
             result = ReserveResult(
-                reservation_id=hold.id,
+                reservation_id=hold_id,
                 user_id=user_id,
                 amount=amount,
                 balance=acct.balance,
@@ -662,7 +673,9 @@ class MemoryStore:
                 self._lapse(acct, now)
             replay, stored = self._idem(acct, "deduct", key, (reservation_id, amount))
             hold = acct.holds.get(reservation_id) if acct is not None else None
-            error = _hold_error(hold) if not replay else None
+            error = _hold_error(acct, reservation_id, hold) if not replay else None
+            if error is None and not replay and acct is not None:
+                L.check_balance_bound("balance", acct.balance - amount)
             await checkpoint()
             if replay or error is not None:
                 return stored or DeductionResult(
@@ -674,9 +687,7 @@ class MemoryStore:
                 )
             assert acct is not None
             assert hold is not None
-            if hold.counted:
-                self._uncount(acct, hold)
-            hold.state = _SETTLED
+            self._close(acct, reservation_id, hold, _SETTLED)
             covered = 0
             if hold.use_allowance and amount:
                 covered = L.allowance_split(amount, self._allowance(acct, now)[1])[0]
@@ -724,7 +735,7 @@ class MemoryStore:
             if cap.action == "deny" or not L.cap_applies(cap.model, model):
                 continue
             spend = self._window_spend(acct, cap.cap_type, cap.model, now)
-            if L.cap_trips(spend, self._held_for(acct, cap.model), 0, cap.limit):
+            if spend > cap.limit:
                 return cap.action
         return None
 
@@ -748,29 +759,33 @@ class MemoryStore:
         async with self._locks.hold(("u", user_id)):
             acct = self._users.get(user_id)
             hold = acct.holds.get(reservation_id) if acct is not None else None
+            closed = acct.closed.get(reservation_id) if acct is not None else None
             await checkpoint()
-            if acct is None or hold is None:
+            if acct is None or (hold is None and closed is None):
                 return ReleaseResult(
                     reservation_id=reservation_id,
                     user_id=user_id,
                     error=ErrorCode.RESERVATION_NOT_FOUND,
                 )
             self._lapse(acct, now)
-            if hold.state == _SETTLED:
-                return ReleaseResult(
-                    reservation_id=reservation_id,
-                    user_id=user_id,
-                    amount=hold.amount,
-                    available=self._available(acct),
-                    error=ErrorCode.RESERVATION_ALREADY_SETTLED,
-                )
-            if hold.counted:
-                self._uncount(acct, hold)
-            hold.state = _RELEASED
+            if hold is not None:
+                amount = hold.amount
+                self._close(acct, reservation_id, hold, _RELEASED)
+            else:
+                assert closed is not None
+                state, amount = closed
+                if state == _SETTLED:
+                    return ReleaseResult(
+                        reservation_id=reservation_id,
+                        user_id=user_id,
+                        amount=amount,
+                        available=self._available(acct),
+                        error=ErrorCode.RESERVATION_ALREADY_SETTLED,
+                    )
             return ReleaseResult(
                 reservation_id=reservation_id,
                 user_id=user_id,
-                amount=hold.amount,
+                amount=amount,
                 released=True,
                 available=self._available(acct),
             )
@@ -820,14 +835,15 @@ class MemoryStore:
                 idempotency_key=key,
                 error=ErrorCode.TRANSACTION_NOT_FOUND,
             )
-        acct = original.account
+        acct = self._account(original.account)
         spender = original.spender or acct.id
         team_id = acct.id if acct.kind == "t" else None
         user_key = ("u", spender)
         async with self._locks.hold(acct.key, user_key):
             self._lapse(acct, now)
             replay, stored = self._idem(acct, "refund", key, (transaction_id, amount))
-            refundable = -original.amount - original.refunded
+            refunds = self._refunded.get(transaction_id)
+            refundable = -original.amount - (refunds[0] if refunds else 0)
             base: dict[str, Any] = {
                 "original_transaction_id": transaction_id,
                 "user_id": spender,
@@ -852,14 +868,15 @@ class MemoryStore:
             await checkpoint()
             if replay or error is not None:
                 return stored or RefundResult(**base, error=error)
-            plan = L.plan_refund(original.draws or [], give, acct.balance)
+            if refunds is None:
+                refunds = self._refunded[transaction_id] = [0] * (1 + len(original.draws or ()))
+            plan = L.plan_refund(original.draws or (), refunds, give, acct.balance)
             acct.balance += plan.debt_paid
             for lot_id, credit in plan.into_lots:
                 acct.balance += credit
                 self._refill(acct, acct.lots[lot_id], credit, now)
             if plan.new_lot:
                 self._credit(acct, plan.new_lot, None, now)
-            original.refunded += give
             self._unspend(original, give)
             system = {
                 "original_transaction_id": transaction_id,
@@ -890,9 +907,9 @@ class MemoryStore:
         spender = self._users.get(original.spender or "")
         if spender is not None:
             self._add_spend(spender, original.model, original.created_at, -amount)
-        if original.account.kind == "t" and original.spender is not None:
+        if original.account[0] == "t" and original.spender is not None:
             key = (original.spender, L.month_key(original.created_at))
-            spend = original.account.member_spend
+            spend = self._teams[original.account[1]].member_spend
             spend[key] = spend.get(key, 0) - amount
 
     async def sweep_expired_credits(self, dry_run: bool = False) -> SweepResult:
@@ -983,6 +1000,32 @@ class MemoryStore:
             TransactionPage; ``next_cursor`` is None on the last page.
         """
         L.check_id("user_id", user_id)
+        return await self._page(self._users, user_id, limit, cursor, types, start, end)
+
+    async def list_team_transactions(
+        self,
+        team_id: str,
+        *,
+        limit: int = 100,
+        cursor: str | None = None,
+        types: Iterable[str] | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> TransactionPage:
+        """Page a team pool's ledger, newest first; the arguments are `list_transactions`'s."""
+        L.check_id("team_id", team_id)
+        return await self._page(self._teams, team_id, limit, cursor, types, start, end)
+
+    async def _page(
+        self,
+        accounts: dict[str, _Account],
+        account_id: str,
+        limit: int,
+        cursor: str | None,
+        types: Iterable[str] | None,
+        start: datetime | None,
+        end: datetime | None,
+    ) -> TransactionPage:
         L.check_limit(limit)
         before = L.decode_cursor(cursor)
         wanted = L.check_types_filter(types)
@@ -990,7 +1033,7 @@ class MemoryStore:
         hi = L.to_optional_utc("end", end)
         self._ensure_open()
         await checkpoint()
-        acct = self._users.get(user_id)
+        acct = accounts.get(account_id)
         if acct is None:
             return TransactionPage()
         rows = acct.rows
@@ -1011,7 +1054,7 @@ class MemoryStore:
                 break
             picked.append(row)
         return TransactionPage(
-            items=[_public_row(row) for row in picked],
+            items=[_public_row(row, self._refund_total(row.id)) for row in picked],
             next_cursor=L.encode_cursor(picked[-1].seq) if more else None,
         )
 
@@ -1375,10 +1418,6 @@ class MemoryStore:
         expiry = L.to_optional_utc("expires_at", expires_at)
         key = L.check_optional_key("idempotency_key", idempotency_key)
         now = self._now()
-        if expiry is not None and expiry <= now:
-            raise InvalidArgumentError(
-                f"expires_at must be in the future, got {expiry.isoformat()}"
-            )
         async with self._locks.hold(("t", team_id)):
             team = self._teams.get(team_id)
             if team is None:
@@ -1389,6 +1428,7 @@ class MemoryStore:
             self._lapse(team, now)
             replay, stored = self._idem(team, "team_topup", key, (amount, expiry))
             if not replay:
+                _check_future("expires_at", expiry, now)
                 L.check_balance_bound("balance", team.balance + amount)
             await checkpoint()
             if replay:
@@ -1546,10 +1586,10 @@ class MemoryStore:
         await checkpoint()
         return [
             L.SpendEvent(
-                row.spender or row.account.id,
+                row.spender or row.account[1],
                 row.model or L.UNKNOWN_MODEL,
                 row.created_at,
-                -row.amount - row.refunded,
+                -row.amount - self._refund_total(row.id),
             )
             for row in self._spend_rows
         ]
@@ -1581,14 +1621,20 @@ class MemoryStore:
         return L.aggregate_stats(await self._events(), lo, hi)
 
 
-def _hold_error(hold: _Hold | None) -> ErrorCode | None:
-    if hold is None:
+def _hold_error(acct: _Account | None, hold_id: str, hold: _Hold | None) -> ErrorCode | None:
+    if hold is not None:
+        return None
+    closed = acct.closed.get(hold_id) if acct is not None else None
+    if closed is None:
         return ErrorCode.RESERVATION_NOT_FOUND
-    if hold.state == _SETTLED:
+    if closed[0] == _SETTLED:
         return ErrorCode.RESERVATION_ALREADY_SETTLED
-    if hold.state == _RELEASED:
-        return ErrorCode.RESERVATION_RELEASED
-    return None
+    return ErrorCode.RESERVATION_RELEASED
+
+
+def _check_future(name: str, moment: datetime | None, now: datetime) -> None:
+    if moment is not None and moment <= now:
+        raise InvalidArgumentError(f"{name} must be in the future, got {moment.isoformat()}")
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -1616,14 +1662,14 @@ def _row_metadata(row: _Row) -> dict[str, Any]:
         "idempotency_key": row.idempotency_key,
         "allowance_consumed": row.allowance or None,
     }
-    return {**row.metadata, **{k: v for k, v in system.items() if v is not None}}
+    return L.merge_system(row.metadata, system)
 
 
-def _public_row(row: _Row) -> TransactionRow:
+def _public_row(row: _Row, refunded: int) -> TransactionRow:
     return TransactionRow(
         id=row.id,
-        user_id=row.account.id,
-        account_type="team" if row.account.kind == "t" else "user",
+        user_id=row.account[1],
+        account_type="team" if row.account[0] == "t" else "user",
         amount=row.amount,
         type=row.type,  # type: ignore[arg-type]
         balance_after=row.balance_after,
@@ -1631,5 +1677,5 @@ def _public_row(row: _Row) -> TransactionRow:
         created_at=row.created_at,
         reservation_id=row.reservation_id,
         idempotency_key=row.idempotency_key,
-        refunded=row.refunded,
+        refunded=refunded,
     )
