@@ -301,6 +301,8 @@ def utc_now() -> datetime:
 def read_clock(clock: Any) -> datetime:
     """Call a store clock and insist on an aware datetime (converted to UTC)."""
     now = clock()
+    if type(now) is datetime and now.tzinfo is UTC:
+        return now
     if not isinstance(now, datetime) or now.tzinfo is None:
         raise InvalidArgumentError(f"clock must return an aware datetime, got {now!r}")
     return now if now.tzinfo is UTC else now.astimezone(UTC)

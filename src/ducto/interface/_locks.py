@@ -6,6 +6,7 @@ from collections import deque
 from types import TracebackType
 
 import anyio
+from anyio.lowlevel import checkpoint
 
 __all__ = ["KeyedLocks"]
 
@@ -25,12 +26,14 @@ class KeyedLocks:
     A table of FIFO mutexes keyed by ``(kind, id)``.
 
     A key is locked while it is in the table; its entry holds the queue of waiters, created
-    only under contention. An uncontended acquire costs a dict insert and does not yield
-    (like ``anyio.Lock(fast_acquire=True)``); a contended one waits on an `anyio.Event` and is
-    a cancellation point. Release hands the lock straight to the oldest waiter, so nobody
-    starves, and drops the entry when nobody waits: a million distinct users leave no million
-    locks behind. Several keys are always taken in sorted order, so two operations that share
-    keys cannot deadlock.
+    only under contention, so an uncontended acquire costs a dict insert. Release hands the
+    lock straight to the oldest waiter, so nobody starves, and drops the entry when nobody
+    waits: a million distinct users leave no million locks behind. Several keys are always
+    taken in sorted order, so two operations that share keys cannot deadlock.
+
+    Entering `hold` is always a checkpoint (a cancellation and scheduling point) that comes
+    before any lock is taken: a store operation yields once, up front, and then runs its
+    read-modify-write without yielding while it holds the lock.
     """
 
     __slots__ = ("_table",)
@@ -86,8 +89,16 @@ class _Held:
         self._count = 0
 
     async def __aenter__(self) -> None:
+        await checkpoint()
+        keys = self._keys
+        table = self._locks._table
+        if len(keys) == 1 and keys[0] not in table:
+            # The uncontended single-key case, without a nested coroutine.
+            table[keys[0]] = None
+            self._count = 1
+            return
         try:
-            for key in self._keys:
+            for key in keys:
                 await self._locks.acquire(key)
                 self._count += 1
         except BaseException:

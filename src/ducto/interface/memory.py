@@ -5,10 +5,11 @@ For tests and single-process deployments. Every per-operation lookup is a dict a
 heap operation, so the cost of a call does not grow with users, history or open holds; only
 analytics and sweeps scan.
 
-Each operation on an account runs under that account's `anyio` lock and follows one shape:
-decide from the current state (nothing changes), yield once at a checkpoint, then apply.
-Cancellation can only land at the checkpoint, before anything changed, and the lock keeps
-every other operation on the account out from decision to application.
+Each operation yields once, up front, at a checkpoint where cancellation can land before
+anything was read or changed; it then takes its account's lock (team before user when it
+touches both) and reads, decides and writes without awaiting again. No other operation on the
+account can run in between, so every operation is atomic and isolated, and under heavy
+concurrency the locks are never held across a yield, so they never queue.
 """
 
 from __future__ import annotations
@@ -400,9 +401,9 @@ class MemoryStore:
             ``expired_unswept``, ``allowance_remaining`` and ``available``.
         """
         L.check_id("user_id", user_id)
-        now = self._now()
+        self._ensure_open()
         async with self._locks.hold(("u", user_id)):
-            await checkpoint()
+            now = self._now()
             acct = self._users.get(user_id)
             if acct is None:
                 return BalanceResult(user_id=user_id)
@@ -453,16 +454,16 @@ class MemoryStore:
         meta = L.check_metadata(metadata)
         expiry = L.to_optional_utc("expires_at", expires_at)
         key = L.check_optional_key("idempotency_key", idempotency_key)
-        now = self._now()
         if expiry is not None and amount < 0:
             raise InvalidArgumentError("expires_at cannot be set on a negative adjustment")
+        self._ensure_open()
         async with self._locks.hold(("u", user_id)):
+            now = self._now()
             acct = self._users.get(user_id)
             if acct is not None:
                 self._lapse(acct, now)
             replay, stored = self._idem(acct, "grant", key, (amount, type_, expiry))
             if replay:
-                await checkpoint()
                 return stored or AddCreditsResult(
                     user_id=user_id,
                     amount=amount,
@@ -473,7 +474,6 @@ class MemoryStore:
             balance = acct.balance if acct else 0
             available = self._available(acct) if acct else 0
             if amount < 0 and available + amount < 0:
-                await checkpoint()
                 return AddCreditsResult(
                     user_id=user_id,
                     amount=amount,
@@ -484,7 +484,6 @@ class MemoryStore:
             L.check_balance_bound("balance", balance + amount)
             if type_ == "purchase" and acct is not None:
                 L.check_balance_bound("lifetime_purchased", acct.lifetime_purchased + amount)
-            await checkpoint()
             acct = self._user(user_id)
             if amount > 0:
                 self._credit(acct, amount, expiry, now)
@@ -554,15 +553,15 @@ class MemoryStore:
         L.check_bool("use_allowance", use_allowance)
         key = L.check_optional_key("idempotency_key", idempotency_key)
         model = L.metadata_model(meta)
-        now = self._now()
+        self._ensure_open()
         async with self._locks.hold(("u", user_id)):
+            now = self._now()
             acct = self._users.get(user_id)
             if acct is not None:
                 self._lapse(acct, now)
             fingerprint = (amount, operation_type, model, use_allowance)
             replay, stored = self._idem(acct, "reserve", key, fingerprint)
             if replay:
-                await checkpoint()
                 return stored or ReserveResult(
                     user_id=user_id,
                     amount=amount,
@@ -572,7 +571,6 @@ class MemoryStore:
             allowance = self._allowance(acct, now)[1] if use_allowance else 0
             available = self._available(acct, allowance) if acct else allowance
             refusal = self._refuse_hold(acct, amount, min_balance, model, available, now)
-            await checkpoint()
             if refusal is not None:
                 return ReserveResult(
                     user_id=user_id,
@@ -666,8 +664,9 @@ class MemoryStore:
         L.check_amount("amount", amount, minimum=0)
         key = L.check_optional_key("idempotency_key", idempotency_key)
         meta = L.check_metadata(metadata)
-        now = self._now()
+        self._ensure_open()
         async with self._locks.hold(("u", user_id)):
+            now = self._now()
             acct = self._users.get(user_id)
             if acct is not None:
                 self._lapse(acct, now)
@@ -676,7 +675,6 @@ class MemoryStore:
             error = _hold_error(acct, reservation_id, hold) if not replay else None
             if error is None and not replay and acct is not None:
                 L.check_balance_bound("balance", acct.balance - amount)
-            await checkpoint()
             if replay or error is not None:
                 return stored or DeductionResult(
                     user_id=user_id,
@@ -755,12 +753,12 @@ class MemoryStore:
         """
         L.check_id("user_id", user_id)
         L.check_id("reservation_id", reservation_id)
-        now = self._now()
+        self._ensure_open()
         async with self._locks.hold(("u", user_id)):
+            now = self._now()
             acct = self._users.get(user_id)
             hold = acct.holds.get(reservation_id) if acct is not None else None
             closed = acct.closed.get(reservation_id) if acct is not None else None
-            await checkpoint()
             if acct is None or (hold is None and closed is None):
                 return ReleaseResult(
                     reservation_id=reservation_id,
@@ -825,7 +823,7 @@ class MemoryStore:
         reason = L.check_optional_text("reason", reason)
         meta = L.check_metadata(metadata)
         key = L.check_optional_key("idempotency_key", idempotency_key)
-        now = self._now()
+        self._ensure_open()
         original = self._rows_by_id.get(transaction_id)
         if original is None:
             await checkpoint()
@@ -840,6 +838,7 @@ class MemoryStore:
         team_id = acct.id if acct.kind == "t" else None
         user_key = ("u", spender)
         async with self._locks.hold(acct.key, user_key):
+            now = self._now()
             self._lapse(acct, now)
             replay, stored = self._idem(acct, "refund", key, (transaction_id, amount))
             refunds = self._refunded.get(transaction_id)
@@ -865,7 +864,6 @@ class MemoryStore:
             give = amount if amount is not None else refundable
             if error is None:
                 L.check_balance_bound("balance", acct.balance + give)
-            await checkpoint()
             if replay or error is not None:
                 return stored or RefundResult(**base, error=error)
             if refunds is None:
@@ -942,7 +940,6 @@ class MemoryStore:
                     self._lapse(acct, now)
                     lots = sorted({e[3].id: e[3] for e in entries}.values(), key=lambda x: x.seq)
                     lots = [lot for lot in lots if lot.remaining > 0]
-                    await checkpoint()
                     for lot in lots:
                         count += 1
                         total += lot.remaining
@@ -1066,9 +1063,9 @@ class MemoryStore:
         lots not yet swept (``expired=True``).
         """
         L.check_id("user_id", user_id)
-        now = self._now()
+        self._ensure_open()
         async with self._locks.hold(("u", user_id)):
-            await checkpoint()
+            now = self._now()
             acct = self._users.get(user_id)
             if acct is None:
                 return []
@@ -1123,8 +1120,9 @@ class MemoryStore:
         """
         data = _check_pricing(config)
         label = L.check_optional_text("label", label, max_length=256)
-        now = self._now()
+        self._ensure_open()
         await checkpoint()
+        now = self._now()
         version = len(self._pricing) + 1
         item = _PricingVersion(self._ids.next("price"), version, data, label, now)
         self._pricing.append(item)
@@ -1206,7 +1204,6 @@ class MemoryStore:
                 f"plan_id {plan_id!r} is not defined by the active pricing version"
             )
         async with self._locks.hold(("u", user_id)):
-            await checkpoint()
             self._user(user_id).plan_id = plan_id
         return SetUserPlanResult(user_id=user_id, plan_id=plan_id)
 
@@ -1222,8 +1219,9 @@ class MemoryStore:
     async def check_allowance(self, user_id: str) -> AllowanceResult:
         """The plan allowance left in the current UTC month."""
         L.check_id("user_id", user_id)
-        now = self._now()
+        self._ensure_open()
         await checkpoint()
+        now = self._now()
         acct = self._users.get(user_id)
         plan, remaining = self._allowance(acct, now)
         start, end = L.month_bounds(now)
@@ -1242,9 +1240,9 @@ class MemoryStore:
         L.check_id("user_id", user_id)
         L.check_id("plan_id", plan_id)
         L.check_amount("amount", amount)
-        now = self._now()
+        self._ensure_open()
         async with self._locks.hold(("u", user_id)):
-            await checkpoint()
+            now = self._now()
             acct = self._user(user_id)
             month = L.month_key(now)
             acct.allowance_used[month] = acct.allowance_used.get(month, 0) + amount
@@ -1265,9 +1263,9 @@ class MemoryStore:
         if model is not None:
             L.check_id("model", model)
         extra = 0 if amount is None else L.check_amount("amount", amount, minimum=0)
-        now = self._now()
+        self._ensure_open()
         async with self._locks.hold(("u", user_id)):
-            await checkpoint()
+            now = self._now()
             acct = self._users.get(user_id)
             if acct is None or not acct.caps:
                 return CapCheckResult()
@@ -1304,7 +1302,6 @@ class MemoryStore:
         self._ensure_open()
         stored = cap.model_copy()
         async with self._locks.hold(("u", cap.user_id)):
-            await checkpoint()
             self._user(cap.user_id).caps[(stored.cap_type, stored.model)] = stored
         return stored.model_copy()
 
@@ -1334,7 +1331,6 @@ class MemoryStore:
             L.check_id("model", model)
         self._ensure_open()
         async with self._locks.hold(("u", user_id)):
-            await checkpoint()
             acct = self._users.get(user_id)
             removed = acct is not None and acct.caps.pop((kind, model), None) is not None
         return RemoveSpendCapResult(user_id=user_id, cap_type=kind, model=model, removed=removed)
@@ -1345,8 +1341,9 @@ class MemoryStore:
         """Create a team pool, optionally with an initial ``team_topup``."""
         L.check_id("name", name)
         L.check_amount("initial_balance", initial_balance, minimum=0)
-        now = self._now()
+        self._ensure_open()
         await checkpoint()
+        now = self._now()
         team = _Account("t", self._ids.next("team"), name=name)
         self._teams[team.id] = team
         transaction_id = None
@@ -1374,7 +1371,6 @@ class MemoryStore:
             L.check_amount("spend_cap", spend_cap, minimum=0)
         self._ensure_open()
         async with self._locks.hold(("t", team_id)):
-            await checkpoint()
             team = self._teams.get(team_id)
             if team is None:
                 return AddTeamMemberResult(
@@ -1393,7 +1389,6 @@ class MemoryStore:
         L.check_id("user_id", user_id)
         self._ensure_open()
         async with self._locks.hold(("t", team_id)):
-            await checkpoint()
             team = self._teams.get(team_id)
             if team is None:
                 return RemoveTeamMemberResult(
@@ -1417,11 +1412,11 @@ class MemoryStore:
         meta = L.check_metadata(metadata)
         expiry = L.to_optional_utc("expires_at", expires_at)
         key = L.check_optional_key("idempotency_key", idempotency_key)
-        now = self._now()
+        self._ensure_open()
         async with self._locks.hold(("t", team_id)):
+            now = self._now()
             team = self._teams.get(team_id)
             if team is None:
-                await checkpoint()
                 return TeamTopupResult(
                     team_id=team_id, amount=amount, error=ErrorCode.TEAM_NOT_FOUND
                 )
@@ -1430,7 +1425,6 @@ class MemoryStore:
             if not replay:
                 _check_future("expires_at", expiry, now)
                 L.check_balance_bound("balance", team.balance + amount)
-            await checkpoint()
             if replay:
                 return stored or TeamTopupResult(
                     team_id=team_id,
@@ -1461,9 +1455,9 @@ class MemoryStore:
     async def get_team_balance(self, team_id: str) -> TeamBalanceResult:
         """A team pool's balance; ``error`` is ``team_not_found`` for an unknown team."""
         L.check_id("team_id", team_id)
-        now = self._now()
+        self._ensure_open()
         async with self._locks.hold(("t", team_id)):
-            await checkpoint()
+            now = self._now()
             team = self._teams.get(team_id)
             if team is None:
                 return TeamBalanceResult(team_id=team_id, error=ErrorCode.TEAM_NOT_FOUND)
@@ -1517,8 +1511,9 @@ class MemoryStore:
         L.check_amount("amount", amount)
         meta = L.check_metadata(metadata)
         key = L.check_optional_key("idempotency_key", idempotency_key)
-        now = self._now()
+        self._ensure_open()
         async with self._locks.hold(("t", team_id), ("u", user_id)):
+            now = self._now()
             team = self._teams.get(team_id)
             base: dict[str, Any] = {
                 "team_id": team_id,
@@ -1527,7 +1522,6 @@ class MemoryStore:
                 "idempotency_key": key,
             }
             if team is None:
-                await checkpoint()
                 return TeamDeductionResult(**base, error=ErrorCode.TEAM_NOT_FOUND)
             self._lapse(team, now)
             replay, stored = self._idem(team, "team_deduct", key, (user_id, amount))
@@ -1546,7 +1540,6 @@ class MemoryStore:
             elif member.spend_cap is not None and spent + amount > member.spend_cap:
                 error = ErrorCode.SPEND_CAP_EXCEEDED
                 base.update(cap_limit=member.spend_cap, cap_spend=spent)
-            await checkpoint()
             if error is not None:
                 return stored or TeamDeductionResult(**base, error=error)
             draws = self._debit(team, amount)
