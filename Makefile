@@ -1,0 +1,36 @@
+# Set-up and everyday commands. `make demo` and `make test` work on a fresh machine:
+# each creates the virtual environment in .venv on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test check lint typing bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## the main job: a simulated LLM gateway on the embedded default store
+	$(BIN)/python examples/gateway_demo.py
+
+test: $(STAMP)  ## the whole test suite, on asyncio and trio
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typing: $(STAMP)
+	$(BIN)/mypy
+
+check: lint typing
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_store.py --store memory
+
+clean:
+	rm -rf $(VENV) build dist .nox .mypy_cache .ruff_cache .pytest_cache
