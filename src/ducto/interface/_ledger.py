@@ -9,6 +9,7 @@ the analytics definitions all live here, so a fix lands once and every store get
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -19,7 +20,7 @@ from typing import Any, Final, Literal
 
 from pydantic import ValidationError
 
-from ducto.errors import InvalidArgumentError
+from ducto.errors import ErrorCode, InvalidArgumentError
 from ducto.interface.models import (
     AggregateStatsRow,
     CreditMetadata,
@@ -183,16 +184,22 @@ def check_min_balance(value: object) -> int:
 
 def check_metadata(value: object, name: str = "metadata") -> CreditMetadata | None:
     """Accept `CreditMetadata`, a plain dict (validated into one) or None."""
-    if value is None or isinstance(value, CreditMetadata):
-        return value
+    if value is None:
+        return None
     if isinstance(value, Mapping):
         try:
-            return CreditMetadata.model_validate(dict(value))
+            value = CreditMetadata.model_validate(dict(value))
         except ValidationError as exc:
             raise InvalidArgumentError(f"{name} is not valid CreditMetadata: {exc}") from exc
-    raise InvalidArgumentError(
-        f"{name} must be CreditMetadata, a dict or None, got {type(value).__name__}"
-    )
+    if not isinstance(value, CreditMetadata):
+        raise InvalidArgumentError(
+            f"{name} must be CreditMetadata, a dict or None, got {type(value).__name__}"
+        )
+    try:
+        json.dumps(value.model_dump(exclude_none=True))
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"{name} must be JSON-serialisable: {exc}") from exc
+    return value
 
 
 def check_grant_type(value: object) -> str:
@@ -481,12 +488,62 @@ def feature_present(features: Mapping[str, Any], feature: str) -> tuple[bool, An
     return (feature in features and value is not None and value is not False), value
 
 
+# -- Refusals, in the contract's order ----------------------------------------------------------
+
+HOLD_OPEN: Final = 0
+HOLD_SETTLED: Final = 1
+HOLD_RELEASED: Final = 2
+
+
+def hold_error(state: int | None) -> ErrorCode | None:
+    """Why a hold in `state` (None: unknown to this user) cannot be settled."""
+    if state is None:
+        return ErrorCode.RESERVATION_NOT_FOUND
+    if state == HOLD_SETTLED:
+        return ErrorCode.RESERVATION_ALREADY_SETTLED
+    if state == HOLD_RELEASED:
+        return ErrorCode.RESERVATION_RELEASED
+    return None
+
+
+def refund_error(tx_type: str, refundable: int, amount: int | None) -> ErrorCode | None:
+    """Why a refund of `amount` (None: the rest) of a `tx_type` row is refused."""
+    if tx_type not in REFUNDABLE_TYPES:
+        return ErrorCode.NOT_REFUNDABLE
+    if refundable == 0:
+        return ErrorCode.ALREADY_REFUNDED
+    if amount is not None and amount > refundable:
+        return ErrorCode.OVER_REFUND
+    return None
+
+
+def team_deduct_error(
+    is_member: bool, available: int, amount: int, spent: int, spend_cap: int | None
+) -> ErrorCode | None:
+    """Why a team charge is refused: membership, then the pool, then the member's cap."""
+    if not is_member:
+        return ErrorCode.USER_NOT_IN_TEAM
+    if available < amount:
+        return ErrorCode.INSUFFICIENT_TEAM_BALANCE
+    if spend_cap is not None and spent + amount > spend_cap:
+        return ErrorCode.SPEND_CAP_EXCEEDED
+    return None
+
+
+def fingerprint(*parts: object) -> str:
+    """A canonical text form of a request, compared to detect idempotency-key reuse."""
+    return json.dumps([p.isoformat() if isinstance(p, datetime) else p for p in parts])
+
+
 # -- Idempotency and metadata ------------------------------------------------------------------
 
 
 def row_metadata(caller: CreditMetadata | None, system: Mapping[str, Any]) -> dict[str, Any]:
     """Merge caller metadata with system keys (see `merge_system`)."""
-    return merge_system(caller.model_dump(exclude_none=True) if caller is not None else {}, system)
+    caller_data = (
+        json.loads(caller.model_dump_json(exclude_none=True)) if caller is not None else {}
+    )
+    return merge_system(caller_data, system)
 
 
 def merge_system(caller: Mapping[str, Any], system: Mapping[str, Any]) -> dict[str, Any]:

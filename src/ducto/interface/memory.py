@@ -68,7 +68,7 @@ from ducto.interface.models import (
 
 __all__ = ["MemoryStore"]
 
-_SETTLED, _RELEASED = 1, 2
+_SETTLED, _RELEASED = L.HOLD_SETTLED, L.HOLD_RELEASED
 _NOWHERE, _LIVE, _EXPIRED = 0, 1, 2
 _DAILY, _MONTHLY = "daily", "monthly"
 _NO_METADATA: dict[str, Any] = {}
@@ -852,15 +852,13 @@ class MemoryStore:
                 "refundable": refundable,
                 "idempotency_key": key,
             }
-            error: ErrorCode | None = None
-            if replay:
-                error = ErrorCode.IDEMPOTENCY_CONFLICT
-            elif original.type not in L.REFUNDABLE_TYPES:
-                error, base["refundable"] = ErrorCode.NOT_REFUNDABLE, 0
-            elif refundable == 0:
-                error = ErrorCode.ALREADY_REFUNDED
-            elif amount is not None and amount > refundable:
-                error = ErrorCode.OVER_REFUND
+            error = (
+                ErrorCode.IDEMPOTENCY_CONFLICT
+                if replay
+                else L.refund_error(original.type, refundable, amount)
+            )
+            if error is ErrorCode.NOT_REFUNDABLE:
+                base["refundable"] = 0
             give = amount if amount is not None else refundable
             if error is None:
                 L.check_balance_bound("balance", acct.balance + give)
@@ -1530,15 +1528,18 @@ class MemoryStore:
             spent = team.member_spend.get((user_id, month), 0)
             available = self._available(team)
             base.update(team_balance_after=team.balance, available=available)
-            error: ErrorCode | None = None
-            if replay:
-                error = ErrorCode.IDEMPOTENCY_CONFLICT
-            elif member is None:
-                error = ErrorCode.USER_NOT_IN_TEAM
-            elif available < amount:
-                error = ErrorCode.INSUFFICIENT_TEAM_BALANCE
-            elif member.spend_cap is not None and spent + amount > member.spend_cap:
-                error = ErrorCode.SPEND_CAP_EXCEEDED
+            error = (
+                ErrorCode.IDEMPOTENCY_CONFLICT
+                if replay
+                else L.team_deduct_error(
+                    member is not None,
+                    available,
+                    amount,
+                    spent,
+                    member.spend_cap if member is not None else None,
+                )
+            )
+            if error is ErrorCode.SPEND_CAP_EXCEEDED and member is not None:
                 base.update(cap_limit=member.spend_cap, cap_spend=spent)
             if error is not None:
                 return stored or TeamDeductionResult(**base, error=error)
@@ -1618,11 +1619,7 @@ def _hold_error(acct: _Account | None, hold_id: str, hold: _Hold | None) -> Erro
     if hold is not None:
         return None
     closed = acct.closed.get(hold_id) if acct is not None else None
-    if closed is None:
-        return ErrorCode.RESERVATION_NOT_FOUND
-    if closed[0] == _SETTLED:
-        return ErrorCode.RESERVATION_ALREADY_SETTLED
-    return ErrorCode.RESERVATION_RELEASED
+    return L.hold_error(None if closed is None else closed[0])
 
 
 def _check_future(name: str, moment: datetime | None, now: datetime) -> None:
