@@ -14,7 +14,7 @@ from ducto.interface.base import CreditStore
 from ducto.interface.memory import MemoryStore
 
 REQUIRED = set(filter(None, os.environ.get("DUCTO_REQUIRE_STORES", "").split(",")))
-STORE_KINDS = ("memory",)
+STORE_KINDS = ("memory", "sqlite")
 STORES = [pytest.param(k, marks=getattr(pytest.mark, k), id=k) for k in STORE_KINDS]
 
 
@@ -41,7 +41,16 @@ def _open_memory(tmp_path: Path, clock: FakeClock) -> CreditStore:
     return MemoryStore(clock=clock)
 
 
-OPENERS: dict[str, Callable[[Path, FakeClock], CreditStore]] = {"memory": _open_memory}
+def _open_sqlite(tmp_path: Path, clock: FakeClock) -> CreditStore:
+    from ducto.interface.sqlite import SQLiteStore
+
+    return SQLiteStore(tmp_path / "ducto.db", clock=clock, synchronous="NORMAL")
+
+
+OPENERS: dict[str, Callable[[Path, FakeClock], CreditStore]] = {
+    "memory": _open_memory,
+    "sqlite": _open_sqlite,
+}
 
 
 @pytest.fixture(params=["asyncio", "trio"])

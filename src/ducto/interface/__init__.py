@@ -8,15 +8,18 @@ The store layer: the `CreditStore` contract and its implementations.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ducto.errors import InvalidArgumentError
 from ducto.interface.base import CreditStore, StoreError
 from ducto.interface.memory import MemoryStore
 
-__all__ = ["CreditStore", "MemoryStore", "StoreError", "open_store"]
+if TYPE_CHECKING:
+    from ducto.interface.sqlite import SQLiteStore
 
-_LAZY: dict[str, str] = {}
+__all__ = ["CreditStore", "MemoryStore", "SQLiteStore", "StoreError", "open_store"]
+
+_LAZY = {"SQLiteStore": "ducto.interface.sqlite"}
 
 
 def __getattr__(name: str) -> Any:
@@ -30,7 +33,8 @@ def open_store(url: str, **options: Any) -> CreditStore:
     """
     Build a store from a URL (no I/O happens until it is opened with ``async with``).
 
-    Supported URLs: ``memory://``.
+    Supported URLs: ``memory://``; ``sqlite:///relative/path.db``,
+    ``sqlite:////absolute/path.db`` and ``sqlite://:memory:`` (extra ``sqlite``).
 
     Args:
         url: Where the data lives.
@@ -48,4 +52,12 @@ def open_store(url: str, **options: Any) -> CreditStore:
         if rest:
             raise InvalidArgumentError(f"a memory:// url takes no path, got {url!r}")
         return MemoryStore(**options)
+    if scheme == "sqlite":
+        from ducto.interface.sqlite import SQLiteStore
+
+        if rest == ":memory:":
+            return SQLiteStore(":memory:", **options)
+        if not rest.startswith("/") or len(rest) < 2:
+            raise InvalidArgumentError(f"a sqlite url looks like 'sqlite:///path.db', got {url!r}")
+        return SQLiteStore(rest[1:], **options)
     raise InvalidArgumentError(f"unsupported store url scheme {scheme!r} in {url!r}")

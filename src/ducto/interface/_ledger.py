@@ -25,6 +25,7 @@ from ducto.interface.models import (
     AggregateStatsRow,
     CreditMetadata,
     DailySpendRow,
+    PricingConfigData,
     SpendByModelRow,
     SpendByUserRow,
     SpendCap,
@@ -280,6 +281,150 @@ def check_balance_bound(name: str, new_value: int) -> None:
         raise InvalidArgumentError(
             f"{name} would become {new_value}, beyond the supported range of +/-{MAX_AMOUNT}"
         )
+
+
+def check_future(name: str, moment: datetime | None, now: datetime) -> None:
+    """Refuse an expiry that is not after `now`."""
+    if moment is not None and moment <= now:
+        raise InvalidArgumentError(f"{name} must be in the future, got {moment.isoformat()}")
+
+
+def iso(moment: datetime | None) -> str | None:
+    """ISO 8601 text of an optional instant."""
+    return None if moment is None else moment.isoformat()
+
+
+# -- Per-operation argument checks (every store calls these) ----------------------------------
+
+
+def check_grant(
+    user_id: object,
+    amount: object,
+    type_: object,
+    metadata: object,
+    expires_at: object,
+    idempotency_key: object,
+) -> tuple[str, CreditMetadata | None, datetime | None, str | None]:
+    """Check `add_credits` arguments; return type, metadata, expiry and key."""
+    check_id("user_id", user_id)
+    kind = check_grant_type(type_)
+    if kind == "adjustment":
+        check_signed_amount("amount", amount)
+    else:
+        check_amount("amount", amount)
+    meta = check_metadata(metadata)
+    expiry = to_optional_utc("expires_at", expires_at)
+    key = check_optional_key("idempotency_key", idempotency_key)
+    if expiry is not None and isinstance(amount, int) and amount < 0:
+        raise InvalidArgumentError("expires_at cannot be set on a negative adjustment")
+    return kind, meta, expiry, key
+
+
+def check_reserve(
+    user_id: object,
+    amount: object,
+    operation_type: object,
+    metadata: object,
+    min_balance: object,
+    ttl: object,
+    use_allowance: object,
+    idempotency_key: object,
+) -> tuple[CreditMetadata | None, timedelta, str | None]:
+    """Check `reserve_credits` arguments; return metadata, TTL and key."""
+    check_id("user_id", user_id)
+    check_amount("amount", amount)
+    check_id("operation_type", operation_type)
+    meta = check_metadata(metadata)
+    check_min_balance(min_balance)
+    lifetime = check_ttl(ttl)
+    check_bool("use_allowance", use_allowance)
+    return meta, lifetime, check_optional_key("idempotency_key", idempotency_key)
+
+
+def check_deduct(
+    user_id: object,
+    reservation_id: object,
+    amount: object,
+    idempotency_key: object,
+    metadata: object,
+) -> tuple[str | None, CreditMetadata | None]:
+    """Check `deduct_credits` arguments; return key and metadata."""
+    check_id("user_id", user_id)
+    check_id("reservation_id", reservation_id)
+    check_amount("amount", amount, minimum=0)
+    return check_optional_key("idempotency_key", idempotency_key), check_metadata(metadata)
+
+
+def check_refund(
+    transaction_id: object,
+    amount: object,
+    reason: object,
+    metadata: object,
+    idempotency_key: object,
+) -> tuple[str | None, CreditMetadata | None, str | None]:
+    """Check `refund_credits` arguments; return reason, metadata and key."""
+    check_id("transaction_id", transaction_id)
+    if amount is not None:
+        check_amount("amount", amount)
+    text = check_optional_text("reason", reason)
+    meta = check_metadata(metadata)
+    return text, meta, check_optional_key("idempotency_key", idempotency_key)
+
+
+def check_team_topup(
+    team_id: object, amount: object, metadata: object, expires_at: object, idempotency_key: object
+) -> tuple[CreditMetadata | None, datetime | None, str | None]:
+    """Check `add_team_credits` arguments; return metadata, expiry and key."""
+    check_id("team_id", team_id)
+    check_amount("amount", amount)
+    meta = check_metadata(metadata)
+    expiry = to_optional_utc("expires_at", expires_at)
+    return meta, expiry, check_optional_key("idempotency_key", idempotency_key)
+
+
+def check_team_deduct(
+    team_id: object, user_id: object, amount: object, metadata: object, idempotency_key: object
+) -> tuple[CreditMetadata | None, str | None]:
+    """Check `deduct_team` arguments; return metadata and key."""
+    check_id("team_id", team_id)
+    check_id("user_id", user_id)
+    check_amount("amount", amount)
+    return check_metadata(metadata), check_optional_key("idempotency_key", idempotency_key)
+
+
+def check_team_member(team_id: object, user_id: object, role: object, spend_cap: object) -> None:
+    """Check `add_team_member` arguments."""
+    check_id("team_id", team_id)
+    check_id("user_id", user_id)
+    check_id("role", role)
+    if spend_cap is not None:
+        check_amount("spend_cap", spend_cap, minimum=0)
+
+
+def check_page(
+    limit: object, cursor: object, types: object, start: object, end: object
+) -> tuple[int | None, frozenset[str] | None, datetime | None, datetime | None]:
+    """Check ledger paging arguments; return the cursor position, types and bounds."""
+    check_limit(limit)
+    before = decode_cursor(cursor)
+    return (
+        before,
+        check_types_filter(types),
+        to_optional_utc("start", start),
+        to_optional_utc("end", end),
+    )
+
+
+def check_pricing(config: object) -> PricingConfigData:
+    """Accept `PricingConfigData` or a dict validated into one."""
+    if isinstance(config, PricingConfigData):
+        return config
+    if isinstance(config, dict):
+        try:
+            return PricingConfigData.model_validate(config)
+        except ValueError as exc:
+            raise InvalidArgumentError(f"config is not a valid pricing config: {exc}") from exc
+    raise InvalidArgumentError(f"config must be PricingConfigData, got {type(config).__name__}")
 
 
 # -- Ids, time and windows ---------------------------------------------------------------------

@@ -445,17 +445,9 @@ class MemoryStore:
             AddCreditsResult; ``error`` is ``insufficient_credits`` when a negative
             adjustment would take available below zero, or ``idempotency_conflict``.
         """
-        L.check_id("user_id", user_id)
-        type_ = L.check_grant_type(type)
-        if type_ == "adjustment":
-            L.check_signed_amount("amount", amount)
-        else:
-            L.check_amount("amount", amount)
-        meta = L.check_metadata(metadata)
-        expiry = L.to_optional_utc("expires_at", expires_at)
-        key = L.check_optional_key("idempotency_key", idempotency_key)
-        if expiry is not None and amount < 0:
-            raise InvalidArgumentError("expires_at cannot be set on a negative adjustment")
+        type_, meta, expiry, key = L.check_grant(
+            user_id, amount, type, metadata, expires_at, idempotency_key
+        )
         self._ensure_open()
         async with self._locks.hold(("u", user_id)):
             now = self._now()
@@ -470,7 +462,7 @@ class MemoryStore:
                     idempotency_key=key,
                     error=ErrorCode.IDEMPOTENCY_CONFLICT,
                 )
-            _check_future("expires_at", expiry, now)
+            L.check_future("expires_at", expiry, now)
             balance = acct.balance if acct else 0
             available = self._available(acct) if acct else 0
             if amount < 0 and available + amount < 0:
@@ -495,7 +487,7 @@ class MemoryStore:
                 acct,
                 amount,
                 type_,
-                L.row_metadata(meta, {"idempotency_key": key, "expires_at": _iso(expiry)}),
+                L.row_metadata(meta, {"idempotency_key": key, "expires_at": L.iso(expiry)}),
                 now,
                 idempotency_key=key,
             )
@@ -544,14 +536,16 @@ class MemoryStore:
             ReserveResult with the hold, or ``error`` ``insufficient_credits``,
             ``spend_cap_exceeded`` or ``idempotency_conflict``.
         """
-        L.check_id("user_id", user_id)
-        L.check_amount("amount", amount)
-        L.check_id("operation_type", operation_type)
-        meta = L.check_metadata(metadata)
-        L.check_min_balance(min_balance)
-        lifetime = L.check_ttl(ttl)
-        L.check_bool("use_allowance", use_allowance)
-        key = L.check_optional_key("idempotency_key", idempotency_key)
+        meta, lifetime, key = L.check_reserve(
+            user_id,
+            amount,
+            operation_type,
+            metadata,
+            min_balance,
+            ttl,
+            use_allowance,
+            idempotency_key,
+        )
         model = L.metadata_model(meta)
         self._ensure_open()
         async with self._locks.hold(("u", user_id)):
@@ -659,11 +653,7 @@ class MemoryStore:
             ``reservation_already_settled``, ``reservation_released`` or
             ``idempotency_conflict``.
         """
-        L.check_id("user_id", user_id)
-        L.check_id("reservation_id", reservation_id)
-        L.check_amount("amount", amount, minimum=0)
-        key = L.check_optional_key("idempotency_key", idempotency_key)
-        meta = L.check_metadata(metadata)
+        key, meta = L.check_deduct(user_id, reservation_id, amount, idempotency_key, metadata)
         self._ensure_open()
         async with self._locks.hold(("u", user_id)):
             now = self._now()
@@ -817,12 +807,9 @@ class MemoryStore:
             RefundResult, or ``error`` ``transaction_not_found``, ``not_refundable``,
             ``already_refunded``, ``over_refund`` or ``idempotency_conflict``.
         """
-        L.check_id("transaction_id", transaction_id)
-        if amount is not None:
-            L.check_amount("amount", amount)
-        reason = L.check_optional_text("reason", reason)
-        meta = L.check_metadata(metadata)
-        key = L.check_optional_key("idempotency_key", idempotency_key)
+        reason, meta, key = L.check_refund(
+            transaction_id, amount, reason, metadata, idempotency_key
+        )
         self._ensure_open()
         original = self._rows_by_id.get(transaction_id)
         if original is None:
@@ -964,7 +951,7 @@ class MemoryStore:
             acct,
             -amount,
             "expiry",
-            {"lot_id": lot.id, "expires_at": _iso(lot.expires_at)},
+            {"lot_id": lot.id, "expires_at": L.iso(lot.expires_at)},
             now,
         )
 
@@ -1021,11 +1008,7 @@ class MemoryStore:
         start: datetime | None,
         end: datetime | None,
     ) -> TransactionPage:
-        L.check_limit(limit)
-        before = L.decode_cursor(cursor)
-        wanted = L.check_types_filter(types)
-        lo = L.to_optional_utc("start", start)
-        hi = L.to_optional_utc("end", end)
+        before, wanted, lo, hi = L.check_page(limit, cursor, types, start, end)
         self._ensure_open()
         await checkpoint()
         acct = accounts.get(account_id)
@@ -1116,7 +1099,7 @@ class MemoryStore:
         Returns:
             The new version's id.
         """
-        data = _check_pricing(config)
+        data = L.check_pricing(config)
         label = L.check_optional_text("label", label, max_length=256)
         self._ensure_open()
         await checkpoint()
@@ -1362,11 +1345,7 @@ class MemoryStore:
         spend_cap: int | None = None,
     ) -> AddTeamMemberResult:
         """Add a member, or update its role and monthly team spend cap."""
-        L.check_id("team_id", team_id)
-        L.check_id("user_id", user_id)
-        L.check_id("role", role)
-        if spend_cap is not None:
-            L.check_amount("spend_cap", spend_cap, minimum=0)
+        L.check_team_member(team_id, user_id, role, spend_cap)
         self._ensure_open()
         async with self._locks.hold(("t", team_id)):
             team = self._teams.get(team_id)
@@ -1405,11 +1384,9 @@ class MemoryStore:
         idempotency_key: str | None = None,
     ) -> TeamTopupResult:
         """Top up a team pool with a new lot (a ``team_topup`` row)."""
-        L.check_id("team_id", team_id)
-        L.check_amount("amount", amount)
-        meta = L.check_metadata(metadata)
-        expiry = L.to_optional_utc("expires_at", expires_at)
-        key = L.check_optional_key("idempotency_key", idempotency_key)
+        meta, expiry, key = L.check_team_topup(
+            team_id, amount, metadata, expires_at, idempotency_key
+        )
         self._ensure_open()
         async with self._locks.hold(("t", team_id)):
             now = self._now()
@@ -1421,7 +1398,7 @@ class MemoryStore:
             self._lapse(team, now)
             replay, stored = self._idem(team, "team_topup", key, (amount, expiry))
             if not replay:
-                _check_future("expires_at", expiry, now)
+                L.check_future("expires_at", expiry, now)
                 L.check_balance_bound("balance", team.balance + amount)
             if replay:
                 return stored or TeamTopupResult(
@@ -1435,7 +1412,7 @@ class MemoryStore:
                 team,
                 amount,
                 "team_topup",
-                L.row_metadata(meta, {"idempotency_key": key, "expires_at": _iso(expiry)}),
+                L.row_metadata(meta, {"idempotency_key": key, "expires_at": L.iso(expiry)}),
                 now,
                 idempotency_key=key,
             )
@@ -1504,11 +1481,7 @@ class MemoryStore:
             ``insufficient_team_balance``, ``spend_cap_exceeded`` (the member's net team
             spend this UTC month plus `amount` over its cap) or ``idempotency_conflict``.
         """
-        L.check_id("team_id", team_id)
-        L.check_id("user_id", user_id)
-        L.check_amount("amount", amount)
-        meta = L.check_metadata(metadata)
-        key = L.check_optional_key("idempotency_key", idempotency_key)
+        meta, key = L.check_team_deduct(team_id, user_id, amount, metadata, idempotency_key)
         self._ensure_open()
         async with self._locks.hold(("t", team_id), ("u", user_id)):
             now = self._now()
@@ -1620,26 +1593,6 @@ def _hold_error(acct: _Account | None, hold_id: str, hold: _Hold | None) -> Erro
         return None
     closed = acct.closed.get(hold_id) if acct is not None else None
     return L.hold_error(None if closed is None else closed[0])
-
-
-def _check_future(name: str, moment: datetime | None, now: datetime) -> None:
-    if moment is not None and moment <= now:
-        raise InvalidArgumentError(f"{name} must be in the future, got {moment.isoformat()}")
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()
-
-
-def _check_pricing(config: object) -> PricingConfigData:
-    if isinstance(config, PricingConfigData):
-        return config
-    if isinstance(config, dict):
-        try:
-            return PricingConfigData.model_validate(config)
-        except ValueError as exc:
-            raise InvalidArgumentError(f"config is not a valid pricing config: {exc}") from exc
-    raise InvalidArgumentError(f"config must be PricingConfigData, got {type(config).__name__}")
 
 
 def _row_metadata(row: _Row) -> dict[str, Any]:
