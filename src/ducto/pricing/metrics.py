@@ -41,15 +41,25 @@ _COUNTERS: Final = tuple(name for name in METRIC_VARIABLES if name != "tool_call
 
 def _describe(exc: ValidationError) -> str:
     """One line naming every invalid field of a pydantic validation error."""
+    return f"invalid {exc.title}: " + "; ".join(_problems(exc, ()))
+
+
+def _problems(exc: ValidationError, outer: tuple[str | int, ...]) -> list[str]:
     problems = []
     for error in exc.errors(include_url=False):
-        where = ".".join(str(part) for part in error["loc"]) or "value"
+        loc = (*outer, *error["loc"])
+        inner = error.get("ctx", {}).get("error")
+        # A nested model of this module raised its own error: report its fields instead.
+        if isinstance(inner, InvalidArgumentError) and isinstance(inner.__cause__, ValidationError):
+            problems.extend(_problems(inner.__cause__, loc))
+            continue
+        where = ".".join(str(part) for part in loc) or "value"
         detail = error["msg"]
         if error["type"] not in ("missing", "extra_forbidden"):
             given = repr(error["input"])
             detail += f", got {given if len(given) <= 80 else given[:77] + '...'}"
         problems.append(f"{where}: {detail}")
-    return f"invalid {exc.title}: " + "; ".join(problems)
+    return problems
 
 
 class _Checked(BaseModel):
