@@ -7,7 +7,8 @@ A config (`PricingConfigData`, the ducto 1.x format) holds pricing expressions (
 - ``models``: one expression per model key. A call's model name is resolved to a key:
   the exact name, else the longest key that is a prefix of the name (``"gpt-4o"`` prices
   ``"gpt-4o-2024-08-06"``), else ``_default``. A name that resolves to nothing cannot be
-  priced and is refused: it is never free.
+  priced and is refused: it is never free. Usage with no model is priced by ``_default``;
+  a pure fixed-cost job (no model and no tokens) needs no model price at all.
 - ``tools``: a tool's own expression prices that tool's calls, evaluated with
   ``tool_calls`` set to the number of calls with that name; ``_default`` prices all the
   calls whose names have no entry, with ``tool_calls`` set to their number. A tool that was
