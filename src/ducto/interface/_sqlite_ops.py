@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
@@ -82,6 +83,28 @@ def _dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+@dataclass(slots=True, eq=False)
+class Account:
+    """An account row, loaded once per operation and written back once if it changed."""
+
+    kind: str
+    id: str
+    balance: int = 0
+    lifetime_purchased: int = 0
+    reserved: int = 0
+    expired_unswept: int = 0
+    hold_check_us: int = _NEVER_US
+    lot_check_us: int = _NEVER_US
+    plan_id: str | None = None
+    name: str | None = None
+    caps: int = 0
+    exists: bool = False
+
+    @property
+    def available(self) -> int:
+        return L.spendable(self.balance, self.expired_unswept, self.reserved)
+
+
 class Ops:
     """
     Every store operation against one connection; methods run on the connection thread.
@@ -109,61 +132,109 @@ class Ops:
     def one(self, sql: str, params: Sequence[object] = ()) -> Any:
         return self.conn.execute(sql, params).fetchone()
 
-    def account(self, kind: str, account_id: str) -> Any:
-        return self.one(
-            "SELECT balance, lifetime_purchased, reserved, expired_unswept, plan_id, name"
-            " FROM accounts WHERE kind = ? AND id = ?",
+    def load(self, kind: str, account_id: str, now_us: int | None = None) -> Account:
+        """Load an account (a blank one if it does not exist), lapsing it at `now_us`."""
+        row = self.one(
+            "SELECT balance, lifetime_purchased, reserved, expired_unswept, hold_check_us,"
+            " lot_check_us, plan_id, name, caps FROM accounts WHERE kind = ? AND id = ?",
             (kind, account_id),
         )
+        if row is None:
+            acct = Account(kind, account_id)
+        else:
+            acct = Account(
+                kind,
+                account_id,
+                balance=row[0],
+                lifetime_purchased=row[1],
+                reserved=row[2],
+                expired_unswept=row[3],
+                hold_check_us=row[4],
+                lot_check_us=row[5],
+                plan_id=row[6],
+                name=row[7],
+                caps=row[8],
+                exists=True,
+            )
+        if now_us is not None and row is not None and self.lapse(acct, now_us):
+            # Written at once, so every way out of the operation leaves the row consistent.
+            self.save(acct, now_us)
+        return acct
 
-    def ensure_account(self, kind: str, account_id: str, now_us: int) -> None:
-        self.conn.execute(
-            "INSERT INTO accounts (kind, id, created_us) VALUES (?, ?, ?)"
-            " ON CONFLICT (kind, id) DO NOTHING",
-            (kind, account_id, now_us),
+    def save(self, acct: Account, now_us: int) -> None:
+        values = (
+            acct.balance,
+            acct.lifetime_purchased,
+            acct.reserved,
+            acct.expired_unswept,
+            acct.hold_check_us,
+            acct.lot_check_us,
+            acct.plan_id,
+            acct.name,
+            acct.caps,
         )
+        if acct.exists:
+            self.conn.execute(
+                "UPDATE accounts SET balance = ?, lifetime_purchased = ?, reserved = ?,"
+                " expired_unswept = ?, hold_check_us = ?, lot_check_us = ?, plan_id = ?,"
+                " name = ?, caps = ? WHERE kind = ? AND id = ?",
+                (*values, acct.kind, acct.id),
+            )
+        else:
+            self.conn.execute(
+                "INSERT INTO accounts (balance, lifetime_purchased, reserved, expired_unswept,"
+                " hold_check_us, lot_check_us, plan_id, name, caps, kind, id, created_us)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*values, acct.kind, acct.id, now_us),
+            )
+            acct.exists = True
 
-    def add_to_account(self, kind: str, account_id: str, **deltas: int) -> None:
-        sets = ", ".join(f"{column} = {column} + ?" for column in deltas)
-        self.conn.execute(
-            f"UPDATE accounts SET {sets} WHERE kind = ? AND id = ?",
-            (*deltas.values(), kind, account_id),
-        )
-
-    def lapse(self, kind: str, account_id: str, now_us: int) -> None:
+    def lapse(self, acct: Account, now_us: int) -> bool:
         """Stop counting holds whose TTL passed and set aside lots that expired."""
-        conn = self.conn
-        lapsed = conn.execute(
-            "SELECT id, amount, model FROM holds"
-            " WHERE kind = ? AND account = ? AND counted = 1 AND expires_us <= ?",
-            (kind, account_id, now_us),
-        ).fetchall()
-        for hold_id, amount, model in lapsed:
-            self.uncount(kind, account_id, hold_id, amount, model)
-        expired = conn.execute(
-            "UPDATE lots SET expired = 1 WHERE kind = ? AND account = ? AND remaining > 0"
-            " AND expired = 0 AND expires_us <= ? RETURNING remaining",
-            (kind, account_id, now_us),
-        ).fetchall()
-        total = sum(row[0] for row in expired)
-        if total:
-            self.add_to_account(kind, account_id, expired_unswept=total)
+        kind, account_id = acct.kind, acct.id
+        changed = False
+        if now_us >= acct.hold_check_us:
+            changed = True
+            for hold_id, amount, model in self.conn.execute(
+                "SELECT id, amount, model FROM holds"
+                " WHERE kind = ? AND account = ? AND counted = 1 AND expires_us <= ?",
+                (kind, account_id, now_us),
+            ).fetchall():
+                self.conn.execute("UPDATE holds SET counted = 0 WHERE id = ?", (hold_id,))
+                self.uncount(acct, amount, model)
+            acct.hold_check_us = self.one(
+                "SELECT coalesce(min(expires_us), ?) FROM holds"
+                " WHERE kind = ? AND account = ? AND counted = 1",
+                (_NEVER_US, kind, account_id),
+            )[0]
+        if now_us >= acct.lot_check_us:
+            changed = True
+            expired = self.conn.execute(
+                "UPDATE lots SET expired = 1 WHERE kind = ? AND account = ? AND remaining > 0"
+                " AND expired = 0 AND expires_us <= ? RETURNING remaining",
+                (kind, account_id, now_us),
+            ).fetchall()
+            acct.expired_unswept += sum(row[0] for row in expired)
+            acct.lot_check_us = self.one(
+                f"SELECT coalesce(min(coalesce(expires_us, {_NEVER_US})), {_NEVER_US})"
+                " FROM lots INDEXED BY lots_live"
+                " WHERE kind = ? AND account = ? AND remaining > 0 AND expired = 0",
+                (kind, account_id),
+            )[0]
+        return changed
 
-    def uncount(
-        self, kind: str, account_id: str, hold_id: str, amount: int, model: str | None
-    ) -> None:
-        self.conn.execute("UPDATE holds SET counted = 0 WHERE id = ?", (hold_id,))
-        self.add_to_account(kind, account_id, reserved=-amount)
+    def uncount(self, acct: Account, amount: int, model: str | None) -> None:
+        acct.reserved -= amount
         if model is not None:
             self.conn.execute(
                 "UPDATE reserved_by_model SET amount = amount - ?"
                 " WHERE kind = ? AND account = ? AND model = ?",
-                (amount, kind, account_id, model),
+                (amount, acct.kind, acct.id, model),
             )
             self.conn.execute(
                 "DELETE FROM reserved_by_model WHERE kind = ? AND account = ? AND model = ?"
                 " AND amount = 0",
-                (kind, account_id, model),
+                (acct.kind, acct.id, model),
             )
 
     def _lots(self, kind: str, account_id: str, expired: bool) -> Iterator[L.Lot]:
@@ -172,42 +243,40 @@ class Ops:
             for lot_id, seq, remaining, expires_us in rows:
                 yield L.Lot(lot_id, seq, remaining, _opt_dt(expires_us))
 
-    def debit(self, kind: str, account_id: str, amount: int) -> list[tuple[str, int]]:
+    def debit(self, acct: Account, amount: int) -> list[tuple[str, int]]:
         """Take `amount` from the lots in burn-down order; the rest takes the balance below 0."""
-        draws, rest = L.draw(list(_take(self._lots(kind, account_id, False), amount)), amount)
+        draws: list[tuple[L.Lot, int]] = []
         late: list[tuple[L.Lot, int]] = []
-        if rest:
-            late, rest = L.draw(list(_take(self._lots(kind, account_id, True), rest)), rest)
-        for lot, _ in draws + late:
-            self.conn.execute("UPDATE lots SET remaining = ? WHERE id = ?", (lot.remaining, lot.id))
-        self.add_to_account(
-            kind, account_id, balance=-amount, expired_unswept=-sum(t for _, t in late)
-        )
+        if amount > 0 and acct.balance > 0:
+            draws, rest = L.draw(list(_take(self._lots(acct.kind, acct.id, False), amount)), amount)
+            if rest and acct.expired_unswept:
+                late, rest = L.draw(list(_take(self._lots(acct.kind, acct.id, True), rest)), rest)
+            for lot, _ in draws + late:
+                self.conn.execute(
+                    "UPDATE lots SET remaining = ? WHERE id = ?", (lot.remaining, lot.id)
+                )
+        acct.balance -= amount
+        acct.expired_unswept -= sum(taken for _, taken in late)
         return [(lot.id, taken) for lot, taken in draws + late]
 
-    def credit(
-        self, kind: str, account_id: str, amount: int, expires_us: int | None, now_us: int
-    ) -> None:
+    def credit(self, acct: Account, amount: int, expires_us: int | None, now_us: int) -> None:
         """Add `amount`: first pay a negative balance, then the rest becomes a new lot."""
-        balance = self.one(
-            "SELECT balance FROM accounts WHERE kind = ? AND id = ?", (kind, account_id)
-        )[0]
-        _, lot_credit = L.split_credit(balance, amount)
-        self.add_to_account(kind, account_id, balance=amount)
+        _, lot_credit = L.split_credit(acct.balance, amount)
+        acct.balance += amount
         if lot_credit:
-            self.new_lot(kind, account_id, lot_credit, expires_us, now_us)
+            self.save(acct, now_us)  # the lot refers to the account row
+            expired = expires_us is not None and expires_us <= now_us
+            self.conn.execute(
+                "INSERT INTO lots (id, kind, account, remaining, expires_us, expired)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (self.ids.next("lot"), acct.kind, acct.id, lot_credit, expires_us, int(expired)),
+            )
+            if expired:
+                acct.expired_unswept += lot_credit
+            elif expires_us is not None:
+                acct.lot_check_us = min(acct.lot_check_us, expires_us)
 
-    def new_lot(
-        self, kind: str, account_id: str, amount: int, expires_us: int | None, now_us: int
-    ) -> None:
-        expired = expires_us is not None and expires_us <= now_us
-        self.conn.execute(
-            "INSERT INTO lots (id, kind, account, remaining, expires_us, expired)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (self.ids.next("lot"), kind, account_id, amount, expires_us, int(expired)),
-        )
-
-    def refill(self, kind: str, account_id: str, lot_id: str, amount: int, now_us: int) -> None:
+    def refill(self, acct: Account, lot_id: str, amount: int, now_us: int) -> None:
         """Return `amount` to a lot, keeping its expiry (an expired lot stays expired)."""
         expires_us = self.one("SELECT expires_us FROM lots WHERE id = ?", (lot_id,))[0]
         expired = expires_us is not None and expires_us <= now_us
@@ -215,36 +284,36 @@ class Ops:
             "UPDATE lots SET remaining = remaining + ?, expired = ? WHERE id = ?",
             (amount, int(expired), lot_id),
         )
-        self.add_to_account(
-            kind, account_id, balance=amount, expired_unswept=amount if expired else 0
-        )
+        acct.balance += amount
+        if expired:
+            acct.expired_unswept += amount
+        elif expires_us is not None:
+            acct.lot_check_us = min(acct.lot_check_us, expires_us)
 
     def append_row(
         self,
-        kind: str,
-        account_id: str,
+        acct: Account,
         amount: int,
         type_: str,
         metadata: dict[str, Any],
         now_us: int,
         **extra: Any,
     ) -> str:
-        balance = self.one(
-            "SELECT balance FROM accounts WHERE kind = ? AND id = ?", (kind, account_id)
-        )[0]
+        """Write the account back, then its ledger row (with the balance after)."""
+        self.save(acct, now_us)
         row_id = self.ids.next("tx")
-        columns = ", ".join(extra)
+        columns = "".join(f", {name}" for name in extra)
         marks = ", ?" * len(extra)
         self.conn.execute(
             "INSERT INTO ledger (id, kind, account, amount, type, balance_after, metadata,"
-            f" created_us{', ' if extra else ''}{columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?{marks})",
+            f" created_us{columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?{marks})",
             (
                 row_id,
-                kind,
-                account_id,
+                acct.kind,
+                acct.id,
                 amount,
                 type_,
-                balance,
+                acct.balance,
                 _dumps(metadata),
                 now_us,
                 *extra.values(),
@@ -253,35 +322,29 @@ class Ops:
         return row_id
 
     def idem(
-        self, kind: str, account_id: str, op: str, key: str | None, fingerprint: str
+        self, acct: Account, op: str, key: str | None, fingerprint: str
     ) -> tuple[bool, str | None]:
         """Return ``(True, stored result JSON)`` for a replay, ``(True, None)`` for a conflict."""
-        if key is None:
+        if key is None or not acct.exists:
             return False, None
         row = self.one(
             "SELECT fingerprint, result FROM idempotency"
             " WHERE kind = ? AND account = ? AND op = ? AND key = ?",
-            (kind, account_id, op, key),
+            (acct.kind, acct.id, op, key),
         )
         if row is None:
             return False, None
         return True, (row[1] if row[0] == fingerprint else None)
 
     def remember(
-        self, kind: str, account_id: str, op: str, key: str | None, fingerprint: str, result: Any
+        self, acct: Account, op: str, key: str | None, fingerprint: str, result: Any
     ) -> None:
         if key is not None:
             self.conn.execute(
                 "INSERT INTO idempotency (kind, account, op, key, fingerprint, result)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (kind, account_id, op, key, fingerprint, result.model_dump_json()),
+                (acct.kind, acct.id, op, key, fingerprint, result.model_dump_json()),
             )
-
-    def available(self, kind: str, account_id: str, allowance: int = 0) -> int:
-        row = self.account(kind, account_id)
-        if row is None:
-            return allowance
-        return L.spendable(row[0], row[3], row[2], allowance)
 
     def active_pricing(self) -> tuple[int, str, str, str | None, int] | None:
         row = self.one("SELECT value FROM settings WHERE key = 'active_pricing'")
@@ -305,15 +368,16 @@ class Ops:
             config = self._configs[active[0]] = PricingConfigData.model_validate_json(active[2])
         return (config.plans or {}).get(plan_id)
 
-    def allowance(self, user_id: str, now: datetime) -> tuple[PlanDefinition | None, int, int]:
+    def allowance(self, acct: Account, now: datetime) -> tuple[PlanDefinition | None, int, int]:
         """The user's plan, allowance left and allowance used in `now`'s month."""
-        row = self.one("SELECT plan_id FROM accounts WHERE kind = 'u' AND id = ?", (user_id,))
-        plan = self.plan(row[0] if row else None)
-        used_row = self.one(
-            "SELECT amount FROM allowance_used WHERE user_id = ? AND month = ?",
-            (user_id, L.month_key(now)),
-        )
-        used = used_row[0] if used_row else 0
+        plan = self.plan(acct.plan_id)
+        used = 0
+        if acct.exists:
+            used_row = self.one(
+                "SELECT amount FROM allowance_used WHERE user_id = ? AND month = ?",
+                (acct.id, L.month_key(now)),
+            )
+            used = used_row[0] if used_row else 0
         if plan is None:
             return None, 0, used
         return plan, max(0, plan.free_allowance - used), used
@@ -344,26 +408,26 @@ class Ops:
                     (user_id, cap_type, window, key, amount),
                 )
 
-    def held_for(self, user_id: str, model: str | None) -> int:
+    def held_for(self, acct: Account, model: str | None) -> int:
         if model is None:
-            row = self.one("SELECT reserved FROM accounts WHERE kind = 'u' AND id = ?", (user_id,))
-        else:
-            row = self.one(
-                "SELECT amount FROM reserved_by_model WHERE kind = 'u' AND account = ?"
-                " AND model = ?",
-                (user_id, model),
-            )
+            return acct.reserved
+        row = self.one(
+            "SELECT amount FROM reserved_by_model WHERE kind = ? AND account = ? AND model = ?",
+            (acct.kind, acct.id, model),
+        )
         return row[0] if row else 0
 
-    def caps(self, user_id: str) -> list[SpendCap]:
+    def caps(self, acct: Account) -> list[SpendCap]:
+        if not acct.caps:
+            return []
         return [
             SpendCap(
-                user_id=user_id, cap_type=cap_type, model=model or None, limit=limit, action=action
+                user_id=acct.id, cap_type=cap_type, model=model or None, limit=limit, action=action
             )
             for cap_type, model, limit, action in self.conn.execute(
                 "SELECT cap_type, model, cap_limit, action FROM caps WHERE user_id = ?"
                 " ORDER BY cap_type, model",
-                (user_id,),
+                (acct.id,),
             )
         ]
 
@@ -371,19 +435,17 @@ class Ops:
 
     def get_balance(self, user_id: str) -> BalanceResult:
         now, now_us = self.now()
-        row = self.account("u", user_id)
-        if row is None:
+        acct = self.load("u", user_id, now_us)
+        if not acct.exists:
             return BalanceResult(user_id=user_id)
-        self.lapse("u", user_id, now_us)
-        balance, lifetime, reserved, expired_unswept, _, _ = self.account("u", user_id)
-        allowance = self.allowance(user_id, now)[1]
+        allowance = self.allowance(acct, now)[1]
         return BalanceResult(
             user_id=user_id,
-            balance=balance,
-            lifetime_purchased=lifetime,
-            available=L.spendable(balance, expired_unswept, reserved, allowance),
-            reserved=reserved,
-            expired_unswept=expired_unswept,
+            balance=acct.balance,
+            lifetime_purchased=acct.lifetime_purchased,
+            available=acct.available + allowance,
+            reserved=acct.reserved,
+            expired_unswept=acct.expired_unswept,
             allowance_remaining=allowance,
         )
 
@@ -397,11 +459,9 @@ class Ops:
         key: str | None,
     ) -> AddCreditsResult:
         now, now_us = self.now()
-        exists = self.account("u", user_id) is not None
-        if exists:
-            self.lapse("u", user_id, now_us)
+        acct = self.load("u", user_id, now_us)
         fp = L.fingerprint(amount, type_, expiry)
-        replay, stored = self.idem("u", user_id, "grant", key, fp)
+        replay, stored = self.idem(acct, "grant", key, fp)
         if replay:
             return _replayed(AddCreditsResult, stored) or AddCreditsResult(
                 user_id=user_id,
@@ -410,49 +470,42 @@ class Ops:
                 error=ErrorCode.IDEMPOTENCY_CONFLICT,
             )
         L.check_future("expires_at", expiry, now)
-        row = self.account("u", user_id)
-        balance = row[0] if row else 0
-        available = self.available("u", user_id)
-        if amount < 0 and available + amount < 0:
+        if amount < 0 and acct.available + amount < 0:
             return AddCreditsResult(
                 user_id=user_id,
                 amount=amount,
-                new_balance=balance,
-                available=available,
+                new_balance=acct.balance,
+                available=acct.available,
                 error=ErrorCode.INSUFFICIENT_CREDITS,
             )
-        L.check_balance_bound("balance", balance + amount)
-        if type_ == "purchase" and row is not None:
-            L.check_balance_bound("lifetime_purchased", row[1] + amount)
-        self.ensure_account("u", user_id, now_us)
-        expires_us = None if expiry is None else to_us(expiry)
-        if amount > 0:
-            self.credit("u", user_id, amount, expires_us, now_us)
-        else:
-            self.debit("u", user_id, -amount)
+        L.check_balance_bound("balance", acct.balance + amount)
         if type_ == "purchase":
-            self.add_to_account("u", user_id, lifetime_purchased=amount)
+            L.check_balance_bound("lifetime_purchased", acct.lifetime_purchased + amount)
+        if amount > 0:
+            self.credit(acct, amount, None if expiry is None else to_us(expiry), now_us)
+        else:
+            self.debit(acct, -amount)
+        if type_ == "purchase":
+            acct.lifetime_purchased += amount
         tx = self.append_row(
-            "u",
-            user_id,
+            acct,
             amount,
             type_,
             L.row_metadata(meta, {"idempotency_key": key, "expires_at": L.iso(expiry)}),
             now_us,
             idempotency_key=key,
         )
-        after = self.account("u", user_id)
         result = AddCreditsResult(
             transaction_id=tx,
             user_id=user_id,
             amount=amount,
-            new_balance=after[0],
-            lifetime_purchased=after[1],
+            new_balance=acct.balance,
+            lifetime_purchased=acct.lifetime_purchased,
             expires_at=expiry,
-            available=L.spendable(after[0], after[3], after[2]),
+            available=acct.available,
             idempotency_key=key,
         )
-        self.remember("u", user_id, "grant", key, fp, result)
+        self.remember(acct, "grant", key, fp, result)
         return result
 
     # -- holds -------------------------------------------------------------------------------
@@ -469,11 +522,9 @@ class Ops:
         key: str | None,
     ) -> ReserveResult:
         now, now_us = self.now()
-        row = self.account("u", user_id)
-        if row is not None:
-            self.lapse("u", user_id, now_us)
+        acct = self.load("u", user_id, now_us)
         fp = L.fingerprint(amount, operation_type, model, use_allowance)
-        replay, stored = self.idem("u", user_id, "reserve", key, fp)
+        replay, stored = self.idem(acct, "reserve", key, fp)
         if replay:
             return _replayed(ReserveResult, stored) or ReserveResult(
                 user_id=user_id,
@@ -481,37 +532,30 @@ class Ops:
                 idempotency_key=key,
                 error=ErrorCode.IDEMPOTENCY_CONFLICT,
             )
-        allowance = self.allowance(user_id, now)[1] if use_allowance else 0
-        available = self.available("u", user_id, allowance)
-        refusal = self.refuse_hold(user_id, amount, min_balance, model, available, now)
-        row = self.account("u", user_id)
+        allowance = self.allowance(acct, now)[1] if use_allowance else 0
+        available = acct.available + allowance
+        refusal = self.refuse_hold(acct, amount, min_balance, model, available, now)
         if refusal is not None:
             return ReserveResult(
                 user_id=user_id,
                 amount=amount,
-                balance=row[0] if row else 0,
-                reserved_total=row[2] if row else 0,
+                balance=acct.balance,
+                reserved_total=acct.reserved,
                 available=available,
                 idempotency_key=key,
                 **refusal,
             )
-        self.ensure_account("u", user_id, now_us)
         hold_id = self.ids.next("res")
         expires_at = now + lifetime
+        expires_us = to_us(expires_at)
+        acct.reserved += amount
+        acct.hold_check_us = min(acct.hold_check_us, expires_us)
+        self.save(acct, now_us)
         self.conn.execute(
             "INSERT INTO holds (id, kind, account, amount, operation_type, model, use_allowance,"
             " expires_us) VALUES (?, 'u', ?, ?, ?, ?, ?, ?)",
-            (
-                hold_id,
-                user_id,
-                amount,
-                operation_type,
-                model,
-                int(use_allowance),
-                to_us(expires_at),
-            ),
+            (hold_id, user_id, amount, operation_type, model, int(use_allowance), expires_us),
         )
-        self.add_to_account("u", user_id, reserved=amount)
         if model is not None:
             self.conn.execute(
                 "INSERT INTO reserved_by_model (kind, account, model, amount)"
@@ -519,23 +563,22 @@ class Ops:
                 " DO UPDATE SET amount = amount + excluded.amount",
                 (user_id, model, amount),
             )
-        balance, _, reserved, _, _, _ = self.account("u", user_id)
         result = ReserveResult(
             reservation_id=hold_id,
             user_id=user_id,
             amount=amount,
-            balance=balance,
-            reserved_total=reserved,
+            balance=acct.balance,
+            reserved_total=acct.reserved,
             expires_at=expires_at,
             available=available - amount,
             idempotency_key=key,
         )
-        self.remember("u", user_id, "reserve", key, fp, result)
+        self.remember(acct, "reserve", key, fp, result)
         return result
 
     def refuse_hold(
         self,
-        user_id: str,
+        acct: Account,
         amount: int,
         min_balance: int,
         model: str | None,
@@ -544,11 +587,11 @@ class Ops:
     ) -> dict[str, Any] | None:
         if available - amount < min_balance:
             return {"error": ErrorCode.INSUFFICIENT_CREDITS}
-        for cap in self.caps(user_id):
+        for cap in self.caps(acct):
             if cap.action != "deny" or not L.cap_applies(cap.model, model):
                 continue
-            spend = self.window_spend(user_id, cap.cap_type, cap.model, now)
-            if L.cap_trips(spend, self.held_for(user_id, cap.model), amount, cap.limit):
+            spend = self.window_spend(acct.id, cap.cap_type, cap.model, now)
+            if L.cap_trips(spend, self.held_for(acct, cap.model), amount, cap.limit):
                 return {
                     "error": ErrorCode.SPEND_CAP_EXCEEDED,
                     "cap_limit": cap.limit,
@@ -566,11 +609,9 @@ class Ops:
         meta: CreditMetadata | None,
     ) -> DeductionResult:
         now, now_us = self.now()
-        row = self.account("u", user_id)
-        if row is not None:
-            self.lapse("u", user_id, now_us)
+        acct = self.load("u", user_id, now_us)
         fp = L.fingerprint(reservation_id, amount)
-        replay, stored = self.idem("u", user_id, "deduct", key, fp)
+        replay, stored = self.idem(acct, "deduct", key, fp)
         hold = self.one(
             "SELECT amount, operation_type, model, use_allowance, state, counted FROM holds"
             " WHERE id = ? AND kind = 'u' AND account = ?",
@@ -586,21 +627,21 @@ class Ops:
                 error=error or ErrorCode.IDEMPOTENCY_CONFLICT,
             )
         held, operation_type, hold_model, use_allowance, _, counted = hold
-        balance = self.account("u", user_id)[0]
-        L.check_balance_bound("balance", balance - amount)
+        L.check_balance_bound("balance", acct.balance - amount)
         if counted:
-            self.uncount("u", user_id, reservation_id, held, hold_model)
+            self.uncount(acct, held, hold_model)
         self.conn.execute(
-            "UPDATE holds SET state = ? WHERE id = ?", (L.HOLD_SETTLED, reservation_id)
+            "UPDATE holds SET state = ?, counted = 0 WHERE id = ?",
+            (L.HOLD_SETTLED, reservation_id),
         )
         covered = 0
         if use_allowance and amount:
-            covered = L.allowance_split(amount, self.allowance(user_id, now)[1])[0]
+            covered = L.allowance_split(amount, self.allowance(acct, now)[1])[0]
             if covered:
                 self.use_allowance(user_id, now, covered)
         paid = amount - covered
-        short = L.shortfall(balance, paid)
-        draws = self.debit("u", user_id, paid)
+        short = L.shortfall(acct.balance, paid)
+        draws = self.debit(acct, paid)
         model = (meta.model if meta is not None else None) or hold_model
         system = {
             "model": model,
@@ -610,8 +651,7 @@ class Ops:
             "allowance_consumed": covered or None,
         }
         tx = self.append_row(
-            "u",
-            user_id,
+            acct,
             -paid,
             "usage",
             L.row_metadata(meta, system),
@@ -630,28 +670,27 @@ class Ops:
             user_id=user_id,
             reservation_id=reservation_id,
             amount=paid,
-            balance_after=balance - paid,
+            balance_after=acct.balance,
             allowance_consumed=covered,
             shortfall=short,
             idempotency_key=key,
-            cap_warning=self.cap_warning(user_id, model, now),
+            cap_warning=self.cap_warning(acct, model, now),
         )
-        self.remember("u", user_id, "deduct", key, fp, result)
+        self.remember(acct, "deduct", key, fp, result)
         return result
 
-    def cap_warning(self, user_id: str, model: str | None, now: datetime) -> str | None:
-        for cap in self.caps(user_id):
+    def cap_warning(self, acct: Account, model: str | None, now: datetime) -> str | None:
+        for cap in self.caps(acct):
             if cap.action == "deny" or not L.cap_applies(cap.model, model):
                 continue
-            if self.window_spend(user_id, cap.cap_type, cap.model, now) > cap.limit:
+            if self.window_spend(acct.id, cap.cap_type, cap.model, now) > cap.limit:
                 return cap.action
         return None
 
     def release_reservation(self, user_id: str, reservation_id: str) -> ReleaseResult:
         _, now_us = self.now()
         hold = self.one(
-            "SELECT amount, model, state, counted FROM holds"
-            " WHERE id = ? AND kind = 'u' AND account = ?",
+            "SELECT amount, model, state FROM holds WHERE id = ? AND kind = 'u' AND account = ?",
             (reservation_id, user_id),
         )
         if hold is None:
@@ -660,28 +699,24 @@ class Ops:
                 user_id=user_id,
                 error=ErrorCode.RESERVATION_NOT_FOUND,
             )
-        self.lapse("u", user_id, now_us)
-        amount, model, state, _ = hold
-        if state == L.HOLD_SETTLED:
-            return ReleaseResult(
-                reservation_id=reservation_id,
-                user_id=user_id,
-                amount=amount,
-                available=self.available("u", user_id),
-                error=ErrorCode.RESERVATION_ALREADY_SETTLED,
-            )
+        acct = self.load("u", user_id, now_us)
+        amount, model, state = hold
         if state == L.HOLD_OPEN:
-            if self.one("SELECT counted FROM holds WHERE id = ?", (reservation_id,))[0]:
-                self.uncount("u", user_id, reservation_id, amount, model)
+            counted = self.one("SELECT counted FROM holds WHERE id = ?", (reservation_id,))[0]
+            if counted:
+                self.uncount(acct, amount, model)
             self.conn.execute(
-                "UPDATE holds SET state = ? WHERE id = ?", (L.HOLD_RELEASED, reservation_id)
+                "UPDATE holds SET state = ?, counted = 0 WHERE id = ?",
+                (L.HOLD_RELEASED, reservation_id),
             )
+            self.save(acct, now_us)
         return ReleaseResult(
             reservation_id=reservation_id,
             user_id=user_id,
             amount=amount,
-            released=True,
-            available=self.available("u", user_id),
+            released=state != L.HOLD_SETTLED,
+            available=acct.available,
+            error=ErrorCode.RESERVATION_ALREADY_SETTLED if state == L.HOLD_SETTLED else None,
         )
 
     # -- refunds and expiry ------------------------------------------------------------------
@@ -712,11 +747,10 @@ class Ops:
         ]
         spender, model = original[8] or account_id, original[9]
         team_id = account_id if kind == "t" else None
-        self.lapse(kind, account_id, now_us)
+        acct = self.load(kind, account_id, now_us)
         fp = L.fingerprint(transaction_id, amount)
-        replay, stored = self.idem(kind, account_id, "refund", key, fp)
+        replay, stored = self.idem(acct, "refund", key, fp)
         refundable = -debit - refunded
-        balance = self.account(kind, account_id)[0]
         error = (
             ErrorCode.IDEMPOTENCY_CONFLICT
             if replay
@@ -729,27 +763,26 @@ class Ops:
                 user_id=spender,
                 team_id=team_id,
                 amount=amount or refundable,
-                new_balance=balance,
+                new_balance=acct.balance,
                 refundable=0 if error is ErrorCode.NOT_REFUNDABLE else refundable,
                 idempotency_key=key,
                 error=error,
             )
-        L.check_balance_bound("balance", balance + give)
+        L.check_balance_bound("balance", acct.balance + give)
         draws = [(str(d[0]), int(d[1])) for d in json.loads(draws_json)] if draws_json else []
         totals = json.loads(draw_refunds) if draw_refunds else [0] * (1 + len(draws))
-        plan = L.plan_refund(draws, totals, give, balance)
-        self.add_to_account(kind, account_id, balance=plan.debt_paid)
+        plan = L.plan_refund(draws, totals, give, acct.balance)
+        acct.balance += plan.debt_paid
         for lot_id, credit in plan.into_lots:
-            self.refill(kind, account_id, lot_id, credit, now_us)
+            self.refill(acct, lot_id, credit, now_us)
         if plan.new_lot:
-            self.credit(kind, account_id, plan.new_lot, None, now_us)
+            self.credit(acct, plan.new_lot, None, now_us)
         self.conn.execute(
             "UPDATE ledger SET refunded = ?, draw_refunds = ? WHERE id = ?",
             (totals[0], _dumps(totals), transaction_id),
         )
         created_at = from_us(created_us)
-        if self.account("u", spender) is not None:
-            self.add_spend(spender, model, created_at, -give)
+        self.add_spend(spender, model, created_at, -give)
         if kind == "t":
             self.conn.execute(
                 "UPDATE member_spend SET amount = amount - ?"
@@ -764,13 +797,7 @@ class Ops:
             "user_id": spender if team_id else None,
         }
         tx = self.append_row(
-            kind,
-            account_id,
-            give,
-            "refund",
-            L.row_metadata(meta, system),
-            now_us,
-            idempotency_key=key,
+            acct, give, "refund", L.row_metadata(meta, system), now_us, idempotency_key=key
         )
         result = RefundResult(
             refund_transaction_id=tx,
@@ -778,17 +805,12 @@ class Ops:
             user_id=spender,
             team_id=team_id,
             amount=give,
-            new_balance=self.account(kind, account_id)[0],
+            new_balance=acct.balance,
             refundable=refundable - give,
             idempotency_key=key,
         )
-        self.remember(kind, account_id, "refund", key, fp, result)
+        self.remember(acct, "refund", key, fp, result)
         return result
-
-    def refund_account(self, transaction_id: str) -> tuple[str, str] | None:
-        """The account a transaction belongs to (and, for team usage, the member)."""
-        row = self.one("SELECT kind, account, spender FROM ledger WHERE id = ?", (transaction_id,))
-        return None if row is None else (row[0], row[1])
 
     def sweep_expired_credits(self, dry_run: bool) -> SweepResult:
         _, now_us = self.now()
@@ -798,27 +820,26 @@ class Ops:
             " ORDER BY kind, account, seq",
             (now_us,),
         ).fetchall()
-        count = total = 0
-        lapsed: set[tuple[str, str]] = set()
-        for lot_id, kind, account_id, remaining, expires_us in due:
-            count += 1
-            total += remaining
-            if dry_run:
-                continue
-            if (kind, account_id) not in lapsed:
-                self.lapse(kind, account_id, now_us)
-                lapsed.add((kind, account_id))
+        count = sum(1 for _ in due)
+        total = sum(row[3] for row in due)
+        if dry_run:
+            return SweepResult(expired_count=count, expired_amount=total, dry_run=True)
+        acct: Account | None = None
+        for lot_id, kind, account_id, _, expires_us in due:
+            if acct is None or (acct.kind, acct.id) != (kind, account_id):
+                acct = self.load(kind, account_id, now_us)
+            remaining = self.one("SELECT remaining FROM lots WHERE id = ?", (lot_id,))[0]
             self.conn.execute("UPDATE lots SET remaining = 0 WHERE id = ?", (lot_id,))
-            self.add_to_account(kind, account_id, balance=-remaining, expired_unswept=-remaining)
+            acct.balance -= remaining
+            acct.expired_unswept -= remaining
             self.append_row(
-                kind,
-                account_id,
+                acct,
                 -remaining,
                 "expiry",
                 {"lot_id": lot_id, "expires_at": from_us(expires_us).isoformat()},
                 now_us,
             )
-        return SweepResult(expired_count=count, expired_amount=total, dry_run=dry_run)
+        return SweepResult(expired_count=count, expired_amount=total, dry_run=False)
 
     # -- ledger ------------------------------------------------------------------------------
 
@@ -861,9 +882,9 @@ class Ops:
 
     def list_lots(self, user_id: str) -> list[CreditLot]:
         _, now_us = self.now()
-        if self.account("u", user_id) is None:
+        acct = self.load("u", user_id, now_us)
+        if not acct.exists:
             return []
-        self.lapse("u", user_id, now_us)
         return [
             CreditLot(id=lot.id, remaining=lot.remaining, expires_at=lot.expires_at, expired=gone)
             for gone in (False, True)
@@ -941,15 +962,15 @@ class Ops:
     # -- plans -------------------------------------------------------------------------------
 
     def get_user_plan(self, user_id: str) -> GetUserPlanResult:
-        row = self.one("SELECT plan_id FROM accounts WHERE kind = 'u' AND id = ?", (user_id,))
-        if row is None or row[0] is None:
+        acct = self.load("u", user_id)
+        if acct.plan_id is None:
             return GetUserPlanResult(user_id=user_id)
-        plan = self.plan(row[0])
+        plan = self.plan(acct.plan_id)
         if plan is None:
-            return GetUserPlanResult(user_id=user_id, plan_id=row[0])
+            return GetUserPlanResult(user_id=user_id, plan_id=acct.plan_id)
         return GetUserPlanResult(
             user_id=user_id,
-            plan_id=row[0],
+            plan_id=acct.plan_id,
             plan_name=plan.name,
             free_allowance=plan.free_allowance,
             features=dict(plan.features or {}),
@@ -961,18 +982,17 @@ class Ops:
             raise InvalidArgumentError(
                 f"plan_id {plan_id!r} is not defined by the active pricing version"
             )
-        self.ensure_account("u", user_id, now_us)
-        self.conn.execute(
-            "UPDATE accounts SET plan_id = ? WHERE kind = 'u' AND id = ?", (plan_id, user_id)
-        )
+        acct = self.load("u", user_id, now_us)
+        acct.plan_id = plan_id
+        self.save(acct, now_us)
 
     def check_allowance(self, user_id: str) -> AllowanceResult:
         now, _ = self.now()
-        row = self.one("SELECT plan_id FROM accounts WHERE kind = 'u' AND id = ?", (user_id,))
-        plan, remaining, used = self.allowance(user_id, now)
+        acct = self.load("u", user_id)
+        plan, remaining, used = self.allowance(acct, now)
         start, end = L.month_bounds(now)
         return AllowanceResult(
-            plan_id=(row[0] or "") if row else "",
+            plan_id=acct.plan_id or "",
             allowance_remaining=remaining,
             period_start=start.isoformat(),
             period_end=end.isoformat(),
@@ -982,23 +1002,24 @@ class Ops:
 
     def increment_usage_window(self, user_id: str, amount: int) -> None:
         now, now_us = self.now()
-        self.ensure_account("u", user_id, now_us)
+        acct = self.load("u", user_id, now_us)
+        self.save(acct, now_us)
         self.use_allowance(user_id, now, amount)
 
     # -- spend caps --------------------------------------------------------------------------
 
     def check_spend_cap(self, user_id: str, model: str | None, extra: int) -> CapCheckResult:
         now, now_us = self.now()
-        caps = self.caps(user_id)
+        acct = self.load("u", user_id, now_us)
+        caps = self.caps(acct)
         if not caps:
             return CapCheckResult()
-        self.lapse("u", user_id, now_us)
         best: tuple[tuple[int, int], CapCheckResult] | None = None
         for cap in caps:
             if not L.cap_applies(cap.model, model):
                 continue
             spend = self.window_spend(user_id, cap.cap_type, cap.model, now)
-            held = self.held_for(user_id, cap.model)
+            held = self.held_for(acct, cap.model)
             capped = L.cap_trips(spend, held, extra, cap.limit)
             rank = (
                 0 if capped and cap.action == "deny" else 1 if capped else 2,
@@ -1019,26 +1040,34 @@ class Ops:
                 )
         return best[1] if best is not None else CapCheckResult()
 
+    def _count_caps(self, acct: Account, now_us: int) -> None:
+        acct.caps = self.one("SELECT count(*) FROM caps WHERE user_id = ?", (acct.id,))[0]
+        self.save(acct, now_us)
+
     def set_spend_cap(self, cap: SpendCap) -> None:
         _, now_us = self.now()
-        self.ensure_account("u", cap.user_id, now_us)
+        acct = self.load("u", cap.user_id, now_us)
         self.conn.execute(
             "INSERT INTO caps (user_id, cap_type, model, cap_limit, action) VALUES (?, ?, ?, ?, ?)"
             " ON CONFLICT (user_id, cap_type, model)"
             " DO UPDATE SET cap_limit = excluded.cap_limit, action = excluded.action",
             (cap.user_id, cap.cap_type, cap.model or _ALL_MODELS, cap.limit, cap.action),
         )
+        self._count_caps(acct, now_us)
 
     def list_spend_caps(self, user_id: str) -> list[SpendCap]:
-        return self.caps(user_id)
+        return self.caps(self.load("u", user_id))
 
     def remove_spend_cap(
         self, user_id: str, cap_type: Literal["daily", "monthly"], model: str | None
     ) -> RemoveSpendCapResult:
+        _, now_us = self.now()
         removed = self.conn.execute(
             "DELETE FROM caps WHERE user_id = ? AND cap_type = ? AND model = ?",
             (user_id, cap_type, model or _ALL_MODELS),
         ).rowcount
+        if removed:
+            self._count_caps(self.load("u", user_id, now_us), now_us)
         return RemoveSpendCapResult(
             user_id=user_id, cap_type=cap_type, model=model, removed=removed > 0
         )
@@ -1047,23 +1076,19 @@ class Ops:
 
     def create_team(self, name: str, initial_balance: int) -> CreateTeamResult:
         _, now_us = self.now()
-        team_id = self.ids.next("team")
-        self.conn.execute(
-            "INSERT INTO accounts (kind, id, name, created_us) VALUES ('t', ?, ?, ?)",
-            (team_id, name, now_us),
-        )
+        team = Account("t", self.ids.next("team"), name=name)
+        self.save(team, now_us)
         tx = None
         if initial_balance:
-            self.credit("t", team_id, initial_balance, None, now_us)
+            self.credit(team, initial_balance, None, now_us)
             tx = self.append_row(
-                "t", team_id, initial_balance, "team_topup", {"initial_balance": True}, now_us
+                team, initial_balance, "team_topup", {"initial_balance": True}, now_us
             )
-        return CreateTeamResult(
-            team_id=team_id, name=name, balance=initial_balance, transaction_id=tx
-        )
+        return CreateTeamResult(team_id=team.id, name=name, balance=team.balance, transaction_id=tx)
 
-    def team(self, team_id: str) -> Any:
-        return self.account("t", team_id)
+    def team(self, team_id: str, now_us: int | None = None) -> Account | None:
+        team = self.load("t", team_id, now_us)
+        return team if team.exists else None
 
     def add_team_member(
         self, team_id: str, user_id: str, role: str, spend_cap: int | None
@@ -1103,12 +1128,11 @@ class Ops:
         key: str | None,
     ) -> TeamTopupResult:
         now, now_us = self.now()
-        team = self.team(team_id)
+        team = self.team(team_id, now_us)
         if team is None:
             return TeamTopupResult(team_id=team_id, amount=amount, error=ErrorCode.TEAM_NOT_FOUND)
-        self.lapse("t", team_id, now_us)
         fp = L.fingerprint(amount, expiry)
-        replay, stored = self.idem("t", team_id, "team_topup", key, fp)
+        replay, stored = self.idem(team, "team_topup", key, fp)
         if replay:
             return _replayed(TeamTopupResult, stored) or TeamTopupResult(
                 team_id=team_id,
@@ -1117,11 +1141,10 @@ class Ops:
                 error=ErrorCode.IDEMPOTENCY_CONFLICT,
             )
         L.check_future("expires_at", expiry, now)
-        L.check_balance_bound("balance", team[0] + amount)
-        self.credit("t", team_id, amount, None if expiry is None else to_us(expiry), now_us)
+        L.check_balance_bound("balance", team.balance + amount)
+        self.credit(team, amount, None if expiry is None else to_us(expiry), now_us)
         tx = self.append_row(
-            "t",
-            team_id,
+            team,
             amount,
             "team_topup",
             L.row_metadata(meta, {"idempotency_key": key, "expires_at": L.iso(expiry)}),
@@ -1132,25 +1155,24 @@ class Ops:
             transaction_id=tx,
             team_id=team_id,
             amount=amount,
-            team_balance_after=team[0] + amount,
+            team_balance_after=team.balance,
             idempotency_key=key,
         )
-        self.remember("t", team_id, "team_topup", key, fp, result)
+        self.remember(team, "team_topup", key, fp, result)
         return result
 
     def get_team_balance(self, team_id: str) -> TeamBalanceResult:
         _, now_us = self.now()
-        if self.team(team_id) is None:
+        team = self.team(team_id, now_us)
+        if team is None:
             return TeamBalanceResult(team_id=team_id, error=ErrorCode.TEAM_NOT_FOUND)
-        self.lapse("t", team_id, now_us)
-        balance, _, reserved, expired_unswept, _, name = self.team(team_id)
         members = self.one("SELECT count(*) FROM team_members WHERE team_id = ?", (team_id,))[0]
         return TeamBalanceResult(
             team_id=team_id,
-            name=name or "",
-            balance=balance,
+            name=team.name or "",
+            balance=team.balance,
             member_count=members,
-            available=L.spendable(balance, expired_unswept, reserved),
+            available=team.available,
         )
 
     def get_team_members(self, team_id: str) -> list[TeamMember]:
@@ -1180,11 +1202,11 @@ class Ops:
             "amount": amount,
             "idempotency_key": key,
         }
-        if self.team(team_id) is None:
+        team = self.team(team_id, now_us)
+        if team is None:
             return TeamDeductionResult(**base, error=ErrorCode.TEAM_NOT_FOUND)
-        self.lapse("t", team_id, now_us)
         fp = L.fingerprint(user_id, amount)
-        replay, stored = self.idem("t", team_id, "team_deduct", key, fp)
+        replay, stored = self.idem(team, "team_deduct", key, fp)
         member = self.one(
             "SELECT spend_cap FROM team_members WHERE team_id = ? AND user_id = ?",
             (team_id, user_id),
@@ -1195,9 +1217,8 @@ class Ops:
             (team_id, user_id, month),
         )
         spent = spent_row[0] if spent_row else 0
-        team = self.team(team_id)
-        available = L.spendable(team[0], team[3], team[2])
-        base.update(team_balance_after=team[0], available=available)
+        available = team.available
+        base.update(team_balance_after=team.balance, available=available)
         cap = member[0] if member is not None else None
         error = (
             ErrorCode.IDEMPOTENCY_CONFLICT
@@ -1210,12 +1231,11 @@ class Ops:
             return _replayed(TeamDeductionResult, stored) or TeamDeductionResult(
                 **base, error=error
             )
-        draws = self.debit("t", team_id, amount)
+        draws = self.debit(team, amount)
         model = L.metadata_model(meta)
         system = {"model": model, "user_id": user_id, "idempotency_key": key}
         tx = self.append_row(
-            "t",
-            team_id,
+            team,
             -amount,
             "team_usage",
             L.row_metadata(meta, system),
@@ -1231,18 +1251,19 @@ class Ops:
             " DO UPDATE SET amount = amount + excluded.amount",
             (team_id, user_id, month, amount),
         )
-        self.ensure_account("u", user_id, now_us)
+        member_acct = self.load("u", user_id, now_us)
+        self.save(member_acct, now_us)
         self.add_spend(user_id, model, now, amount)
         result = TeamDeductionResult(
             transaction_id=tx,
             team_id=team_id,
             user_id=user_id,
             amount=amount,
-            team_balance_after=team[0] - amount,
-            available=available - amount,
+            team_balance_after=team.balance,
+            available=team.available,
             idempotency_key=key,
         )
-        self.remember("t", team_id, "team_deduct", key, fp, result)
+        self.remember(team, "team_deduct", key, fp, result)
         return result
 
     # -- analytics ---------------------------------------------------------------------------

@@ -8,6 +8,10 @@ CREATE TABLE accounts (
     lifetime_purchased INTEGER NOT NULL DEFAULT 0,
     reserved INTEGER NOT NULL DEFAULT 0,
     expired_unswept INTEGER NOT NULL DEFAULT 0,
+    -- The earliest instant a counted hold may lapse or a live lot may expire: before it, an
+    -- operation on the account need not look for either.
+    hold_check_us INTEGER NOT NULL DEFAULT 9223372036854775807,
+    lot_check_us INTEGER NOT NULL DEFAULT 9223372036854775807,
     created_us INTEGER NOT NULL,
     PRIMARY KEY (kind, id)
 ) WITHOUT ROWID;

@@ -2,6 +2,8 @@
 
 ALTER TABLE accounts ADD COLUMN plan_id TEXT;
 ALTER TABLE accounts ADD COLUMN name TEXT;
+-- How many spend caps the user has, so the common case skips looking for them.
+ALTER TABLE accounts ADD COLUMN caps INTEGER NOT NULL DEFAULT 0;
 
 CREATE TABLE allowance_used (
     user_id TEXT NOT NULL,
