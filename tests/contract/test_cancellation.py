@@ -9,8 +9,6 @@ by sending it again: a replay says it had happened, a fresh result says it had n
 books must add up exactly: balances, ledger rows, holds, the floor and the team pool.
 """
 
-# ruff: noqa: SIM300  (tests state expectations first: assert expected == actual)
-
 from __future__ import annotations
 
 import os

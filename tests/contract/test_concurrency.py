@@ -8,8 +8,6 @@ amount is never overdrawn. Task counts scale with the store (see `scaled`), so a
 store runs the same tests with fewer tasks.
 """
 
-# ruff: noqa: SIM300  (tests state expectations first: assert expected == actual)
-
 from __future__ import annotations
 
 import os
@@ -647,17 +645,22 @@ async def test_concurrent_team_usage_refunds_never_exceed_the_debit(
 # -- expiry -------------------------------------------------------------------------------------
 
 
-async def test_sweeps_racing_overruns_write_off_each_credit_once(
-    store: CreditStore, user_id: str, clock: FakeClock
+LOTS_PER_USER = 10
+
+
+async def _sweep_race(
+    store: CreditStore, users: list[str], clock: FakeClock, rng: random.Random
 ) -> None:
-    """Sweeps racing deducts that overrun into expired lots write off only what is left, once."""
-    users = [f"{user_id}-{n}" for n in range(scaled(store, 40, minimum=5))]
-    holds: dict[str, str] = {}
+    """Race sweeps against deducts drawing expired lots; check each lot went one way, once."""
+    holds: list[tuple[str, str]] = []
     for user in users:
-        await store.add_credits(user, 10, "purchase")
-        await store.add_credits(user, 50, "signup_bonus", expires_at=clock.now + timedelta(hours=1))
-        holds[user] = (await store.reserve_credits(user, 10, "chat", min_balance=0)).reservation_id
-    clock.advance(hours=2)
+        for _ in range(LOTS_PER_USER):
+            expires_at = clock.now + timedelta(hours=1)
+            await store.add_credits(user, 5, "signup_bonus", expires_at=expires_at)
+        for _ in range(LOTS_PER_USER):
+            hold = await store.reserve_credits(user, 5, "chat", min_balance=0, ttl=86400)
+            holds.append((user, hold.reservation_id))
+    clock.advance(hours=2)  # every lot expires; the holds still count
     sweeps: list[tuple[int, int]] = []
     deducts: list[DeductionResult] = []
 
@@ -665,23 +668,42 @@ async def test_sweeps_racing_overruns_write_off_each_credit_once(
         result = await store.sweep_expired_credits()
         sweeps.append((result.expired_count, result.expired_amount))
 
-    async def overrun(user: str) -> None:
-        # 10 from the live lot, then all 50 of the expired lot, then 10 of debt
-        deducts.append(await store.deduct_credits(user, holds[user], 70))
+    async def deduct(user: str, reservation_id: str, delay: int) -> None:
+        for _ in range(delay):
+            await checkpoint()
+        # nothing live is left: the charge takes one whole expired lot, or runs into debt
+        deducts.append(await store.deduct_credits(user, reservation_id, 5))
 
     calls: list[Callable[[], Awaitable[None]]] = [sweep] * 5
-    calls += [lambda u=u: overrun(u) for u in users]
-    random.Random(4).shuffle(calls)
+    for user, rid in holds:
+        delay = rng.randint(0, 2 * len(users))
+        calls.append(lambda u=user, r=rid, d=delay: deduct(u, r, d))
+    rng.shuffle(calls)
     await _run_all(calls)
 
-    assert all(d.ok for d in deducts)
+    assert len(holds) == sum(d.ok for d in deducts)
     expiry_rows: list[int] = []
     for user in users:
         expiry = [r.amount for r in await all_rows(store, user) if r.type == "expiry"]
-        # swept before the deduct: 50 written off; after it: nothing left to write off
-        assert expiry in ([], [-50]), f"{user}: expiry rows {expiry}"
+        # a lot the sweep reached first is written off whole; one a deduct reached is not swept
+        assert all(-5 == amount for amount in expiry), f"{user}: expiry rows {expiry}"
         expiry_rows += expiry
         balance = await store.get_balance(user)
-        assert (60 - 70 + sum(expiry), 0) == (balance.balance, balance.expired_unswept)
+        # every hold was charged its 5 once; what was swept is gone as well
+        assert (sum(expiry), 0, 0) == (
+            balance.balance,
+            balance.expired_unswept,
+            balance.reserved,
+        )
         await assert_invariants(store, user)
     assert (len(expiry_rows), -sum(expiry_rows)) == tuple(map(sum, zip(*sweeps, strict=True)))
+
+
+async def test_sweeps_racing_deducts_write_off_each_credit_once(
+    store: CreditStore, user_id: str, clock: FakeClock
+) -> None:
+    """Sweeps racing deducts that draw expired lots write off only what is left, once."""
+    rng = random.Random(4)
+    for round_ in range(3):
+        users = [f"{user_id}-{round_}-{n}" for n in range(scaled(store, 40, minimum=5))]
+        await _sweep_race(store, users, clock, rng)
