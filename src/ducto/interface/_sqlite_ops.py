@@ -398,15 +398,18 @@ class Ops:
         return row[0] if row else 0
 
     def add_spend(self, user_id: str, model: str | None, at: datetime, amount: int) -> None:
-        for cap_type in ("daily", "monthly"):
-            window = L.cap_window_key(cap_type, at)
-            for key in (_ALL_MODELS, model) if model is not None else (_ALL_MODELS,):
-                self.conn.execute(
-                    "INSERT INTO spend (user_id, cap_type, period, model, amount)"
-                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id, cap_type, period, model)"
-                    " DO UPDATE SET amount = amount + excluded.amount",
-                    (user_id, cap_type, window, key, amount),
-                )
+        rows = [
+            (user_id, cap_type, L.cap_window_key(cap_type, at), key, amount)
+            for cap_type in ("daily", "monthly")
+            for key in ((_ALL_MODELS, model) if model is not None else (_ALL_MODELS,))
+        ]
+        self.conn.execute(
+            "INSERT INTO spend (user_id, cap_type, period, model, amount) VALUES"
+            + ", ".join(["(?, ?, ?, ?, ?)"] * len(rows))
+            + " ON CONFLICT (user_id, cap_type, period, model)"
+            " DO UPDATE SET amount = amount + excluded.amount",
+            [value for row in rows for value in row],
+        )
 
     def held_for(self, acct: Account, model: str | None) -> int:
         if model is None:
@@ -460,7 +463,7 @@ class Ops:
     ) -> AddCreditsResult:
         now, now_us = self.now()
         acct = self.load("u", user_id, now_us)
-        fp = L.fingerprint(amount, type_, expiry)
+        fp = L.fingerprint(amount, type_, expiry) if key is not None else ""
         replay, stored = self.idem(acct, "grant", key, fp)
         if replay:
             return _replayed(AddCreditsResult, stored) or AddCreditsResult(
@@ -523,7 +526,7 @@ class Ops:
     ) -> ReserveResult:
         now, now_us = self.now()
         acct = self.load("u", user_id, now_us)
-        fp = L.fingerprint(amount, operation_type, model, use_allowance)
+        fp = L.fingerprint(amount, operation_type, model, use_allowance) if key is not None else ""
         replay, stored = self.idem(acct, "reserve", key, fp)
         if replay:
             return _replayed(ReserveResult, stored) or ReserveResult(
@@ -610,7 +613,7 @@ class Ops:
     ) -> DeductionResult:
         now, now_us = self.now()
         acct = self.load("u", user_id, now_us)
-        fp = L.fingerprint(reservation_id, amount)
+        fp = L.fingerprint(reservation_id, amount) if key is not None else ""
         replay, stored = self.idem(acct, "deduct", key, fp)
         hold = self.one(
             "SELECT amount, operation_type, model, use_allowance, state, counted FROM holds"
@@ -748,7 +751,7 @@ class Ops:
         spender, model = original[8] or account_id, original[9]
         team_id = account_id if kind == "t" else None
         acct = self.load(kind, account_id, now_us)
-        fp = L.fingerprint(transaction_id, amount)
+        fp = L.fingerprint(transaction_id, amount) if key is not None else ""
         replay, stored = self.idem(acct, "refund", key, fp)
         refundable = -debit - refunded
         error = (
@@ -1131,7 +1134,7 @@ class Ops:
         team = self.team(team_id, now_us)
         if team is None:
             return TeamTopupResult(team_id=team_id, amount=amount, error=ErrorCode.TEAM_NOT_FOUND)
-        fp = L.fingerprint(amount, expiry)
+        fp = L.fingerprint(amount, expiry) if key is not None else ""
         replay, stored = self.idem(team, "team_topup", key, fp)
         if replay:
             return _replayed(TeamTopupResult, stored) or TeamTopupResult(
@@ -1205,7 +1208,7 @@ class Ops:
         team = self.team(team_id, now_us)
         if team is None:
             return TeamDeductionResult(**base, error=ErrorCode.TEAM_NOT_FOUND)
-        fp = L.fingerprint(user_id, amount)
+        fp = L.fingerprint(user_id, amount) if key is not None else ""
         replay, stored = self.idem(team, "team_deduct", key, fp)
         member = self.one(
             "SELECT spend_cap FROM team_members WHERE team_id = ? AND user_id = ?",
