@@ -1,0 +1,1140 @@
+"""
+SQLiteStore beyond the shared contract: what being the durable embedded default requires.
+
+- Several processes on one file (asyncio and trio children, one hot user or a thousand users)
+  never settle a hold twice, apply an idempotency key twice or break an account's invariants.
+- A process killed with SIGKILL at random moments loses no acknowledged operation and leaves
+  nothing half-applied; the next process carries on from what survived.
+- A file made by an older schema migrates forward with its data; setup is idempotent, safe from
+  two processes at once, and refuses a schema newer than the code.
+- Backend details: WAL, INTEGER amounts, group commit batching with per-operation savepoints,
+  closing, URLs and unreachable files.
+
+The multi-process tests are plain sync tests that spawn fresh interpreters (``subprocess``, the
+equivalent of the spawn start method) running `_sqlite_worker.py`; they read and check the file
+afterwards through a new store and a plain `sqlite3` connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from tests.conftest import FakeClock
+from tests.contract._checks import all_rows, assert_invariants
+from tests.stores._sqlite_worker import read_log
+
+from ducto.errors import (
+    ErrorCode,
+    InvalidArgumentError,
+    StoreError,
+    StoreUnavailableError,
+)
+from ducto.interface import _ledger as L
+from ducto.interface import open_store
+from ducto.interface.models import (
+    AddCreditsResult,
+    DeductionResult,
+    PlanDefinition,
+    PricingConfigData,
+    RefundResult,
+    TransactionRow,
+)
+from ducto.interface.sqlite import SQLiteStore
+
+pytestmark = [pytest.mark.anyio, pytest.mark.sqlite]
+
+WORKER = Path(__file__).with_name("_sqlite_worker.py")
+CHILD_TIMEOUT = 120.0
+ASYNC_TIMEOUT = 60.0
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def raw(path: Path) -> Iterator[sqlite3.Connection]:
+    """A plain `sqlite3` connection to `path` (autocommit), closed on exit."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def names_in(directory: Path) -> set[str]:
+    """The names of the entries in `directory`."""
+    return {entry.name for entry in directory.iterdir()}
+
+
+def hold_states(path: Path) -> dict[str, int]:
+    """Every hold in the file by id, with its state (`_ledger.HOLD_*`)."""
+    with raw(path) as conn:
+        return dict(conn.execute("SELECT id, state FROM holds").fetchall())
+
+
+@dataclass
+class Child:
+    """One worker process and the file its output goes to."""
+
+    process: subprocess.Popen[bytes]
+    output: Path
+
+    def failure(self) -> str:
+        """The worker's exit code and output, for an assertion message."""
+        return f"worker exited {self.process.returncode}:\n{self.output.read_text()}"
+
+
+@contextlib.contextmanager
+def spawn(mode: str, cfg: dict[str, Any], workdir: Path, name: str) -> Iterator[Child]:
+    """Start `_sqlite_worker.py` in a fresh interpreter; kill and reap it on exit."""
+    config = workdir / f"{name}.json"
+    config.write_text(json.dumps(cfg), encoding="utf-8")
+    output = workdir / f"{name}.out"
+    with output.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, str(WORKER), mode, str(config)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield Child(process, output)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def wait_for(condition: Callable[[], bool], children: list[Child], timeout: float) -> None:
+    """Poll `condition` until true; fail early if a child exits, or after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for child in children:
+            if child.process.poll() is not None:
+                pytest.fail(child.failure())
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting for the workers")
+        time.sleep(0.002)
+
+
+def finish(child: Child, timeout: float = CHILD_TIMEOUT) -> None:
+    """Wait for `child` to exit and fail the test unless it exited 0."""
+    try:
+        child.process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        child.process.kill()
+        child.process.wait()
+        pytest.fail(f"worker did not finish in {timeout}s:\n{child.output.read_text()}")
+    if child.process.returncode != 0:
+        pytest.fail(child.failure())
+
+
+async def gather(calls: list[Callable[[], Awaitable[None]]], limit: int = 0) -> None:
+    """Run every call as its own task at once (at most `limit` at a time if given)."""
+    limiter = anyio.CapacityLimiter(limit) if limit else None
+
+    async def run(call: Callable[[], Awaitable[None]]) -> None:
+        if limiter is None:
+            await call()
+            return
+        async with limiter:
+            await call()
+
+    with anyio.fail_after(ASYNC_TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            for call in calls:
+                tg.start_soon(run, call)
+
+
+@dataclass
+class Traced:
+    """Every SQL statement the connections opened in a test ran, in order."""
+
+    statements: list[str] = field(default_factory=list)
+
+    def count(self, statement: str) -> int:
+        """How many statements were exactly `statement`."""
+        return sum(s == statement for s in self.statements)
+
+    def clear(self) -> None:
+        """Forget what ran so far."""
+        self.statements.clear()
+
+
+@pytest.fixture
+def traced(monkeypatch: pytest.MonkeyPatch) -> Traced:
+    """Trace every statement of every `sqlite3` connection opened from now on."""
+    trace = Traced()
+    real_connect = sqlite3.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = real_connect(*args, **kwargs)
+        conn.set_trace_callback(trace.statements.append)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    return trace
+
+
+@contextlib.asynccontextmanager
+async def opened(path: Path | str, **options: Any) -> AsyncIterator[SQLiteStore]:
+    """An open, set-up SQLiteStore on `path` (``synchronous="NORMAL"`` unless given)."""
+    options.setdefault("synchronous", "NORMAL")
+    async with SQLiteStore(path, **options) as store:
+        await store.setup()
+        yield store
+
+
+# -- many processes, one file -----------------------------------------------------------------
+
+CHURN_BACKENDS = ("asyncio", "trio", "asyncio", "trio")
+CHURN_TASKS = 50
+
+
+@dataclass
+class ChurnReport:
+    """What every churn process reported, merged."""
+
+    settled: list[dict[str, Any]]
+    released: list[str]
+    refused: int
+    problems: list[str]
+
+
+def run_churn(path: Path, workdir: Path, users: list[str], iterations: int) -> ChurnReport:
+    """Run the churn workers on `path` all at once and merge their reports."""
+    go = workdir / "go"
+    base = {
+        "path": str(path),
+        "synchronous": "NORMAL",
+        "users": users,
+        "tasks": CHURN_TASKS,
+        "iterations": iterations,
+        "seed": 20260315,
+        "go": str(go),
+    }
+    with contextlib.ExitStack() as stack:
+        children: list[Child] = []
+        for index, backend in enumerate(CHURN_BACKENDS):
+            cfg = base | {
+                "backend": backend,
+                "process": index,
+                "ready": str(workdir / f"ready-{index}"),
+                "out": str(workdir / f"churn-{index}.result"),
+            }
+            children.append(stack.enter_context(spawn("churn", cfg, workdir, f"churn-{index}")))
+        wait_for(
+            lambda: all((workdir / f"ready-{i}").exists() for i in range(len(children))),
+            children,
+            CHILD_TIMEOUT,
+        )
+        go.touch()
+        for child in children:
+            finish(child)
+    report = ChurnReport([], [], 0, [])
+    for index in range(len(CHURN_BACKENDS)):
+        part = json.loads((workdir / f"churn-{index}.result").read_text(encoding="utf-8"))
+        report.settled += part["settled"]
+        report.released += part["released"]
+        report.refused += part["refused"]
+        report.problems += part["problems"]
+    return report
+
+
+async def fund(path: Path, users: list[str], amount: int) -> None:
+    """Create the schema and grant `amount` to each user as a purchase."""
+    async with opened(path) as store:
+
+        async def grant(user: str) -> None:
+            (await store.add_credits(user, amount, "purchase")).raise_for_error()
+
+        await gather([lambda u=u: grant(u) for u in users])
+
+
+async def check_churn(path: Path, users: list[str], grant: int, report: ChurnReport) -> None:
+    """Check the file against the merged reports, user by user and hold by hold."""
+    by_rid = {s["rid"]: s for s in report.settled}
+    charged: Counter[str] = Counter()
+    for settled in report.settled:
+        charged[settled["user"]] += settled["charged"]
+    usage: list[TransactionRow] = []
+    balances: dict[str, int] = {}
+    async with opened(path) as store:
+
+        async def check(user: str) -> None:
+            await assert_invariants(store, user)
+            rows = await all_rows(store, user)
+            usage.extend(r for r in rows if r.type == "usage")
+            balances[user] = (await store.get_balance(user)).balance
+
+        await gather([lambda u=u: check(u) for u in users], limit=64)
+
+    per_hold = Counter(row.reservation_id for row in usage)
+    assert set() == {rid for rid, n in per_hold.items() if n != 1}
+    assert set(by_rid) == set(per_hold)
+    for row in usage:
+        settled = by_rid[row.reservation_id]
+        assert (settled["tx"], -settled["charged"], settled["key"]) == (
+            row.id,
+            row.amount,
+            row.idempotency_key,
+        )
+    keys = Counter(row.idempotency_key for row in usage if row.idempotency_key is not None)
+    assert {s["key"] for s in report.settled if s["key"] is not None} == set(keys)
+    assert {1} == set(keys.values())
+    assert {u: grant - charged[u] for u in users} == balances
+
+    states = hold_states(path)
+    assert len(report.settled) + len(report.released) == len(states)
+    assert dict.fromkeys(by_rid, L.HOLD_SETTLED) == {
+        rid: s for rid, s in states.items() if s == L.HOLD_SETTLED
+    }
+    assert dict.fromkeys(report.released, L.HOLD_RELEASED) == {
+        rid: s for rid, s in states.items() if s == L.HOLD_RELEASED
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("user_count", "iterations"),
+    [pytest.param(1, 40, id="one-hot-user"), pytest.param(1000, 40, id="1000-users")],
+)
+def test_processes_share_one_file(tmp_path: Path, user_count: int, iterations: int) -> None:
+    """Four processes of 50 tasks each settle every hold once and keep every account exact."""
+    path = tmp_path / "shared.db"
+    users = [f"user-{i:04d}" for i in range(user_count)]
+    # One hot user gets less than the churn would spend, so holds race at the floor too.
+    grant = CHURN_TASKS * len(CHURN_BACKENDS) * iterations if user_count == 1 else 10**6
+    anyio.run(fund, path, users, grant)
+
+    report = run_churn(path, tmp_path, users, iterations)
+
+    assert [] == report.problems
+    if user_count == 1:
+        assert report.refused > 0
+    anyio.run(check_churn, path, users, grant, report, backend="trio")
+
+
+# -- crash safety --------------------------------------------------------------------------------
+
+CRASH_ROUNDS = 20
+CRASH_TASKS = 4
+CRASH_USER = "user-crash"
+CRASH_GRANT = 10**9
+
+
+def new_acks(log: Path, round_: int) -> int:
+    """How many operations the child of `round_` acknowledged (retries not counted)."""
+    prefix = f"r{round_}-"
+    return sum(
+        1
+        for e in read_log(log)
+        if e["kind"] == "ack" and not e["retried"] and e["key"].startswith(prefix)
+    )
+
+
+async def check_crash(path: Path, log: Path, round_: int, balance_before: int) -> int:
+    """Check the file against the side log after the child of `round_` died; return the balance."""
+    entries = read_log(log)
+    starts = [e for e in entries if e["kind"] == "start"]
+    intents = {e["key"]: e for e in entries if e["kind"] == "intent"}
+    acks = [e for e in entries if e["kind"] == "ack"]
+    acked = Counter(e["key"] for e in acks)
+    async with opened(path) as store:
+        await assert_invariants(store, CRASH_USER)
+        rows = await all_rows(store, CRASH_USER)
+        balance = await store.get_balance(CRASH_USER)
+        lots = await store.list_lots(CRASH_USER)
+
+    # The child started from exactly what the previous one left.
+    assert (round_, balance_before) == (starts[-1]["round"], starts[-1]["balance"])
+    assert {1} >= set(acked.values())
+    open_intents = [k for k in intents if k not in acked]
+    assert len(open_intents) <= CRASH_TASKS
+
+    # Every acknowledged settle is in the ledger exactly as it was reported.
+    usage = {row.id: row for row in rows if row.type == "usage"}
+    for ack in (a for a in acks if a["op"] == "deduct"):
+        row = usage.get(ack["tx"])
+        assert row is not None, f"acknowledged {ack} is not in the ledger"
+        assert (ack["key"], ack["rid"], -ack["amount"], ack["balance_after"]) == (
+            row.idempotency_key,
+            row.reservation_id,
+            row.amount,
+            row.balance_after,
+        )
+
+    # Nothing is half-applied: a usage row exactly for each settled hold, one per key.
+    states = hold_states(path)
+    per_hold = Counter(row.reservation_id for row in usage.values())
+    settled = {rid for rid, s in states.items() if s == L.HOLD_SETTLED}
+    assert settled == set(per_hold)
+    assert {1} == set(per_hold.values())
+    keys = Counter(row.idempotency_key for row in usage.values())
+    assert {1} == set(keys.values())
+    assert set(keys) <= set(intents)
+    for ack in (a for a in acks if a["op"] == "release"):
+        assert L.HOLD_RELEASED == states[ack["rid"]]
+    # A hold whose reserve committed but was never acknowledged stays open, counted in full.
+    with raw(path) as conn:
+        held = conn.execute(
+            "SELECT coalesce(sum(amount), 0), count(*) FROM holds WHERE state = ?", (L.HOLD_OPEN,)
+        ).fetchone()
+    leaked = held[1] - sum(states[intents[k]["rid"]] == L.HOLD_OPEN for k in open_intents)
+    assert leaked <= CRASH_TASKS * (round_ + 1)
+    assert held[0] == balance.reserved
+    assert balance.balance == sum(lot.remaining for lot in lots)
+    return balance.balance
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
+def test_sigkill_loses_no_acknowledged_operation(tmp_path: Path, synchronous: str) -> None:
+    """Twenty SIGKILLs at random moments lose no acknowledged settle and half-apply nothing."""
+    rng = random.Random(f"crash-{synchronous}")
+    path, log = tmp_path / "crash.db", tmp_path / "acks.log"
+    anyio.run(fund, path, [CRASH_USER], CRASH_GRANT)
+    base = {"path": str(path), "log": str(log), "user": CRASH_USER, "seed": 7}
+    base |= {"tasks": CRASH_TASKS, "synchronous": synchronous}
+    balance = CRASH_GRANT
+
+    for round_ in range(CRASH_ROUNDS):
+        cfg = base | {"round": round_, "backend": ("asyncio", "trio")[round_ % 2]}
+        with spawn("crash", cfg, tmp_path, f"crash-{round_}") as child:
+            wait_for(lambda r=round_: new_acks(log, r) >= 3, [child], CHILD_TIMEOUT)
+            time.sleep(rng.uniform(0, 0.05))
+            child.process.send_signal(signal.SIGKILL)
+            child.process.wait()
+        assert -signal.SIGKILL == child.process.returncode
+        balance = anyio.run(check_crash, path, log, round_, balance)
+
+    final = base | {"round": CRASH_ROUNDS, "backend": "asyncio", "recover": True}
+    with spawn("crash", final, tmp_path, "recover") as child:
+        finish(child)
+    balance = anyio.run(check_crash, path, log, CRASH_ROUNDS, balance)
+
+    entries = read_log(log)
+    intents = {e["key"]: e for e in entries if e["kind"] == "intent"}
+    acks = {e["key"]: e for e in entries if e["kind"] == "ack"}
+    assert set(intents) == set(acks)
+    spent = sum(e["amount"] for e in intents.values() if e["op"] == "deduct")
+    assert CRASH_GRANT - spent == balance
+
+
+# -- schema migration ----------------------------------------------------------------------------
+
+MIGRATIONS = resources.files("ducto.interface.sql.sqlite")
+LEGACY_USER = "legacy-user"
+LEGACY_AT = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
+
+
+def migration(name: str) -> str:
+    """The text of one migration file as shipped in the package."""
+    return MIGRATIONS.joinpath(name).read_text(encoding="utf-8")
+
+
+def tables_in(script: str) -> list[str]:
+    """The tables a migration script creates, in order."""
+    return [
+        line.split()[2] for line in script.splitlines() if line.upper().startswith("CREATE TABLE")
+    ]
+
+
+EVERY_TABLE = tables_in(migration("0001_ledger.sql")) + tables_in(
+    migration("0002_plans_caps_teams.sql")
+)
+
+
+def tables_of(path: Path) -> set[str]:
+    """The tables the file holds."""
+    with raw(path) as conn:
+        return {
+            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+
+
+def user_version(path: Path) -> int:
+    """The schema version recorded in the file."""
+    with raw(path) as conn:
+        version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    return version
+
+
+def build_version_1(path: Path) -> None:
+    """
+    A file as schema version 1 left it: a purchase of 200 and a keyed usage of 50 drawn from it.
+
+    Rows use the column layout of ``0001_ledger.sql`` and agree with each other: the account
+    balance is the ledger sum, the lot holds the balance, the hold is settled by the usage row,
+    and the deduct key's stored result is that row's.
+    """
+    at = int(LEGACY_AT.timestamp() * 1_000_000)
+    stored = DeductionResult(
+        transaction_id="tx_legacy_2",
+        user_id=LEGACY_USER,
+        reservation_id="res_legacy_1",
+        amount=50,
+        balance_after=150,
+        idempotency_key="legacy-key",
+    ).model_dump_json()
+    with raw(path) as conn:
+        conn.executescript(migration("0001_ledger.sql"))
+        conn.execute("BEGIN")
+        conn.execute(
+            "INSERT INTO accounts (kind, id, balance, lifetime_purchased, reserved,"
+            " expired_unswept, created_us) VALUES ('u', ?, 150, 200, 0, 0, ?)",
+            (LEGACY_USER, at),
+        )
+        conn.execute(
+            "INSERT INTO lots (seq, id, kind, account, remaining, expires_us, expired)"
+            " VALUES (1, 'lot_legacy_1', 'u', ?, 150, NULL, 0)",
+            (LEGACY_USER,),
+        )
+        conn.execute(
+            "INSERT INTO holds (id, kind, account, amount, operation_type, model, use_allowance,"
+            " expires_us, state, counted) VALUES ('res_legacy_1', 'u', ?, 60, 'chat', 'model-a',"
+            " 0, ?, ?, 0)",
+            (LEGACY_USER, at + 600_000_000, L.HOLD_SETTLED),
+        )
+        conn.execute(
+            "INSERT INTO ledger (seq, id, kind, account, amount, type, balance_after, metadata,"
+            " created_us) VALUES (1, 'tx_legacy_1', 'u', ?, 200, 'purchase', 200, '{}', ?)",
+            (LEGACY_USER, at),
+        )
+        conn.execute(
+            "INSERT INTO ledger (seq, id, kind, account, amount, type, balance_after, metadata,"
+            " created_us, reservation_id, idempotency_key, draws, spender, model,"
+            " operation_type) VALUES (2, 'tx_legacy_2', 'u', ?, -50, 'usage', 150, ?, ?,"
+            " 'res_legacy_1', 'legacy-key', '[[\"lot_legacy_1\",50]]', ?, 'model-a', 'chat')",
+            (LEGACY_USER, json.dumps({"model": "model-a"}), at + 1, LEGACY_USER),
+        )
+        conn.execute(
+            "INSERT INTO idempotency (kind, account, op, key, fingerprint, result)"
+            " VALUES ('u', ?, 'deduct', 'legacy-key', '[\"res_legacy_1\", 50]', ?)",
+            (LEGACY_USER, stored),
+        )
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA user_version = 1")
+
+
+async def test_version_1_file_migrates_with_its_data(
+    anyio_backend: str, tmp_path: Path, clock: FakeClock
+) -> None:
+    """A version-1 file moves to version 2 and its balance, ledger, lot and key survive intact."""
+    path = tmp_path / "v1.db"
+    build_version_1(path)
+
+    async with SQLiteStore(path, clock=clock) as store:
+        result = await store.setup()
+        balance = await store.get_balance(LEGACY_USER)
+        rows = await all_rows(store, LEGACY_USER)
+        lots = await store.list_lots(LEGACY_USER)
+        replay = await store.deduct_credits(LEGACY_USER, "res_legacy_1", 50, "legacy-key")
+        again = await store.deduct_credits(LEGACY_USER, "res_legacy_1", 50)
+        await assert_invariants(store, LEGACY_USER)
+
+    assert 2 == result.schema_version
+    assert set(EVERY_TABLE) == tables_of(path)
+    assert 2 == user_version(path)
+    assert (150, 200, 150, 0) == (
+        balance.balance,
+        balance.lifetime_purchased,
+        balance.available,
+        balance.reserved,
+    )
+    assert [
+        ("tx_legacy_1", 200, "purchase", 200, None, None, LEGACY_AT),
+        ("tx_legacy_2", -50, "usage", 150, "res_legacy_1", "legacy-key", LEGACY_AT),
+    ] == [
+        (
+            r.id,
+            r.amount,
+            r.type,
+            r.balance_after,
+            r.reservation_id,
+            r.idempotency_key,
+            r.created_at.replace(microsecond=0),
+        )
+        for r in rows
+    ]
+    assert [("lot_legacy_1", 150, None, False)] == [
+        (lot.id, lot.remaining, lot.expires_at, lot.expired) for lot in lots
+    ]
+    assert (True, True, "tx_legacy_2", 150) == (
+        replay.ok,
+        replay.idempotent,
+        replay.transaction_id,
+        replay.balance_after,
+    )
+    assert ErrorCode.RESERVATION_ALREADY_SETTLED == again.error
+
+
+async def test_migrated_file_keeps_working(
+    anyio_backend: str, tmp_path: Path, clock: FakeClock
+) -> None:
+    """After migrating, old rows refund into their old lot and new holds settle as usual."""
+    path = tmp_path / "v1.db"
+    build_version_1(path)
+
+    async with opened(path, clock=clock) as store:
+        refund = await store.refund_credits("tx_legacy_2", 20, "migrated")
+        hold = await store.reserve_credits(LEGACY_USER, 30, "chat", metadata={"model": "m"})
+        settled = await store.deduct_credits(LEGACY_USER, hold.reservation_id, 25, "new-key")
+        plan = PlanDefinition(id="pro", name="Pro", free_allowance=10)
+        await store.set_active_pricing(
+            PricingConfigData(models={"_default": "0"}, plans={"pro": plan})
+        )
+        await store.set_user_plan(LEGACY_USER, "pro")
+        user_plan = await store.get_user_plan(LEGACY_USER)
+        lots = await store.list_lots(LEGACY_USER)
+        balance = await store.get_balance(LEGACY_USER)
+        await assert_invariants(store, LEGACY_USER)
+
+    assert (True, 170, 30) == (refund.ok, refund.new_balance, refund.refundable)
+    assert (True, 145, 25) == (settled.ok, settled.balance_after, settled.amount)
+    assert ("pro", 10) == (user_plan.plan_id, user_plan.free_allowance)
+    assert [("lot_legacy_1", 145)] == [(lot.id, lot.remaining) for lot in lots]
+    assert (145, 200, 155) == (balance.balance, balance.lifetime_purchased, balance.available)
+
+
+async def test_setup_twice_is_idempotent(anyio_backend: str, tmp_path: Path) -> None:
+    """A second setup creates nothing, keeps the data and reports the same version."""
+    path = tmp_path / "twice.db"
+    async with SQLiteStore(path, synchronous="NORMAL") as store:
+        first = await store.setup()
+        await store.add_credits("user-a", 40, "purchase")
+        second = await store.setup()
+        balance = await store.get_balance("user-a")
+    async with SQLiteStore(path, synchronous="NORMAL") as store:
+        third = await store.setup()
+
+    assert 2 == first.schema_version
+    assert ([], 2) == (second.tables_created, second.schema_version)
+    assert ([], 2) == (third.tables_created, third.schema_version)
+    assert 40 == balance.balance
+    assert 2 == user_version(path)
+    assert set(EVERY_TABLE) == tables_of(path)
+
+
+async def test_setup_reports_every_table_it_creates(anyio_backend: str, tmp_path: Path) -> None:
+    """SetupResult.tables_created names every table made: all on a fresh file, 0002's on v1."""
+    fresh, old = tmp_path / "fresh.db", tmp_path / "v1.db"
+    build_version_1(old)
+
+    async with SQLiteStore(fresh, synchronous="NORMAL") as store:
+        created = await store.setup()
+    async with SQLiteStore(old, synchronous="NORMAL") as store:
+        migrated = await store.setup()
+
+    assert EVERY_TABLE == created.tables_created
+    assert tables_in(migration("0002_plans_caps_teams.sql")) == migrated.tables_created
+
+
+@pytest.mark.slow
+def test_setup_from_two_processes_at_once(tmp_path: Path) -> None:
+    """Two processes setting up one fresh file at the same moment both succeed, once each."""
+    for attempt in range(3):
+        workdir = tmp_path / f"attempt-{attempt}"
+        workdir.mkdir()
+        path, go = workdir / "fresh.db", workdir / "go"
+        with contextlib.ExitStack() as stack:
+            children = [
+                stack.enter_context(
+                    spawn(
+                        "setup",
+                        {
+                            "path": str(path),
+                            "backend": backend,
+                            "go": str(go),
+                            "ready": str(workdir / f"ready-{backend}"),
+                            "out": str(workdir / f"{backend}.result"),
+                        },
+                        workdir,
+                        backend,
+                    )
+                )
+                for backend in ("asyncio", "trio")
+            ]
+            wait_for(
+                lambda w=workdir: all((w / f"ready-{b}").exists() for b in ("asyncio", "trio")),
+                children,
+                CHILD_TIMEOUT,
+            )
+            go.touch()
+            for child in children:
+                finish(child)
+        results = [
+            json.loads((workdir / f"{b}.result").read_text(encoding="utf-8"))
+            for b in ("asyncio", "trio")
+        ]
+
+        assert [2, 2] == [r["schema_version"] for r in results]
+        # One of them found the schema already there; the other created it.
+        assert [False, True] == sorted(bool(r["tables_created"]) for r in results)
+        assert 2 == user_version(path)
+        assert set(EVERY_TABLE) == tables_of(path)
+
+
+async def test_newer_schema_is_refused(anyio_backend: str, tmp_path: Path) -> None:
+    """A file from a newer ducto (higher user_version) is refused and left untouched."""
+    path = tmp_path / "future.db"
+    with raw(path) as conn:
+        conn.execute("CREATE TABLE from_the_future (x INTEGER)")
+        conn.execute("PRAGMA user_version = 3")
+
+    async with SQLiteStore(path, synchronous="NORMAL") as store:
+        with pytest.raises(StoreError, match="version 3"):
+            await store.setup()
+
+    assert 3 == user_version(path)
+    with raw(path) as conn:
+        assert [("from_the_future",)] == conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'"
+        ).fetchall()
+
+
+# -- backend specifics ---------------------------------------------------------------------------
+
+
+async def test_file_is_in_wal_mode_with_the_requested_sync(
+    anyio_backend: str, tmp_path: Path, traced: Traced
+) -> None:
+    """A file database runs in WAL mode, with the synchronous level the caller chose."""
+    async with opened(tmp_path / "normal.db", synchronous="NORMAL"):
+        pass
+    normal = list(traced.statements)
+    traced.clear()
+    async with SQLiteStore(tmp_path / "default.db") as store:
+        await store.setup()
+    default = list(traced.statements)
+
+    with raw(tmp_path / "normal.db") as conn:
+        assert "wal" == conn.execute("PRAGMA journal_mode").fetchone()[0]
+    assert "PRAGMA journal_mode = WAL" in normal
+    assert "PRAGMA synchronous = NORMAL" in normal
+    assert "PRAGMA synchronous = FULL" in default
+    assert "PRAGMA foreign_keys = ON" in default
+
+
+async def test_amounts_are_stored_as_exact_integers(
+    anyio_backend: str, tmp_path: Path, user_id: str
+) -> None:
+    """Every amount column holds SQLite INTEGERs, exact up to the 2**62 bound."""
+    path = tmp_path / "ints.db"
+    async with opened(path) as store:
+        await store.add_credits(user_id, 2**62 - 1, "purchase")
+        await store.add_credits(user_id, 1, "purchase")
+        with pytest.raises(InvalidArgumentError, match="balance"):
+            await store.add_credits(user_id, 1, "purchase")
+        hold = await store.reserve_credits(user_id, 7, "chat", min_balance=0)
+        settled = await store.deduct_credits(user_id, hold.reservation_id, 7)
+        await store.refund_credits(settled.transaction_id, 3)
+        await store.reserve_credits(user_id, 5, "chat", min_balance=0)
+        balance = await store.get_balance(user_id)
+        await assert_invariants(store, user_id)
+    columns = {
+        "ledger": ("amount", "balance_after", "refunded", "created_us"),
+        "accounts": ("balance", "lifetime_purchased", "reserved", "expired_unswept"),
+        "lots": ("remaining",),
+        "holds": ("amount", "expires_us"),
+    }
+    with raw(path) as conn:
+        kinds = {
+            (table, column): {
+                row[0] for row in conn.execute(f"SELECT DISTINCT typeof({column}) FROM {table}")
+            }
+            for table, columns_ in columns.items()
+            for column in columns_
+        }
+        stored = conn.execute(
+            "SELECT balance FROM accounts WHERE kind = 'u' AND id = ?", (user_id,)
+        ).fetchone()[0]
+
+    assert {key: {"integer"} for key in kinds} == kinds
+    assert (2**62 - 4, 2**62 - 4) == (stored, balance.balance)
+    assert (2**62, 5) == (balance.lifetime_purchased, balance.reserved)
+
+
+CONCURRENT = 200
+
+
+@pytest.mark.parametrize(
+    ("options", "most_commits"),
+    [
+        pytest.param({}, CONCURRENT // 20, id="group-commit"),
+        pytest.param({"max_batch": 1}, CONCURRENT, id="max-batch-1"),
+        pytest.param({"group_commit": False}, CONCURRENT, id="no-group-commit"),
+    ],
+)
+async def test_group_commit_batches_and_stays_exact(
+    anyio_backend: str,
+    tmp_path: Path,
+    traced: Traced,
+    options: dict[str, Any],
+    most_commits: int,
+) -> None:
+    """200 concurrent settles share a few commits with group commit, one each without it."""
+    users = [f"user-{i}" for i in range(20)]
+    async with opened(tmp_path / "batch.db", **options) as store:
+        for user in users:
+            await store.add_credits(user, 1000, "purchase")
+        holds = [
+            (users[i % 20], (await store.reserve_credits(users[i % 20], 5, "chat")).reservation_id)
+            for i in range(CONCURRENT)
+        ]
+        results: list[DeductionResult] = []
+
+        async def settle(index: int) -> None:
+            user, rid = holds[index]
+            results.append(await store.deduct_credits(user, rid, 1 + index % 5, f"key-{index}"))
+
+        traced.clear()
+        await gather([lambda i=i: settle(i) for i in range(CONCURRENT)])
+        commits = traced.count("COMMIT")
+        balances = {user: (await store.get_balance(user)).balance for user in users}
+        for user in users:
+            await assert_invariants(store, user)
+
+    spent: Counter[str] = Counter()
+    for index in range(CONCURRENT):
+        spent[users[index % 20]] += 1 + index % 5
+    assert [True] * CONCURRENT == [r.ok and not r.idempotent for r in results]
+    assert CONCURRENT == len({r.transaction_id for r in results})
+    assert {user: 1000 - spent[user] for user in users} == balances
+    assert commits <= most_commits
+    if most_commits == CONCURRENT:
+        assert CONCURRENT == commits
+
+
+async def test_refused_operation_in_a_batch_changes_nothing(
+    anyio_backend: str, tmp_path: Path, traced: Traced
+) -> None:
+    """An over-refund sharing a transaction with valid settles and a refund is refused alone."""
+    async with opened(tmp_path / "refused.db") as store:
+        await store.add_credits("user-a", 100, "purchase")
+        hold = await store.reserve_credits("user-a", 10, "chat")
+        usage = await store.deduct_credits("user-a", hold.reservation_id, 10)
+        others = [f"user-{i}" for i in range(8)]
+        holds: dict[str, str] = {}
+        for user in others:
+            await store.add_credits(user, 50, "purchase")
+            holds[user] = (await store.reserve_credits(user, 5, "chat")).reservation_id
+        refunds: dict[int, RefundResult] = {}
+        settles: list[DeductionResult] = []
+
+        async def refund(amount: int) -> None:
+            refunds[amount] = await store.refund_credits(usage.transaction_id, amount)
+
+        async def settle(user: str) -> None:
+            settles.append(await store.deduct_credits(user, holds[user], 5))
+
+        traced.clear()
+        await gather(
+            [lambda: refund(11), lambda: refund(4)] + [lambda u=u: settle(u) for u in others]
+        )
+        batches = (traced.count("BEGIN IMMEDIATE"), traced.count("COMMIT"))
+        rows = await all_rows(store, "user-a")
+        balances = [(await store.get_balance(user)).balance for user in others]
+        for user in ["user-a", *others]:
+            await assert_invariants(store, user)
+
+    assert (1, 1) == batches
+    assert ErrorCode.OVER_REFUND == refunds[11].error
+    assert (True, 94, 6) == (refunds[4].ok, refunds[4].new_balance, refunds[4].refundable)
+    assert [True] * len(others) == [s.ok for s in settles]
+    assert [45] * len(others) == balances
+    assert [("purchase", 100, 0), ("usage", -10, 4), ("refund", 4, 0)] == [
+        (r.type, r.amount, r.refunded) for r in rows
+    ]
+
+
+async def test_failing_operation_in_a_batch_rolls_back_alone(
+    anyio_backend: str, tmp_path: Path, traced: Traced
+) -> None:
+    """A settle refused by the -2**62 bound raises alone; its batch-mates all commit."""
+    async with opened(tmp_path / "bound.db") as store:
+        await store.add_credits("user-deep", 2, "purchase")
+        first = await store.reserve_credits("user-deep", 1, "chat", min_balance=0)
+        second = await store.reserve_credits("user-deep", 1, "chat", min_balance=0)
+        await store.deduct_credits("user-deep", first.reservation_id, 2**62)
+        others = [f"user-{i}" for i in range(8)]
+        holds: dict[str, str] = {}
+        for user in others:
+            await store.add_credits(user, 50, "purchase")
+            holds[user] = (await store.reserve_credits(user, 5, "chat")).reservation_id
+        outcomes: dict[str, object] = {}
+
+        async def settle(user: str, rid: str, amount: int) -> None:
+            try:
+                outcomes[user] = await store.deduct_credits(user, rid, amount)
+            except InvalidArgumentError as exc:
+                outcomes[user] = exc
+
+        async def grant() -> None:
+            outcomes["grant"] = await store.add_credits("user-new", 9, "purchase")
+
+        traced.clear()
+        await gather(
+            [lambda: settle("user-deep", second.reservation_id, 3), grant]
+            + [lambda u=u: settle(u, holds[u], 4) for u in others]
+        )
+        batch = [traced.count(s) for s in ("BEGIN IMMEDIATE", "ROLLBACK TO op", "COMMIT")]
+        deep = await store.get_balance("user-deep")
+        deep_rows = await all_rows(store, "user-deep")
+        balances = [(await store.get_balance(user)).balance for user in [*others, "user-new"]]
+        # The refused settle left its hold open: it still settles at the bound exactly.
+        retry = await store.deduct_credits("user-deep", second.reservation_id, 2)
+        for user in ["user-deep", "user-new", *others]:
+            await assert_invariants(store, user)
+
+    assert [1, 1, 1] == batch
+    assert isinstance(outcomes["user-deep"], InvalidArgumentError)
+    assert all(isinstance(o, DeductionResult) and o.ok for u, o in outcomes.items() if u in others)
+    assert isinstance(outcomes["grant"], AddCreditsResult)
+    assert outcomes["grant"].ok
+    assert [46] * len(others) + [9] == balances
+    assert (2 - 2**62, 1) == (deep.balance, deep.reserved)
+    assert ["purchase", "usage"] == [r.type for r in deep_rows]
+    assert (True, -(2**62)) == (retry.ok, retry.balance_after)
+
+
+def every_call(store: SQLiteStore) -> list[Callable[[], Awaitable[object]]]:
+    """One call of each kind of store method, all valid on an open store."""
+    now = datetime(2026, 3, 15, tzinfo=UTC)
+    return [
+        store.open,
+        store.setup,
+        lambda: store.get_balance("u"),
+        lambda: store.add_credits("u", 1, "purchase"),
+        lambda: store.reserve_credits("u", 1, "chat"),
+        lambda: store.deduct_credits("u", "res_x", 1),
+        lambda: store.release_reservation("u", "res_x"),
+        lambda: store.refund_credits("tx_x"),
+        store.sweep_expired_credits,
+        lambda: store.list_transactions("u"),
+        lambda: store.list_lots("u"),
+        store.get_active_pricing,
+        store.get_pricing_history,
+        lambda: store.get_user_plan("u"),
+        lambda: store.check_allowance("u"),
+        lambda: store.check_spend_cap("u"),
+        lambda: store.list_spend_caps("u"),
+        lambda: store.create_team("team"),
+        lambda: store.get_team_balance("team_x"),
+        lambda: store.deduct_team("team_x", "u", 1),
+        lambda: store.spend_by_user(now, now),
+        lambda: store.aggregate_stats(now, now),
+    ]
+
+
+async def test_every_call_after_aclose_raises_store_error(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """Once closed, every method (and reopening) raises StoreError; closing again is harmless."""
+    store = SQLiteStore(tmp_path / "closed.db", synchronous="NORMAL")
+    async with store:
+        await store.setup()
+        await store.add_credits("u", 5, "purchase")
+    await store.aclose()
+
+    for call in every_call(store):
+        with pytest.raises(StoreError, match="closed"):
+            await call()
+
+
+async def test_calls_before_open_raise_store_error(anyio_backend: str, tmp_path: Path) -> None:
+    """A store that was never opened raises StoreError on use and creates no file."""
+    store = SQLiteStore(tmp_path / "never.db")
+
+    for call in every_call(store)[1:]:
+        with pytest.raises(StoreError, match="not open"):
+            await call()
+    assert not (tmp_path / "never.db").exists()
+
+
+async def test_aclose_during_traffic_answers_every_caller_truthfully(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """Closing mid-traffic: each caller gets its committed result or StoreError, never a lie."""
+    path = tmp_path / "closing.db"
+    outcomes: dict[str, object] = {}
+    store = SQLiteStore(path, synchronous="NORMAL", max_batch=8)
+    async with store:
+        await store.setup()
+        first_answer = anyio.Event()
+
+        async def grant(index: int) -> None:
+            key = f"grant-{index}"
+            try:
+                outcomes[key] = await store.add_credits("user-a", index + 1, idempotency_key=key)
+            except StoreError as exc:
+                outcomes[key] = exc
+            first_answer.set()
+
+        async def close() -> None:
+            await first_answer.wait()
+            await store.aclose()
+
+        await gather([lambda i=i: grant(i) for i in range(100)] + [close])
+
+    async with opened(path) as reopened:
+        rows = await all_rows(reopened, "user-a")
+        await assert_invariants(reopened, "user-a")
+
+    done = {k: o for k, o in outcomes.items() if isinstance(o, AddCreditsResult)}
+    failed = {k: o for k, o in outcomes.items() if isinstance(o, StoreError)}
+    assert 100 == len(done) + len(failed)
+    assert done
+    assert failed
+    assert {(o.transaction_id, k) for k, o in done.items()} == {
+        (r.id, r.idempotency_key) for r in rows
+    }
+
+
+async def test_a_write_lock_held_elsewhere_is_store_unavailable(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """A write that cannot get the lock in busy_timeout is StoreUnavailableError; reads go on."""
+    path = tmp_path / "locked.db"
+    async with opened(path, busy_timeout=0.2) as store:
+        await store.add_credits("user-a", 10, "purchase")
+        with raw(path) as other:
+            other.execute("BEGIN IMMEDIATE")
+            with pytest.raises(StoreUnavailableError, match="locked") as refused:
+                await store.add_credits("user-a", 5, "purchase")
+            page = await store.list_transactions("user-a")
+            other.execute("ROLLBACK")
+        retried = await store.add_credits("user-a", 5, "purchase")
+        rows = await all_rows(store, "user-a")
+
+    assert isinstance(refused.value.__cause__, sqlite3.OperationalError)
+    assert 1 == len(page.items)
+    assert (True, 15) == (retried.ok, retried.new_balance)
+    assert [10, 5] == [r.amount for r in rows]
+
+
+async def test_two_stores_on_one_file_never_overspend(anyio_backend: str, tmp_path: Path) -> None:
+    """Two connections racing 1-credit holds against 10 spendable credits: exactly 10 win."""
+    path = tmp_path / "two.db"
+    async with opened(path) as left, opened(path) as right:
+        await left.add_credits("user-a", 15, "purchase")
+        wins: list[bool] = []
+
+        async def hold(store: SQLiteStore) -> None:
+            result = await store.reserve_credits("user-a", 1, "chat", min_balance=5)
+            wins.append(result.ok)
+
+        await gather([lambda s=s: hold(s) for s in [left, right] * 20])
+        seen_by_left = await left.get_balance("user-a")
+        seen_by_right = await right.get_balance("user-a")
+
+    assert 10 == sum(wins)
+    assert (10, 5) == (seen_by_left.reserved, seen_by_left.available)
+    assert seen_by_left == seen_by_right
+
+
+async def test_open_store_urls(
+    anyio_backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sqlite:////absolute, sqlite:///relative and sqlite://:memory: all open working stores."""
+    monkeypatch.chdir(tmp_path)
+    urls = {
+        "absolute": f"sqlite:///{tmp_path / 'absolute.db'}",
+        "relative": "sqlite:///relative.db",
+        "memory": "sqlite://:memory:",
+    }
+    balances: dict[str, int] = {}
+    for name, url in urls.items():
+        store = open_store(url, synchronous="NORMAL")
+        assert isinstance(store, SQLiteStore)
+        async with store:
+            await store.setup()
+            await store.add_credits("user-a", 7, "purchase")
+            balances[name] = (await store.get_balance("user-a")).balance
+
+    assert {"absolute": 7, "relative": 7, "memory": 7} == balances
+    assert {"absolute.db", "relative.db"} <= names_in(tmp_path)
+    assert ":memory:" not in names_in(tmp_path)
+
+
+async def test_unreachable_files_raise_store_errors(anyio_backend: str, tmp_path: Path) -> None:
+    """A path in a missing directory is StoreUnavailableError; a non-database file StoreError."""
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not an sqlite database file, just some bytes" * 100)
+    missing = SQLiteStore(tmp_path / "no-such-dir" / "x.db")
+    not_db = SQLiteStore(junk)
+
+    with pytest.raises(StoreUnavailableError) as unavailable:
+        await missing.open()
+    with pytest.raises(StoreError) as broken:
+        async with not_db:
+            pass
+    # A failed open under asyncio leaves aiosqlite's thread to finish on its own (see
+    # test_failed_open_leaves_no_thread_behind); give it the loop while it does.
+    await anyio.sleep(0.2)
+    await missing.aclose()
+    await not_db.aclose()
+
+    assert isinstance(unavailable.value.__cause__, sqlite3.OperationalError)
+    assert isinstance(broken.value.__cause__, sqlite3.DatabaseError)
+    assert not (tmp_path / "no-such-dir").exists()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"synchronous": "OFF"},
+        {"busy_timeout": -1},
+        {"busy_timeout": True},
+        {"max_batch": 0},
+        {"group_commit": "yes"},
+    ],
+)
+def test_bad_constructor_arguments_raise(tmp_path: Path, options: dict[str, Any]) -> None:
+    """Bad options are refused with InvalidArgumentError before any file is touched."""
+    with pytest.raises(InvalidArgumentError, match=next(iter(options))):
+        SQLiteStore(tmp_path / "x.db", **options)
+
+    assert [] == list(tmp_path.iterdir())
+
+
+def test_failed_open_leaves_no_thread_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused open under asyncio stops its connection thread before the loop can close."""
+    crashed: list[str] = []
+
+    def excepthook(args: threading.ExceptHookArgs) -> None:
+        crashed.append(f"{args.thread}: {args.exc_type.__name__}: {args.exc_value}")
+
+    monkeypatch.setattr(threading, "excepthook", excepthook)
+    before = set(threading.enumerate())
+
+    async def refused_open() -> None:
+        store = SQLiteStore(tmp_path / "no-such-dir" / "x.db")
+        with pytest.raises(StoreUnavailableError):
+            await store.open()
+        await store.aclose()
+
+    for _ in range(5):
+        anyio.run(refused_open, backend="asyncio")
+    for thread in set(threading.enumerate()) - before:
+        thread.join(5)
+
+    assert [] == crashed
