@@ -11,10 +11,14 @@ import pytest
 PUBLIC_MODULES = [
     "ducto",
     "ducto.errors",
+    "ducto.events",
     "ducto.interface",
     "ducto.interface.base",
     "ducto.interface.models",
     "ducto.interface.memory",
+    "ducto.manager",
+    "ducto.pricing",
+    "ducto.sync",
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ducto import CreditManager, UsageMetrics
 from ducto.errors import ErrorCode
 from ducto.interface import CreditStore, MemoryStore
 from ducto.interface.models import DeductionResult, ReserveResult
@@ -20,3 +21,13 @@ async def results_are_typed(store: CreditStore) -> int:
         return 0
     done: DeductionResult = await store.deduct_credits("u", hold.reservation_id, 7)
     return done.raise_for_error().balance_after
+
+
+async def manager_calls_are_typed(store: CreditStore) -> int:
+    """CreditManager prices usage and returns typed settlements; holds settle once."""
+    manager = CreditManager(store)
+    done: DeductionResult = await manager.deduct("u", UsageMetrics(model="m", input_tokens=5))
+    async with manager.hold("u", UsageMetrics(model="m", output_tokens=9)) as hold:
+        hold.record(UsageMetrics(model="m", output_tokens=4))
+        settled: DeductionResult = await hold.settle()
+    return done.amount + settled.amount

@@ -1,0 +1,241 @@
+"""
+Billing events: what `CreditManager` reports after each change, and the emitter that delivers it.
+
+Register handlers on a `CreditEventEmitter` (plain functions or coroutine functions) for one
+event type or for all of them, and pass the emitter to `CreditManager(events=...)`:
+
+```python
+events = CreditEventEmitter()
+
+
+async def alert(event: CreditEvent) -> None:
+    await notify_user(event.user_id, f"only {event.available} credits left")
+
+
+events.on(CreditEventType.LOW_BALANCE, alert)
+events.on(None, lambda event: log.info("billing event %s", event.type))
+manager = CreditManager(store, events=events, low_balance_thresholds=[1000, 100])
+```
+
+Handlers run in registration order, one after the other, in the task that made the change;
+async handlers are awaited. A handler that raises is logged on the ``ducto.events`` logger
+with its traceback and the next handler runs: an event handler never breaks billing. Keep
+handlers quick (hand slow work to a queue): the manager waits for them, shielded from
+cancellation, before its call returns.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, TypeAlias
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ducto.errors import InvalidArgumentError
+
+__all__ = ["CreditEvent", "CreditEventEmitter", "CreditEventType", "EventHandler"]
+
+_log = logging.getLogger("ducto.events")
+
+
+class CreditEventType(StrEnum):
+    """The kinds of event `CreditManager` emits; each equals its string value."""
+
+    CREDITS_ADDED = "credits_added"
+    """Credits were granted (``add_credits``); ``amount`` is what was added."""
+    CREDITS_DEDUCTED = "credits_deducted"
+    """Usage was charged (a settlement, a team charge or a negative adjustment)."""
+    CREDITS_REFUNDED = "credits_refunded"
+    """A usage debit was refunded (in part or in full)."""
+    CREDITS_EXPIRED = "credits_expired"
+    """A sweep wrote off expired credits; ``user_id`` is None (a sweep covers every user)."""
+    LOW_BALANCE = "low_balance"
+    """A user's available credits crossed down through a configured threshold."""
+    CAP_WARNING = "cap_warning"
+    """A charge took a user's spend past a ``warn`` or ``notify`` spend cap."""
+    RESERVED = "reserved"
+    """A hold was placed."""
+    RELEASED = "released"
+    """A hold was freed without charging."""
+    DEDUCT_FAILED = "deduct_failed"
+    """A charge failed after its hold was placed; the hold was released."""
+    REFUND_FAILED = "refund_failed"
+    """A refund was refused or failed."""
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class CreditEvent(BaseModel):
+    """
+    One billing event.
+
+    Amounts are positive magnitudes in credits: what was added, charged, refunded, held,
+    released or written off. Fields that do not apply to an event type are None.
+
+    Attributes:
+        type: What happened.
+        user_id: The user concerned (the member, for a team charge); None for a sweep.
+        amount: The credits involved.
+        balance_after: The ledger balance after the change, when the store reported it.
+        available: The spendable credits after the change, when known.
+        transaction_id: The ledger row the change wrote.
+        reservation_id: The hold involved.
+        team_id: The team pool charged, for team charges.
+        idempotency_key: The key the caller gave.
+        threshold: The threshold crossed, for ``low_balance``.
+        error: The error code or exception class name, for ``deduct_failed`` and
+            ``refund_failed``.
+        metadata: Details: the model and token counts of a charge, the cap action of a
+            ``cap_warning``, the number of lots of an expiry.
+        timestamp: When the manager observed the change (aware UTC).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    type: CreditEventType
+    user_id: str | None = None
+    amount: int = 0
+    balance_after: int | None = None
+    available: int | None = None
+    transaction_id: str | None = None
+    reservation_id: str | None = None
+    team_id: str | None = None
+    idempotency_key: str | None = None
+    threshold: int | None = None
+    error: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    timestamp: datetime = Field(default_factory=_utc_now)
+
+    @field_validator("timestamp")
+    @classmethod
+    def _aware_utc(cls, value: datetime) -> datetime:
+        """Naive timestamps are taken as UTC; aware ones are converted to UTC."""
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+EventHandler: TypeAlias = Callable[[CreditEvent], Awaitable[None] | None]
+"""A function or coroutine function taking one `CreditEvent`."""
+
+
+def _is_async(handler: object) -> bool:
+    if inspect.iscoroutinefunction(handler):
+        return True
+    call = getattr(handler, "__call__", None)  # noqa: B004 - an object with an async __call__
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+class CreditEventEmitter:
+    """
+    Delivers `CreditEvent`s to registered handlers, sync and async alike.
+
+    Handlers are called in registration order. A failing handler is logged (logger
+    ``ducto.events``, with the traceback) and never stops the others or the caller. The
+    emitter holds no event-loop objects, so one emitter may serve managers on any loop.
+    """
+
+    def __init__(self) -> None:
+        """Create an emitter with no handlers."""
+        # (event type or None for all, handler, handler is a coroutine function)
+        self._handlers: list[tuple[CreditEventType | None, EventHandler, bool]] = []
+
+    def on(self, event_type: CreditEventType | str | None, handler: EventHandler) -> EventHandler:
+        """
+        Call `handler` for every event of `event_type` (None: for every event).
+
+        Registering the same handler for the same type again changes nothing.
+
+        Args:
+            event_type: A `CreditEventType` (or its string value), or None for all events.
+            handler: A function or coroutine function taking the `CreditEvent`.
+
+        Returns:
+            `handler`, so ``on`` can be used as ``emitter.on(kind, handler)`` inline.
+
+        Raises:
+            InvalidArgumentError: `event_type` is not an event type, or `handler` is not
+                callable.
+        """
+        kind = _event_type(event_type)
+        if not callable(handler):
+            raise InvalidArgumentError(f"handler must be callable, got {handler!r}")
+        if not any(k == kind and h == handler for k, h, _ in self._handlers):
+            self._handlers.append((kind, handler, _is_async(handler)))
+        return handler
+
+    def off(self, event_type: CreditEventType | str | None, handler: EventHandler) -> bool:
+        """
+        Stop calling `handler` for `event_type` (None: undo an ``on(None, handler)``).
+
+        Args:
+            event_type: The type the handler was registered for.
+            handler: The handler.
+
+        Returns:
+            True when a registration was removed, False when there was none.
+        """
+        kind = _event_type(event_type)
+        for index, (k, h, _) in enumerate(self._handlers):
+            if k == kind and h == handler:
+                del self._handlers[index]
+                return True
+        return False
+
+    def has_handlers(self, event_type: CreditEventType) -> bool:
+        """
+        Whether any handler would receive an event of `event_type`.
+
+        The manager checks this first, so events nobody listens to cost nothing.
+
+        Args:
+            event_type: The event type.
+
+        Returns:
+            True when a handler is registered for `event_type` or for all events.
+        """
+        return any(k is None or k == event_type for k, _, _ in self._handlers)
+
+    async def emit(self, event: CreditEvent) -> None:
+        """
+        Deliver `event` to its handlers, in registration order; never raises for them.
+
+        Async handlers are awaited before the next handler runs. A sync handler that
+        returns an awaitable has it awaited too. Exceptions from handlers are logged and
+        swallowed; cancellation is not swallowed.
+
+        Args:
+            event: The event.
+        """
+        for kind, handler, is_async in tuple(self._handlers):
+            if kind is not None and kind != event.type:
+                continue
+            try:
+                outcome = handler(event)
+                if outcome is not None and (is_async or inspect.isawaitable(outcome)):
+                    await outcome
+            except Exception:
+                _log.exception(
+                    "event handler %r failed on %s event for user %r",
+                    handler,
+                    event.type.value,
+                    event.user_id,
+                )
+
+
+def _event_type(value: object) -> CreditEventType | None:
+    if value is None or isinstance(value, CreditEventType):
+        return value
+    if isinstance(value, str):
+        try:
+            return CreditEventType(value)
+        except ValueError:
+            pass
+    kinds = ", ".join(repr(k.value) for k in CreditEventType)
+    raise InvalidArgumentError(f"event_type must be None or one of {kinds}, got {value!r}")
