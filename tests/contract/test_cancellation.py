@@ -26,6 +26,7 @@ from tests.contract._checks import all_rows, assert_invariants
 
 from ducto.errors import ErrorCode
 from ducto.interface.base import CreditStore
+from ducto.interface.models import TransactionRow
 
 pytestmark = pytest.mark.anyio
 
@@ -74,6 +75,15 @@ async def _maybe_cancelled(
 
 
 Kind = Literal["grant", "adjust", "reserve", "deduct", "release", "refund", "team", "topup"]
+ROW_TYPES: dict[str, str] = {
+    "grant": "purchase",
+    "adjust": "adjustment",
+    "deduct": "usage",
+    "refund": "refund",
+    "team": "team_usage",
+    "topup": "team_topup",
+}
+"""The ledger row each keyed call writes (a hold writes none)."""
 
 
 @dataclass
@@ -83,6 +93,7 @@ class _Op:
     kind: Kind
     account: str
     call: Callable[[], Awaitable[Any]]
+    key: str | None = None
     member: str = ""
     amount: int = 0
     reservation_id: str = ""
@@ -132,6 +143,7 @@ class _Storm:
                     "grant",
                     user,
                     lambda: store.add_credits(user, amount, "purchase", idempotency_key=key),
+                    key=key,
                 ),
             )
         elif script == "adjust":
@@ -139,7 +151,12 @@ class _Storm:
             await self._send(
                 tg,
                 rng,
-                _Op("adjust", user, lambda: store.add_credits(user, amount, idempotency_key=key)),
+                _Op(
+                    "adjust",
+                    user,
+                    lambda: store.add_credits(user, amount, idempotency_key=key),
+                    key=key,
+                ),
             )
         elif script == "topup":
             amount = rng.randint(1, 100)
@@ -150,6 +167,7 @@ class _Storm:
                     "topup",
                     team_id,
                     lambda: store.add_team_credits(team_id, amount, idempotency_key=key),
+                    key=key,
                 ),
             )
         elif script == "team":
@@ -166,6 +184,7 @@ class _Storm:
             lambda: store.reserve_credits(
                 user, amount, "chat", min_balance=floor, idempotency_key=key
             ),
+            key=key,
             amount=amount,
         )
         held = await self._send(tg, rng, reserve)
@@ -187,6 +206,7 @@ class _Storm:
             "deduct",
             user,
             lambda: store.deduct_credits(user, rid, charge, key),
+            key=key,
             amount=charge,
             reservation_id=rid,
             hold=amount,
@@ -202,6 +222,7 @@ class _Storm:
             "team",
             team_id,
             lambda: store.deduct_team(team_id, user, amount, idempotency_key=key),
+            key=key,
             member=user,
         )
         spent = await self._send(tg, rng, spend)
@@ -224,30 +245,55 @@ class _Storm:
             "refund",
             account,
             lambda: store.refund_credits(tx, amount, idempotency_key=key),
+            key=key,
             member=member,
         )
         await self._send(tg, rng, refund)
 
+    async def _ledger(self, account: str) -> list[TransactionRow]:
+        return (
+            await _team_rows(self.store, account)
+            if account == self.team_id
+            else (await all_rows(self.store, account))
+        )
+
     async def _resolve(self, op: _Op) -> None:
         """Send a cancelled call again and check it happened completely or not at all."""
-        before = []
-        if op.kind == "deduct":
+        row_type = ROW_TYPES.get(op.kind)
+        before: list[TransactionRow] = []
+        if row_type is not None:
             before = [
                 row
-                for row in await all_rows(self.store, op.account)
-                if row.type == "usage" and row.reservation_id == op.reservation_id
+                for row in await self._ledger(op.account)
+                if row.type == row_type and row.idempotency_key == op.key
             ]
-            assert len(before) <= 1
+            assert len(before) <= 1, f"one key, several rows: {before}"
         result = await op.call()
-        if op.kind == "deduct":
-            # a usage row means the cancelled deduct happened: the retry replays it;
-            # no row means it did not: the retry settles the hold now
-            assert result.ok, f"retry of a cancelled deduct failed: {result}"
-            expected = (True, before[0].id) if before else (False, result.transaction_id)
-            assert expected == (result.idempotent, result.transaction_id)
-        elif op.kind == "release":
+        if op.kind == "release":
             assert (True, True) == (result.ok, result.released)
+        elif row_type is not None:
+            tx = result.refund_transaction_id if op.kind == "refund" else result.transaction_id
+            if before:
+                # its row is there: the cancelled call happened, and the retry replays it
+                assert (True, True, before[0].id) == (result.ok, result.idempotent, tx)
+            else:
+                # no row: it did not happen, and the retry is a fresh call (applied or refused)
+                assert not result.idempotent
+                if op.kind == "deduct":
+                    assert result.ok, f"retry of a cancelled deduct failed: {result}"
         op.result = result
+
+
+async def _team_rows(store: CreditStore, team_id: str) -> list[TransactionRow]:
+    """A team pool's whole ledger, oldest first."""
+    rows: list[TransactionRow] = []
+    cursor: str | None = None
+    while True:
+        page = await store.list_team_transactions(team_id, limit=1000, cursor=cursor)
+        rows.extend(page.items)
+        if page.next_cursor is None:
+            return rows[::-1]
+        cursor = page.next_cursor
 
 
 async def _storm(store: CreditStore, user_id: str, seed: int, accounts: int) -> None:
@@ -315,6 +361,18 @@ async def _storm(store: CreditStore, user_id: str, seed: int, accounts: int) -> 
     pool = await store.get_team_balance(team.team_id)
     assert (1000 + topped - spent + refunded, pool.balance) == (pool.balance, pool.available)
     assert pool.balance >= 0
+    rows = await _team_rows(store, team.team_id)
+    running = 0
+    for row in rows:
+        running += row.amount
+        assert running == row.balance_after
+    assert pool.balance == running
+    expected_ids = {team.transaction_id} | {
+        op.result.refund_transaction_id if op.kind == "refund" else op.result.transaction_id
+        for op in team_ops
+    }
+    assert expected_ids == {row.id for row in rows}
+    assert len(expected_ids) == len(rows)
     net: Counter[str] = Counter()
     for op in team_ops:
         if op.kind in ("team", "refund"):
