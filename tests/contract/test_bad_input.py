@@ -1,7 +1,5 @@
 """Misuse raises InvalidArgumentError naming the parameter and changes nothing; error results."""
 
-
-
 from __future__ import annotations
 
 import math

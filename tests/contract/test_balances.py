@@ -1,7 +1,5 @@
 """Balances and grants: get_balance, add_credits, negative adjustments, idempotency, debt."""
 
-
-
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone

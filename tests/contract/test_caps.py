@@ -1,7 +1,5 @@
 """Spend caps: storage, deny enforcement at reserve, windows, per-model caps, warnings, checks."""
 
-
-
 from __future__ import annotations
 
 from datetime import UTC, datetime

@@ -1,7 +1,5 @@
 """Holds: reserve_credits, deduct_credits and release_reservation."""
 
-
-
 from __future__ import annotations
 
 from datetime import timedelta

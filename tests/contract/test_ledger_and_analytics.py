@@ -1,7 +1,5 @@
 """The ledger (one row per balance change, paged newest first) and the spend analytics."""
 
-
-
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone

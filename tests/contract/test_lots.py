@@ -1,7 +1,5 @@
 """Lots and expiry: the burn-down order, expired credits, sweeps and list_lots."""
 
-
-
 from __future__ import annotations
 
 from datetime import datetime, timedelta

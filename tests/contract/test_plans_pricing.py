@@ -1,7 +1,5 @@
 """Pricing versions, plans, features and the monthly plan allowance."""
 
-
-
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta

@@ -1,7 +1,5 @@
 """Refunds: what is refundable, cumulative amounts, where credits go back, idempotency, windows."""
 
-
-
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta

@@ -1,7 +1,5 @@
 """Teams: pools, members, top-ups, team deductions, member caps and team refunds."""
 
-
-
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta

@@ -1,7 +1,5 @@
 """Tests for the pricing expression language: syntax, functions, limits and errors."""
 
-
-
 from __future__ import annotations
 
 import dataclasses

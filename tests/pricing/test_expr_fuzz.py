@@ -1,7 +1,5 @@
 """Property tests for the pricing expression language: hostile input and a reference model."""
 
-
-
 from __future__ import annotations
 
 import gc
