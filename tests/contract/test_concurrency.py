@@ -34,6 +34,7 @@ from ducto.interface.models import (
     ReserveResult,
     TeamDeductionResult,
     TeamTopupResult,
+    TransactionRow,
 )
 
 pytestmark = pytest.mark.anyio
@@ -541,6 +542,25 @@ async def test_concurrent_refund_retries_apply_a_key_once(store: CreditStore, us
 # -- teams --------------------------------------------------------------------------------------
 
 
+async def _team_ledger(store: CreditStore, team_id: str) -> list[TransactionRow]:
+    """A team pool's whole ledger, oldest first, checked to add up to the pool's balance."""
+    rows: list[TransactionRow] = []
+    cursor: str | None = None
+    while True:
+        page = await store.list_team_transactions(team_id, limit=1000, cursor=cursor)
+        rows.extend(page.items)
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    rows.reverse()
+    running = 0
+    for row in rows:
+        running += row.amount
+        assert running == row.balance_after, f"balance_after broken at {row}"
+    assert running == (await store.get_team_balance(team_id)).balance
+    return rows
+
+
 async def _team(store: CreditStore, balance: int, members: list[str], cap: int | None) -> str:
     team = await store.create_team("pool", initial_balance=balance)
     for member in members:
@@ -568,6 +588,8 @@ async def test_concurrent_team_deducts_never_overdraw_the_pool(
     spent = Counter(r.user_id for r in results if r.ok)
     listed = {m.user_id: m.total_spent for m in await store.get_team_members(team_id)}
     assert {m: spent[m] for m in members} == listed
+    rows = await _team_ledger(store, team_id)
+    assert 100 == sum(row.type == "team_usage" for row in rows)
 
 
 async def test_concurrent_team_deducts_respect_the_member_cap(
@@ -586,6 +608,7 @@ async def test_concurrent_team_deducts_respect_the_member_cap(
     assert {ErrorCode.SPEND_CAP_EXCEEDED} == {r.error for r in results if not r.ok}
     assert 990 == (await store.get_team_balance(team_id)).balance
     assert [10] == [m.total_spent for m in await store.get_team_members(team_id)]
+    assert 10 == sum(row.type == "team_usage" for row in await _team_ledger(store, team_id))
 
 
 async def test_concurrent_team_deduct_retries_apply_a_key_once(
@@ -604,6 +627,8 @@ async def test_concurrent_team_deduct_retries_apply_a_key_once(
     assert 1 == sum(not r.idempotent for r in results)
     assert 1 == len({r.transaction_id for r in results})
     assert 975 == (await store.get_team_balance(team_id)).balance
+    usage = [r for r in await _team_ledger(store, team_id) if r.type == "team_usage"]
+    assert [("job-1", -25)] == [(r.idempotency_key, r.amount) for r in usage]
 
 
 async def test_concurrent_team_top_up_retries_apply_a_key_once(
@@ -621,6 +646,8 @@ async def test_concurrent_team_top_up_retries_apply_a_key_once(
     assert all(r.ok for r in results)
     assert 1 == sum(not r.idempotent for r in results)
     assert 500 == (await store.get_team_balance(team_id)).balance
+    top_ups = [r for r in await _team_ledger(store, team_id) if r.idempotency_key == "inv-1"]
+    assert [500] == [r.amount for r in top_ups]
 
 
 async def test_concurrent_team_usage_refunds_never_exceed_the_debit(
@@ -640,6 +667,9 @@ async def test_concurrent_team_usage_refunds_never_exceed_the_debit(
     assert {ErrorCode.ALREADY_REFUNDED} == {r.error for r in results if not r.ok}
     assert 1000 == (await store.get_team_balance(team_id)).balance
     assert [0] == [m.total_spent for m in await store.get_team_members(team_id)]
+    rows = await _team_ledger(store, team_id)
+    assert 100 == next(r.refunded for r in rows if r.id == tx)
+    assert [5] * 20 == [r.amount for r in rows if r.type == "refund"]
 
 
 # -- expiry -------------------------------------------------------------------------------------
