@@ -214,7 +214,7 @@ async def _crash_task(store: SQLiteStore, fd: int, cfg: dict[str, Any], task: in
         hold = await store.reserve_credits(user, amount, "crash", min_balance=0)
         if not hold.ok:
             raise AssertionError(f"reserve: {hold}")
-        op = "release" if step % 7 == 0 else "deduct"
+        op = "release" if rng.random() < 0.15 else "deduct"
         intent = {
             "kind": "intent",
             "op": op,

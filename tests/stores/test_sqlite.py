@@ -299,6 +299,7 @@ async def check_churn(path: Path, users: list[str], grant: int, report: ChurnRep
     assert {s["key"] for s in report.settled if s["key"] is not None} == set(keys)
     assert {1} == set(keys.values())
     assert {u: grant - charged[u] for u in users} == balances
+    assert min(balances.values()) >= 0
 
     states = hold_states(path)
     assert len(report.settled) + len(report.released) == len(states)
@@ -333,7 +334,6 @@ def test_processes_share_one_file(tmp_path: Path, user_count: int, iterations: i
 
 # -- crash safety --------------------------------------------------------------------------------
 
-CRASH_ROUNDS = 20
 CRASH_TASKS = 4
 CRASH_USER = "user-crash"
 CRASH_GRANT = 10**9
@@ -380,8 +380,11 @@ async def check_crash(path: Path, log: Path, round_: int, balance_before: int) -
             row.balance_after,
         )
 
-    # Nothing is half-applied: a usage row exactly for each settled hold, one per key.
+    # Every acknowledged hold (each intent names one) is still there.
     states = hold_states(path)
+    assert set() == {i["rid"] for i in intents.values()} - set(states)
+
+    # Nothing is half-applied: a usage row exactly for each settled hold, one per key.
     per_hold = Counter(row.reservation_id for row in usage.values())
     settled = {rid for rid, s in states.items() if s == L.HOLD_SETTLED}
     assert settled == set(per_hold)
@@ -404,9 +407,11 @@ async def check_crash(path: Path, log: Path, round_: int, balance_before: int) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
-def test_sigkill_loses_no_acknowledged_operation(tmp_path: Path, synchronous: str) -> None:
-    """Twenty SIGKILLs at random moments lose no acknowledged settle and half-apply nothing."""
+@pytest.mark.parametrize(("synchronous", "rounds"), [("FULL", 20), ("NORMAL", 10)])
+def test_sigkill_loses_no_acknowledged_operation(
+    tmp_path: Path, synchronous: str, rounds: int
+) -> None:
+    """SIGKILLs at random moments lose no acknowledged settle and half-apply nothing."""
     rng = random.Random(f"crash-{synchronous}")
     path, log = tmp_path / "crash.db", tmp_path / "acks.log"
     anyio.run(fund, path, [CRASH_USER], CRASH_GRANT)
@@ -414,20 +419,20 @@ def test_sigkill_loses_no_acknowledged_operation(tmp_path: Path, synchronous: st
     base |= {"tasks": CRASH_TASKS, "synchronous": synchronous}
     balance = CRASH_GRANT
 
-    for round_ in range(CRASH_ROUNDS):
+    for round_ in range(rounds):
         cfg = base | {"round": round_, "backend": ("asyncio", "trio")[round_ % 2]}
         with spawn("crash", cfg, tmp_path, f"crash-{round_}") as child:
             wait_for(lambda r=round_: new_acks(log, r) >= 3, [child], CHILD_TIMEOUT)
-            time.sleep(rng.uniform(0, 0.05))
+            time.sleep(rng.uniform(0, 0.1))
             child.process.send_signal(signal.SIGKILL)
             child.process.wait()
         assert -signal.SIGKILL == child.process.returncode
         balance = anyio.run(check_crash, path, log, round_, balance)
 
-    final = base | {"round": CRASH_ROUNDS, "backend": "asyncio", "recover": True}
+    final = base | {"round": rounds, "backend": "asyncio", "recover": True}
     with spawn("crash", final, tmp_path, "recover") as child:
         finish(child)
-    balance = anyio.run(check_crash, path, log, CRASH_ROUNDS, balance)
+    balance = anyio.run(check_crash, path, log, rounds, balance)
 
     entries = read_log(log)
     intents = {e["key"]: e for e in entries if e["kind"] == "intent"}
@@ -912,6 +917,68 @@ async def test_failing_operation_in_a_batch_rolls_back_alone(
     assert (2 - 2**62, 1) == (deep.balance, deep.reserved)
     assert ["purchase", "usage"] == [r.type for r in deep_rows]
     assert (True, -(2**62)) == (retry.ok, retry.balance_after)
+
+
+POISON = (
+    "CREATE TRIGGER poison BEFORE INSERT ON ledger"
+    " WHEN NEW.account = 'user-poison' AND NEW.type = 'usage'"
+    " BEGIN SELECT RAISE(ABORT, 'poisoned usage row'); END"
+)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["in-a-batch", "alone"])
+async def test_operation_failing_midway_rolls_back_alone(
+    anyio_backend: str, tmp_path: Path, traced: Traced, batched: bool
+) -> None:
+    """A settle failing at its last write undoes its earlier writes; its batch-mates commit."""
+    path = tmp_path / "poison.db"
+    async with opened(path, max_batch=100 if batched else 1) as store:
+        await store.add_credits("user-poison", 30, "purchase")
+        poisoned = await store.reserve_credits("user-poison", 10, "chat", min_balance=0)
+        others = [f"user-{i}" for i in range(6)]
+        holds: dict[str, str] = {}
+        for user in others:
+            await store.add_credits(user, 50, "purchase")
+            holds[user] = (await store.reserve_credits(user, 5, "chat")).reservation_id
+        before = await store.get_balance("user-poison")
+        lots_before = await store.list_lots("user-poison")
+        with raw(path) as conn:
+            conn.execute(POISON)
+        outcomes: dict[str, object] = {}
+
+        async def settle(user: str, rid: str) -> None:
+            try:
+                outcomes[user] = await store.deduct_credits(user, rid, 8, f"key-{user}")
+            except StoreError as exc:
+                outcomes[user] = exc
+
+        traced.clear()
+        await gather(
+            [lambda: settle("user-poison", poisoned.reservation_id)]
+            + [lambda u=u: settle(u, holds[u]) for u in others]
+        )
+        rolled_back = traced.count("ROLLBACK TO op") + traced.count("ROLLBACK")
+        after = await store.get_balance("user-poison")
+        lots_after = await store.list_lots("user-poison")
+        with raw(path) as conn:
+            conn.execute("DROP TRIGGER poison")
+        # Nothing of the failed settle stuck: its hold and its key are still unused.
+        retry = await store.deduct_credits(
+            "user-poison", poisoned.reservation_id, 8, "key-user-poison"
+        )
+        for user in ["user-poison", *others]:
+            await assert_invariants(store, user)
+
+    assert isinstance(outcomes["user-poison"], StoreError)
+    assert "poisoned usage row" in str(outcomes["user-poison"])
+    assert isinstance(outcomes["user-poison"].__cause__, sqlite3.IntegrityError)
+    assert [True] * len(others) == [
+        isinstance(o, DeductionResult) and o.ok for u, o in outcomes.items() if u != "user-poison"
+    ]
+    assert 1 == rolled_back
+    assert before == after
+    assert lots_before == lots_after
+    assert (True, False, 22) == (retry.ok, retry.idempotent, retry.balance_after)
 
 
 def every_call(store: SQLiteStore) -> list[Callable[[], Awaitable[object]]]:
