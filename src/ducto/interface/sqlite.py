@@ -112,7 +112,14 @@ class _AiosqliteRunner:
         import aiosqlite
 
         self._aio = aiosqlite.Connection(connect, iter_chunk_size=64)
-        await self._aio
+        try:
+            await self._aio
+        except BaseException:
+            # aiosqlite stops its thread on a failed connect without waiting for it; wait here,
+            # while this loop can still take the thread's last callback.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._aio._thread.join)
+            raise
         self.conn = self._aio._conn
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -158,16 +165,15 @@ def _translate(exc: BaseException) -> StoreError:
 
 
 def _statements(script: str) -> Iterable[str]:
+    """The statements of a migration script, without their leading comment lines."""
     buffer = ""
     for line in script.splitlines(keepends=True):
+        if not buffer and (not line.strip() or line.lstrip().startswith("--")):
+            continue
         buffer += line
         if sqlite3.complete_statement(buffer):
-            statement = buffer.strip()
+            yield buffer.strip()
             buffer = ""
-            if statement and not all(
-                part.strip().startswith("--") or not part.strip() for part in statement.splitlines()
-            ):
-                yield statement
 
 
 class SQLiteStore:
