@@ -67,12 +67,12 @@ class Recorder:
 
 
 class ProxyStore:
-    """Forwards to a real store; a test may make `deduct_credits` fail or hang first."""
+    """Forwards to a real store; a test may make `deduct_credits` fail or slow."""
 
     def __init__(self, inner: CreditStore) -> None:
         self._inner = inner
         self.deduct_failures = 0
-        self.deduct_hangs = 0
+        self.deduct_delay = 0.0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -81,9 +81,8 @@ class ProxyStore:
         if self.deduct_failures:
             self.deduct_failures -= 1
             raise StoreError("disk I/O error")
-        if self.deduct_hangs:
-            self.deduct_hangs -= 1
-            await anyio.sleep_forever()
+        if self.deduct_delay:
+            await anyio.sleep(self.deduct_delay)
         return await self._inner.deduct_credits(*args, **kwargs)
 
 
@@ -298,16 +297,36 @@ async def test_retry_after_a_failed_settlement_charges_once(
     assert [-40] == [row.amount for row in await usage_rows(store, user_id)]
 
 
-async def test_cancelled_deduct_releases_its_hold(store: CreditStore, user_id: str) -> None:
-    """A deduct cancelled while settling releases its hold and charges nothing."""
+async def test_a_cancellation_during_a_charge_lets_it_finish(
+    store: CreditStore, user_id: str
+) -> None:
+    """A timeout that fires while the store charges takes effect once the charge is done."""
     proxy = ProxyStore(store)
     manager = CreditManager(proxy)  # type: ignore[arg-type]
     await manager.publish_pricing(PRICING)
     await manager.add_credits(user_id, 100, "purchase")
-    proxy.deduct_hangs = 1
+    proxy.deduct_delay = 0.05
+    result = None
 
-    with anyio.move_on_after(0.05) as scope:
-        await manager.deduct(user_id, CALL, idempotency_key="req-5")
+    with anyio.move_on_after(0.01) as scope:
+        result = await manager.deduct(user_id, CALL, idempotency_key="req-5")
+        await checkpoint()
+
+    assert scope.cancelled_caught is True
+    assert result is not None
+    assert 40 == result.amount
+    balance = await store.get_balance(user_id)
+    assert (60, 0) == (balance.balance, balance.reserved)
+
+
+async def test_a_deduct_cancelled_before_its_hold_charges_nothing(
+    store: CreditStore, manager: CreditManager, user_id: str
+) -> None:
+    """A deduct cancelled at once (while it looks up the plan) changes nothing."""
+    await manager.add_credits(user_id, 100, "purchase")
+
+    with anyio.move_on_after(0) as scope:
+        await manager.deduct(user_id, CALL)
 
     assert scope.cancelled_caught is True
     balance = await store.get_balance(user_id)

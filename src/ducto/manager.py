@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 import anyio
+from anyio.lowlevel import checkpoint_if_cancelled
 from pydantic import ValidationError
 
 from ducto.errors import (
@@ -806,10 +807,13 @@ class CreditManager:
         A usage that prices to 0 credits still places a 1-credit hold (a hold cannot be
         empty) and settles it for 0, so it writes a usage row like any other.
 
-        If the settlement fails, or the call is cancelled, after the hold was placed, the hold
-        is released (shielded from cancellation) before the error propagates: a cancelled
-        `deduct` charged nothing. Emits ``credits_deducted`` (and ``cap_warning``,
-        ``low_balance`` where they apply), or ``deduct_failed``.
+        If the settlement fails after the hold was placed, the hold is released (shielded
+        from cancellation) before the error propagates. The store calls that place and settle
+        the hold are shielded too (a store may commit a call and still report it cancelled),
+        so a cancellation that arrives during them takes effect once `deduct` has finished;
+        one that arrives before (while the plan is looked up) charges nothing. Emits
+        ``credits_deducted`` (and ``cap_warning``, ``low_balance`` where they apply), or
+        ``deduct_failed``.
 
         Args:
             user_id: The account.
@@ -897,22 +901,26 @@ class CreditManager:
         cost: CostBreakdown | None,
     ) -> DeductionResult:
         """Hold `amount` (at least 1), settle it for `amount`; release on any failure."""
-        reservation = await self._store.reserve_credits(
-            user_id,
-            max(amount, 1),
-            operation_type,
-            meta,
-            min_balance,
-            ttl=self._hold_ttl,
-            use_allowance=True,
-            idempotency_key=key,
-        )
+        # Shielded: a store may commit a call and still report it cancelled, and the
+        # manager must know whether it placed (or settled) a hold.
+        with anyio.CancelScope(shield=True):
+            reservation = await self._store.reserve_credits(
+                user_id,
+                max(amount, 1),
+                operation_type,
+                meta,
+                min_balance,
+                ttl=self._hold_ttl,
+                use_allowance=True,
+                idempotency_key=key,
+            )
         reservation.raise_for_error()
         held = _Held(
             user_id, reservation, max(amount, 1), operation_type, meta, key, self._hold_ttl
         )
         try:
-            result = await self._settle(held, amount, meta)
+            with anyio.CancelScope(shield=True):
+                result = await self._settle(held, amount, meta)
             result.raise_for_error()
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -1173,14 +1181,19 @@ class Hold:
       user is never charged for nothing.
     - **Left by an exception or a cancellation**: resolved the same way, shielded from
       cancellation, and the exception propagates. So a stream cut after the provider billed
-      some tokens is still charged for what was recorded. If `settle` itself was cancelled
-      mid-way, the amount it was settling is charged instead; if `settle` failed (the store
+      some tokens is still charged for what was recorded. If `settle` failed (the store
       refused or broke), the hold was released there.
     - Usage recorded for a model the pricing cannot price is charged at the held estimate
       rather than not at all.
 
     If resolving the hold on the way out fails, the original exception still propagates,
     with a note describing the failure (which is also logged).
+
+    The store calls that place and settle the hold are shielded from cancellation, because
+    a store may commit a call and still report it cancelled, and a hold the manager does not
+    know about could never be released. A cancellation that arrives while the hold is being
+    placed releases it before the block runs; one that arrives during `settle` lets the
+    settlement finish and takes effect right after.
 
     Attributes are meaningful once the block is entered.
     """
@@ -1278,23 +1291,25 @@ class Hold:
             amount = self._estimate
         meta = _charge_metadata(self._metadata, model=model)
         min_balance = engine.min_balance if engine is not None else _DEFAULT_MIN_BALANCE
-        reservation = await manager._store.reserve_credits(
-            self._user_id,
-            amount,
-            self._operation_type,
-            meta,
-            min_balance,
-            ttl=self._ttl,
-            use_allowance=True,
-            idempotency_key=self._key,
-        )
+        # Shielded: a store may commit a call and still report it cancelled, and a hold
+        # the manager does not know about could never be released.
+        with anyio.CancelScope(shield=True):
+            reservation = await manager._store.reserve_credits(
+                self._user_id,
+                amount,
+                self._operation_type,
+                meta,
+                min_balance,
+                ttl=self._ttl,
+                use_allowance=True,
+                idempotency_key=self._key,
+            )
         reservation.raise_for_error()
-        held = _Held(
+        self._held = _Held(
             self._user_id, reservation, amount, self._operation_type, meta, self._key, self._ttl
         )
-        self._held = held
-        if not reservation.idempotent:
-            try:
+        try:
+            if not reservation.idempotent:
                 with anyio.CancelScope(shield=True):
                     await manager._emit(
                         CreditEventType.RESERVED,
@@ -1306,10 +1321,18 @@ class Hold:
                         idempotency_key=self._key,
                         metadata=_usage_details(None, None, meta),
                     )
-            except BaseException:
-                with anyio.CancelScope(shield=True):
+            # Cancelled while reserving: free the hold and never start the call.
+            await checkpoint_if_cancelled()
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                try:
                     await self._release()
-                raise
+                except Exception as error:
+                    _log.exception("releasing hold %s failed", reservation.reservation_id)
+                    exc.add_note(
+                        f"ducto: releasing hold {reservation.reservation_id!r} failed: {error!r}"
+                    )
+            raise
         return self
 
     async def __aexit__(
@@ -1462,7 +1485,9 @@ class Hold:
         self._pending = (amount, usage, cost)
         self._settling = True
         try:
-            result = await manager._settle(held, amount, meta)
+            # Shielded for the same reason as the reserve: whether it happened must be known.
+            with anyio.CancelScope(shield=True):
+                result = await manager._settle(held, amount, meta)
             result.raise_for_error()
         except Exception as exc:
             self._failed = True
