@@ -27,9 +27,10 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from ducto.interface import _ledger as L
 from ducto.interface import open_store
 from ducto.interface.models import (
     AddCreditsResult,
+    CreditMetadata,
     DeductionResult,
     PlanDefinition,
     PricingConfigData,
@@ -76,6 +78,11 @@ def raw(path: Path) -> Iterator[sqlite3.Connection]:
         yield conn
     finally:
         conn.close()
+
+
+def exist(*paths: Path) -> bool:
+    """Whether every one of `paths` exists."""
+    return all(path.exists() for path in paths)
 
 
 def names_in(directory: Path) -> set[str]:
@@ -145,11 +152,11 @@ def finish(child: Child, timeout: float = CHILD_TIMEOUT) -> None:
         pytest.fail(child.failure())
 
 
-async def gather(calls: list[Callable[[], Awaitable[None]]], limit: int = 0) -> None:
+async def gather(calls: Sequence[Callable[[], Awaitable[object]]], limit: int = 0) -> None:
     """Run every call as its own task at once (at most `limit` at a time if given)."""
     limiter = anyio.CapacityLimiter(limit) if limit else None
 
-    async def run(call: Callable[[], Awaitable[None]]) -> None:
+    async def run(call: Callable[[], Awaitable[object]]) -> None:
         if limiter is None:
             await call()
             return
@@ -184,7 +191,7 @@ def traced(monkeypatch: pytest.MonkeyPatch) -> Traced:
     real_connect = sqlite3.connect
 
     def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        conn = real_connect(*args, **kwargs)
+        conn: sqlite3.Connection = real_connect(*args, **kwargs)
         conn.set_trace_callback(trace.statements.append)
         return conn
 
@@ -240,7 +247,7 @@ def run_churn(path: Path, workdir: Path, users: list[str], iterations: int) -> C
             }
             children.append(stack.enter_context(spawn("churn", cfg, workdir, f"churn-{index}")))
         wait_for(
-            lambda: all((workdir / f"ready-{i}").exists() for i in range(len(children))),
+            partial(exist, *(workdir / f"ready-{i}" for i in range(len(children)))),
             children,
             CHILD_TIMEOUT,
         )
@@ -264,7 +271,7 @@ async def fund(path: Path, users: list[str], amount: int) -> None:
         async def grant(user: str) -> None:
             (await store.add_credits(user, amount, "purchase")).raise_for_error()
 
-        await gather([lambda u=u: grant(u) for u in users])
+        await gather([partial(grant, u) for u in users])
 
 
 async def check_churn(path: Path, users: list[str], grant: int, report: ChurnReport) -> None:
@@ -283,7 +290,7 @@ async def check_churn(path: Path, users: list[str], grant: int, report: ChurnRep
             usage.extend(r for r in rows if r.type == "usage")
             balances[user] = (await store.get_balance(user)).balance
 
-        await gather([lambda u=u: check(u) for u in users], limit=64)
+        await gather([partial(check, u) for u in users], limit=64)
 
     per_hold = Counter(row.reservation_id for row in usage)
     assert set() == {rid for rid, n in per_hold.items() if n != 1}
@@ -337,6 +344,11 @@ def test_processes_share_one_file(tmp_path: Path, user_count: int, iterations: i
 CRASH_TASKS = 4
 CRASH_USER = "user-crash"
 CRASH_GRANT = 10**9
+
+
+def started(log: Path, round_: int) -> bool:
+    """Whether the child of `round_` is past its retries and into new work."""
+    return new_acks(log, round_) >= 3
 
 
 def new_acks(log: Path, round_: int) -> int:
@@ -422,7 +434,7 @@ def test_sigkill_loses_no_acknowledged_operation(
     for round_ in range(rounds):
         cfg = base | {"round": round_, "backend": ("asyncio", "trio")[round_ % 2]}
         with spawn("crash", cfg, tmp_path, f"crash-{round_}") as child:
-            wait_for(lambda r=round_: new_acks(log, r) >= 3, [child], CHILD_TIMEOUT)
+            wait_for(partial(started, log, round_), [child], CHILD_TIMEOUT)
             time.sleep(rng.uniform(0, 0.1))
             child.process.send_signal(signal.SIGKILL)
             child.process.wait()
@@ -599,7 +611,7 @@ async def test_migrated_file_keeps_working(
 
     async with opened(path, clock=clock) as store:
         refund = await store.refund_credits("tx_legacy_2", 20, "migrated")
-        hold = await store.reserve_credits(LEGACY_USER, 30, "chat", metadata={"model": "m"})
+        hold = await store.reserve_credits(LEGACY_USER, 30, "chat", CreditMetadata(model="m"))
         settled = await store.deduct_credits(LEGACY_USER, hold.reservation_id, 25, "new-key")
         plan = PlanDefinition(id="pro", name="Pro", free_allowance=10)
         await store.set_active_pricing(
@@ -677,7 +689,7 @@ def test_setup_from_two_processes_at_once(tmp_path: Path) -> None:
                 for backend in ("asyncio", "trio")
             ]
             wait_for(
-                lambda w=workdir: all((w / f"ready-{b}").exists() for b in ("asyncio", "trio")),
+                partial(exist, workdir / "ready-asyncio", workdir / "ready-trio"),
                 children,
                 CHILD_TIMEOUT,
             )
@@ -810,7 +822,7 @@ async def test_group_commit_batches_and_stays_exact(
             results.append(await store.deduct_credits(user, rid, 1 + index % 5, f"key-{index}"))
 
         traced.clear()
-        await gather([lambda i=i: settle(i) for i in range(CONCURRENT)])
+        await gather([partial(settle, i) for i in range(CONCURRENT)])
         commits = traced.count("COMMIT")
         balances = {user: (await store.get_balance(user)).balance for user in users}
         for user in users:
@@ -851,7 +863,7 @@ async def test_refused_operation_in_a_batch_changes_nothing(
 
         traced.clear()
         await gather(
-            [lambda: refund(11), lambda: refund(4)] + [lambda u=u: settle(u) for u in others]
+            [partial(refund, 11), partial(refund, 4)] + [partial(settle, u) for u in others]
         )
         batches = (traced.count("BEGIN IMMEDIATE"), traced.count("COMMIT"))
         rows = await all_rows(store, "user-a")
@@ -895,10 +907,10 @@ async def test_failing_operation_in_a_batch_rolls_back_alone(
             outcomes["grant"] = await store.add_credits("user-new", 9, "purchase")
 
         traced.clear()
-        await gather(
-            [lambda: settle("user-deep", second.reservation_id, 3), grant]
-            + [lambda u=u: settle(u, holds[u], 4) for u in others]
-        )
+        calls: list[Callable[[], Awaitable[None]]] = [grant]
+        calls.append(partial(settle, "user-deep", second.reservation_id, 3))
+        calls.extend(partial(settle, u, holds[u], 4) for u in others)
+        await gather(calls)
         batch = [traced.count(s) for s in ("BEGIN IMMEDIATE", "ROLLBACK TO op", "COMMIT")]
         deep = await store.get_balance("user-deep")
         deep_rows = await all_rows(store, "user-deep")
@@ -954,8 +966,8 @@ async def test_operation_failing_midway_rolls_back_alone(
 
         traced.clear()
         await gather(
-            [lambda: settle("user-poison", poisoned.reservation_id)]
-            + [lambda u=u: settle(u, holds[u]) for u in others]
+            [partial(settle, "user-poison", poisoned.reservation_id)]
+            + [partial(settle, u, holds[u]) for u in others]
         )
         rolled_back = traced.count("ROLLBACK TO op") + traced.count("ROLLBACK")
         after = await store.get_balance("user-poison")
@@ -1058,7 +1070,7 @@ async def test_aclose_during_traffic_answers_every_caller_truthfully(
             await first_answer.wait()
             await store.aclose()
 
-        await gather([lambda i=i: grant(i) for i in range(100)] + [close])
+        await gather([*(partial(grant, i) for i in range(100)), close])
 
     async with opened(path) as reopened:
         rows = await all_rows(reopened, "user-a")
@@ -1107,7 +1119,7 @@ async def test_two_stores_on_one_file_never_overspend(anyio_backend: str, tmp_pa
             result = await store.reserve_credits("user-a", 1, "chat", min_balance=5)
             wins.append(result.ok)
 
-        await gather([lambda s=s: hold(s) for s in [left, right] * 20])
+        await gather([partial(hold, s) for s in [left, right] * 20])
         seen_by_left = await left.get_balance("user-a")
         seen_by_right = await right.get_balance("user-a")
 
@@ -1152,12 +1164,10 @@ async def test_unreachable_files_raise_store_errors(anyio_backend: str, tmp_path
     with pytest.raises(StoreError) as broken:
         async with not_db:
             pass
-    # A failed open under asyncio leaves aiosqlite's thread to finish on its own (see
-    # test_failed_open_leaves_no_thread_behind); give it the loop while it does.
-    await anyio.sleep(0.2)
     await missing.aclose()
     await not_db.aclose()
 
+    assert isinstance(unavailable.value, StoreError)
     assert isinstance(unavailable.value.__cause__, sqlite3.OperationalError)
     assert isinstance(broken.value.__cause__, sqlite3.DatabaseError)
     assert not (tmp_path / "no-such-dir").exists()
