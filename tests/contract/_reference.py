@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from ducto.errors import ErrorCode
+from ducto.errors import ErrorCode, InvalidArgumentError
 
 Outcome = dict[str, Any]
 
@@ -247,6 +247,9 @@ class Reference:
         replay = self._replay(acct, "grant", key, (amount, type_, expires_at))
         if replay is not None:
             return replay
+        if expires_at is not None and expires_at <= self.now:
+            # checked only for a new grant: a redelivery replays even after the expiry
+            raise InvalidArgumentError(f"expires_at must be in the future, got {expires_at}")
         if amount < 0 and self.available(acct) + amount < 0:
             return {"error": ErrorCode.INSUFFICIENT_CREDITS, "available": self.available(acct)}
         if amount > 0:
