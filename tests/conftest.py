@@ -42,6 +42,8 @@ def _open_memory(tmp_path: Path, clock: FakeClock) -> CreditStore:
 
 
 def _open_sqlite(tmp_path: Path, clock: FakeClock) -> CreditStore:
+    import aiosqlite  # noqa: F401  (the extra the store needs under asyncio)
+
     from ducto.interface.sqlite import SQLiteStore
 
     return SQLiteStore(tmp_path / "ducto.db", clock=clock, synchronous="NORMAL")
