@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from ducto.errors import ErrorCode, InvalidArgumentError
 from ducto.interface.models import (
     AggregateStatsRow,
+    CapCheckResult,
     CreditMetadata,
     DailySpendRow,
     PricingConfigData,
@@ -619,6 +620,72 @@ def cap_trips(spend: int, held: int, amount: int, limit: int) -> bool:
 def cap_applies(cap_model: str | None, model: str | None) -> bool:
     """A cap without a model covers all usage; a per-model cap covers that model only."""
     return cap_model is None or cap_model == model
+
+
+SpendOf = Callable[[SpendCap], int]
+"""Window spend a cap sees now (its type's window, its model or every model)."""
+HeldOf = Callable[[str | None], int]
+"""Active holds counting toward a cap on a model (None: every hold)."""
+
+
+def hold_cap_refusal(
+    caps: Iterable[SpendCap], model: str | None, amount: int, spend_of: SpendOf, held_of: HeldOf
+) -> dict[str, Any] | None:
+    """The first deny cap covering a hold on `model` that `amount` more would trip, if any."""
+    for cap in caps:
+        if cap.action != "deny" or not cap_applies(cap.model, model):
+            continue
+        spend = spend_of(cap)
+        if cap_trips(spend, held_of(cap.model), amount, cap.limit):
+            return {
+                "error": ErrorCode.SPEND_CAP_EXCEEDED,
+                "cap_limit": cap.limit,
+                "cap_spend": spend,
+                "cap_model": cap.model,
+            }
+    return None
+
+
+def cap_warning(caps: Iterable[SpendCap], model: str | None, spend_of: SpendOf) -> str | None:
+    """The action of a warn/notify cap whose window spend is now over its limit, if any."""
+    for cap in caps:
+        if cap.action != "deny" and cap_applies(cap.model, model) and spend_of(cap) > cap.limit:
+            return cap.action
+    return None
+
+
+def check_caps(
+    caps: Iterable[SpendCap], model: str | None, amount: int, spend_of: SpendOf, held_of: HeldOf
+) -> CapCheckResult:
+    """
+    The advisory cap check: a tripped deny cap first, then a tripped warn/notify cap, else the
+    matching cap with the least headroom (window spend plus active holds plus `amount`).
+    """
+    best: tuple[tuple[int, int], CapCheckResult] | None = None
+    for cap in caps:
+        if not cap_applies(cap.model, model):
+            continue
+        spend = spend_of(cap)
+        held = held_of(cap.model)
+        capped = cap_trips(spend, held, amount, cap.limit)
+        rank = (
+            0 if capped and cap.action == "deny" else 1 if capped else 2,
+            cap.limit - spend - held,
+        )
+        if best is None or rank < best[0]:
+            best = (
+                rank,
+                CapCheckResult(
+                    capped=capped,
+                    current_spend=spend,
+                    cap_limit=cap.limit,
+                    action=cap.action,
+                    model=cap.model,
+                    reserved=held,
+                    cap_type=cap.cap_type,
+                ),
+            )
+    return best[1] if best is not None else CapCheckResult()
 
 
 def allowance_split(amount: int, allowance_remaining: int) -> tuple[int, int]:

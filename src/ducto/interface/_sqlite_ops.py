@@ -590,18 +590,15 @@ class Ops:
     ) -> dict[str, Any] | None:
         if available - amount < min_balance:
             return {"error": ErrorCode.INSUFFICIENT_CREDITS}
-        for cap in self.caps(acct):
-            if cap.action != "deny" or not L.cap_applies(cap.model, model):
-                continue
-            spend = self.window_spend(acct.id, cap.cap_type, cap.model, now)
-            if L.cap_trips(spend, self.held_for(acct, cap.model), amount, cap.limit):
-                return {
-                    "error": ErrorCode.SPEND_CAP_EXCEEDED,
-                    "cap_limit": cap.limit,
-                    "cap_spend": spend,
-                    "cap_model": cap.model,
-                }
-        return None
+        return L.hold_cap_refusal(
+            self.caps(acct), model, amount, self._spend_of(acct, now), self._held_of(acct)
+        )
+
+    def _spend_of(self, acct: Account, now: datetime) -> L.SpendOf:
+        return lambda cap: self.window_spend(acct.id, cap.cap_type, cap.model, now)
+
+    def _held_of(self, acct: Account) -> L.HeldOf:
+        return lambda model: self.held_for(acct, model)
 
     def deduct_credits(
         self,
@@ -683,12 +680,7 @@ class Ops:
         return result
 
     def cap_warning(self, acct: Account, model: str | None, now: datetime) -> str | None:
-        for cap in self.caps(acct):
-            if cap.action == "deny" or not L.cap_applies(cap.model, model):
-                continue
-            if self.window_spend(acct.id, cap.cap_type, cap.model, now) > cap.limit:
-                return cap.action
-        return None
+        return L.cap_warning(self.caps(acct), model, self._spend_of(acct, now))
 
     def release_reservation(self, user_id: str, reservation_id: str) -> ReleaseResult:
         _, now_us = self.now()
@@ -1014,34 +1006,9 @@ class Ops:
     def check_spend_cap(self, user_id: str, model: str | None, extra: int) -> CapCheckResult:
         now, now_us = self.now()
         acct = self.load("u", user_id, now_us)
-        caps = self.caps(acct)
-        if not caps:
-            return CapCheckResult()
-        best: tuple[tuple[int, int], CapCheckResult] | None = None
-        for cap in caps:
-            if not L.cap_applies(cap.model, model):
-                continue
-            spend = self.window_spend(user_id, cap.cap_type, cap.model, now)
-            held = self.held_for(acct, cap.model)
-            capped = L.cap_trips(spend, held, extra, cap.limit)
-            rank = (
-                0 if capped and cap.action == "deny" else 1 if capped else 2,
-                cap.limit - spend - held,
-            )
-            if best is None or rank < best[0]:
-                best = (
-                    rank,
-                    CapCheckResult(
-                        capped=capped,
-                        current_spend=spend,
-                        cap_limit=cap.limit,
-                        action=cap.action,
-                        model=cap.model,
-                        reserved=held,
-                        cap_type=cap.cap_type,
-                    ),
-                )
-        return best[1] if best is not None else CapCheckResult()
+        return L.check_caps(
+            self.caps(acct), model, extra, self._spend_of(acct, now), self._held_of(acct)
+        )
 
     def _count_caps(self, acct: Account, now_us: int) -> None:
         acct.caps = self.one("SELECT count(*) FROM caps WHERE user_id = ?", (acct.id,))[0]

@@ -611,18 +611,15 @@ class MemoryStore:
             return {"error": ErrorCode.INSUFFICIENT_CREDITS}
         if acct is None or not acct.caps:
             return None
-        for cap in acct.caps.values():
-            if cap.action != "deny" or not L.cap_applies(cap.model, model):
-                continue
-            spend = self._window_spend(acct, cap.cap_type, cap.model, now)
-            if L.cap_trips(spend, self._held_for(acct, cap.model), amount, cap.limit):
-                return {
-                    "error": ErrorCode.SPEND_CAP_EXCEEDED,
-                    "cap_limit": cap.limit,
-                    "cap_spend": spend,
-                    "cap_model": cap.model,
-                }
-        return None
+        return L.hold_cap_refusal(
+            acct.caps.values(), model, amount, self._spend_of(acct, now), self._held_of(acct)
+        )
+
+    def _spend_of(self, acct: _Account, now: datetime) -> L.SpendOf:
+        return lambda cap: self._window_spend(acct, cap.cap_type, cap.model, now)
+
+    def _held_of(self, acct: _Account) -> L.HeldOf:
+        return lambda model: self._held_for(acct, model)
 
     async def deduct_credits(
         self,
@@ -719,13 +716,7 @@ class MemoryStore:
             return result
 
     def _cap_warning(self, acct: _Account, model: str | None, now: datetime) -> str | None:
-        for cap in acct.caps.values():
-            if cap.action == "deny" or not L.cap_applies(cap.model, model):
-                continue
-            spend = self._window_spend(acct, cap.cap_type, cap.model, now)
-            if spend > cap.limit:
-                return cap.action
-        return None
+        return L.cap_warning(acct.caps.values(), model, self._spend_of(acct, now))
 
     async def release_reservation(self, user_id: str, reservation_id: str) -> ReleaseResult:
         """
@@ -1251,31 +1242,9 @@ class MemoryStore:
             if acct is None or not acct.caps:
                 return CapCheckResult()
             self._lapse(acct, now)
-            best: tuple[tuple[int, int], CapCheckResult] | None = None
-            for cap in acct.caps.values():
-                if not L.cap_applies(cap.model, model):
-                    continue
-                spend = self._window_spend(acct, cap.cap_type, cap.model, now)
-                held = self._held_for(acct, cap.model)
-                capped = L.cap_trips(spend, held, extra, cap.limit)
-                rank = (
-                    0 if capped and cap.action == "deny" else 1 if capped else 2,
-                    cap.limit - spend - held,
-                )
-                if best is None or rank < best[0]:
-                    best = (
-                        rank,
-                        CapCheckResult(
-                            capped=capped,
-                            current_spend=spend,
-                            cap_limit=cap.limit,
-                            action=cap.action,
-                            model=cap.model,
-                            reserved=held,
-                            cap_type=cap.cap_type,
-                        ),
-                    )
-            return best[1] if best is not None else CapCheckResult()
+            return L.check_caps(
+                acct.caps.values(), model, extra, self._spend_of(acct, now), self._held_of(acct)
+            )
 
     async def set_spend_cap(self, cap: SpendCap) -> SpendCap:
         """Create or replace the cap for (user, cap type, model); returns the stored cap."""
