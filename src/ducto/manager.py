@@ -73,7 +73,7 @@ __all__ = ["CreditManager", "Hold"]
 
 _log = logging.getLogger("ducto.manager")
 
-DEFAULT_OPERATION: Final = "llm_call"
+_DEFAULT_OPERATION: Final = "llm_call"
 """The operation type of holds placed for model usage."""
 _DEFAULT_MIN_BALANCE: Final = 5
 """The floor used before any pricing is loaded (the 1.x default of `reserve_credits`)."""
@@ -105,17 +105,17 @@ def _check_credits(name: str, value: object, *, minimum: int) -> int:
     return value
 
 
-def _check_ttl(value: object) -> float | timedelta:
+def _check_ttl(value: object, name: str = "hold_ttl") -> float | timedelta:
     seconds: float
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
     else:
-        raise InvalidArgumentError(f"hold_ttl must be seconds or a timedelta, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be seconds or a timedelta, got {value!r}")
     if not 0 < seconds <= _MAX_TTL_SECONDS:
         raise InvalidArgumentError(
-            f"hold_ttl must be more than 0 and at most {_MAX_TTL_SECONDS} seconds, got {value!r}"
+            f"{name} must be more than 0 and at most {_MAX_TTL_SECONDS} seconds, got {value!r}"
         )
     return value
 
@@ -793,7 +793,7 @@ class CreditManager:
         idempotency_key: str | None = None,
         metadata: _Metadata = None,
         *,
-        operation_type: str = DEFAULT_OPERATION,
+        operation_type: str = _DEFAULT_OPERATION,
     ) -> DeductionResult:
         """
         Price usage that happened and charge it: a hold for the cost, then its settlement.
@@ -1116,7 +1116,7 @@ class CreditManager:
         user_id: str,
         estimate: UsageMetrics | int,
         *,
-        operation_type: str = DEFAULT_OPERATION,
+        operation_type: str = _DEFAULT_OPERATION,
         idempotency_key: str | None = None,
         metadata: _Metadata = None,
         ttl: float | timedelta | None = None,
@@ -1164,7 +1164,7 @@ class CreditManager:
             operation_type=operation_type,
             idempotency_key=idempotency_key,
             metadata=metadata,
-            ttl=self._hold_ttl if ttl is None else _check_ttl(ttl),
+            ttl=self._hold_ttl if ttl is None else _check_ttl(ttl, "ttl"),
         )
 
 

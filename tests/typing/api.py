@@ -6,6 +6,7 @@ from ducto import CreditManager, UsageMetrics
 from ducto.errors import ErrorCode
 from ducto.interface import CreditStore, MemoryStore
 from ducto.interface.models import DeductionResult, ReserveResult
+from ducto.sync import SyncCreditManager
 
 
 def memory_store_is_a_credit_store() -> CreditStore:
@@ -31,3 +32,10 @@ async def manager_calls_are_typed(store: CreditStore) -> int:
         hold.record(UsageMetrics(model="m", output_tokens=4))
         settled: DeductionResult = await hold.settle()
     return done.amount + settled.amount
+
+
+def sync_facade_is_typed(store: CreditStore) -> int:
+    """The blocking facade keeps the manager's result types."""
+    with SyncCreditManager(CreditManager(store)) as billing:
+        done: DeductionResult = billing.deduct("u", UsageMetrics(input_tokens=1))
+        return done.amount
