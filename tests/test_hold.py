@@ -562,6 +562,27 @@ async def test_a_request_retried_after_a_released_attempt_is_charged_once(
     assert (80, 0) == (balance.balance, balance.reserved)
 
 
+async def test_a_duplicate_attempt_never_releases_the_original_hold(
+    store: CreditStore, manager: CreditManager, user_id: str
+) -> None:
+    """A concurrent duplicate of a request that fails leaves the original's hold alone."""
+    await manager.add_credits(user_id, 100, "purchase")
+    original = manager.hold(user_id, CALL, idempotency_key="req-3")
+    duplicate = manager.hold(user_id, CALL, idempotency_key="req-3")
+
+    async with original:
+        with pytest.raises(ProviderError):
+            async with duplicate:
+                raise ProviderError("503")
+        held = await manager.get_balance(user_id)
+        result = await original.settle(HALF)
+
+    assert original.reservation_id == duplicate.reservation_id
+    assert (40, 20) == (held.reserved, result.amount)
+    balance = await manager.get_balance(user_id)
+    assert (80, 0) == (balance.balance, balance.reserved)
+
+
 # -- cancellation at random points -------------------------------------------------------------
 
 CANCEL_AFTER = (0, 1, 2, 3, 5, 8, 13, 21)

@@ -990,8 +990,11 @@ class CreditManager:
         outcome: ErrorCode | None = ErrorCode.RESERVATION_RELEASED
         reservation_id = held.reservation.reservation_id
         try:
-            released = await self._store.release_reservation(held.user_id, reservation_id)
-            outcome = released.error
+            if held.reservation.idempotent:
+                outcome = None  # a replayed hold is the placing request's to resolve
+            else:
+                released = await self._store.release_reservation(held.user_id, reservation_id)
+                outcome = released.error
         except Exception as release_error:
             _log.exception("releasing hold %s after a failed charge failed", reservation_id)
             exc.add_note(f"ducto: releasing hold {reservation_id!r} failed: {release_error!r}")
@@ -1186,6 +1189,10 @@ class Hold:
     - Usage recorded for a model the pricing cannot price is charged at the held estimate
       rather than not at all.
 
+    A hold whose idempotency key replayed one placed by an earlier or concurrent attempt
+    of the same request is never released by this attempt: the attempt that placed it
+    settles or releases it (or its TTL ends it).
+
     If resolving the hold on the way out fails, the original exception still propagates,
     with a note describing the failure (which is also logged).
 
@@ -1379,6 +1386,11 @@ class Hold:
     async def _release(self) -> None:
         held = self._held
         assert held is not None
+        if held.reservation.idempotent:
+            # The key replayed a hold another attempt placed; that attempt (still running,
+            # or finished) resolves it, so releasing it here could undo its charge.
+            self._released = True
+            return
         manager = self._manager
         result = await manager._store.release_reservation(
             held.user_id, held.reservation.reservation_id
