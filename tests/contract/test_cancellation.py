@@ -447,3 +447,23 @@ async def test_a_call_past_its_deadline_changes_nothing(
     result = await calls[call]()
     assert getattr(result, "ok", True)
     assert not getattr(result, "idempotent", False)
+
+
+async def test_a_cancelled_call_changed_nothing(store: CreditStore, user_id: str) -> None:
+    """Under random deadlines, a hold exists exactly when its reserve call returned."""
+    await store.add_credits(user_id, 1_000_000, "purchase")
+    rng = random.Random(20261127)
+    returned: list[int] = []
+
+    async def reserve_once() -> None:
+        with anyio.move_on_after(rng.uniform(0, 0.002)):
+            hold = await store.reserve_credits(user_id, 1, "chat", min_balance=0)
+            returned.append(hold.amount)
+
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            for _ in range(scaled(store, 300, minimum=100)):
+                tg.start_soon(reserve_once)
+
+    assert sum(returned) == (await store.get_balance(user_id)).reserved
+    await assert_invariants(store, user_id)

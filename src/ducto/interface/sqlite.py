@@ -133,12 +133,13 @@ class _AiosqliteRunner:
 
 
 class _Job:
-    __slots__ = ("args", "done", "error", "fn", "lead", "result", "taken", "write")
+    __slots__ = ("args", "done", "error", "fn", "lead", "result", "taken", "wake", "write")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], write: bool) -> None:
         self.fn = fn
         self.args = args
         self.write = write
+        self.wake = anyio.Event()  # taken into a transaction, or asked to lead one
         self.done = anyio.Event()
         self.lead = False
         self.taken = False
@@ -325,15 +326,21 @@ class SQLiteStore:
         self._queue.append(job)
         if self._leading:
             try:
-                await job.done.wait()
+                await job.wake.wait()
             except BaseException:
                 if not job.taken:
+                    # Nothing happened yet: withdraw (passing on leadership if it came).
                     self._queue.remove(job)
                     if job.lead:
                         self._leading = False
                         self._promote()
-                raise
+                    raise
+                # A leader took the operation as the cancellation arrived. It will commit, so
+                # the call completes and reports it; the cancellation, which anyio delivers at
+                # every checkpoint of a cancelled scope, reaches the caller at its next one.
             if not job.lead:
+                with anyio.CancelScope(shield=True):
+                    await job.done.wait()
                 return job.outcome()  # type: ignore[no-any-return]
         else:
             self._leading = True
@@ -349,11 +356,12 @@ class SQLiteStore:
             del self._queue[: len(batch)]
             for queued in batch:
                 queued.taken = True
+                if queued is not job:
+                    queued.wake.set()
             with anyio.CancelScope(shield=True):
                 await self._run(batch)
             for queued in batch:
-                if queued is not job:
-                    queued.done.set()
+                queued.done.set()
         finally:
             self._leading = False
             self._promote()
@@ -367,7 +375,7 @@ class SQLiteStore:
             self._leading = True
             nxt = self._queue[0]
             nxt.lead = True
-            nxt.done.set()
+            nxt.wake.set()
         elif self._idle is not None:
             self._idle.set()
 
