@@ -23,3 +23,13 @@ def test_the_two_setup_commands_exist() -> None:
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
 
     assert {"demo", "test"} <= set(re.findall(r"^([a-z]+):", makefile, re.M))
+
+
+def test_pricing_example_is_the_example_that_runs() -> None:
+    """The README's manager example is examples/pricing_quickstart.py."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    shown = re.search(r"## Pricing and the manager\n.*?```python\n(.*?)```", readme, re.S)
+    example = (ROOT / "examples" / "pricing_quickstart.py").read_text(encoding="utf-8")
+
+    assert shown is not None
+    assert example.endswith(shown.group(1))
