@@ -1,8 +1,8 @@
 """
 The store layer: the `CreditStore` contract and its implementations.
 
-`MemoryStore` is always available. `SQLiteStore` (extra ``sqlite``) and `PostgresStore`
-(extra ``postgres``) load on first access, so ``import ducto`` needs no optional driver.
+`MemoryStore` is always available. `SQLiteStore` (extra ``sqlite``) loads on first access, so
+``import ducto`` needs no optional driver.
 """
 
 from __future__ import annotations
