@@ -93,15 +93,16 @@ class _Hold:
 
 
 class _Row(NamedTuple):
-    # Rows are immutable tuples of atomic values, so the cyclic garbage collector stops
-    # tracking them: a long history costs memory but no collection time.
+    # The ledger keeps rows as plain tuples of atomic values (built by `_append_row`, read
+    # through `_Row._make`), which the cyclic garbage collector stops tracking: a long history
+    # costs memory but no collection time. A NamedTuple instance would stay tracked.
     id: str
     seq: int
     account: tuple[str, str]
     amount: int
     type: str
     balance_after: int
-    metadata: dict[str, Any]
+    metadata: tuple[tuple[str, Any], ...] | None
     created_at: datetime
     reservation_id: str | None = None
     idempotency_key: str | None = None
@@ -134,7 +135,7 @@ class _Account:
     live: list[tuple[datetime, int, _Lot]] = field(default_factory=list)
     expired: list[tuple[datetime, int, _Lot]] = field(default_factory=list)
     idem: dict[tuple[str, str], tuple[tuple[object, ...], Any]] = field(default_factory=dict)
-    rows: list[_Row] = field(default_factory=list)
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
     allowance_used: dict[int, int] = field(default_factory=dict)
     spend: dict[tuple[str, int, str | None], int] = field(default_factory=dict)
     caps: dict[tuple[str, str | None], SpendCap] = field(default_factory=dict)
@@ -173,9 +174,9 @@ class MemoryStore:
         self._locks = KeyedLocks()
         self._users: dict[str, _Account] = {}
         self._teams: dict[str, _Account] = {}
-        self._rows_by_id: dict[str, _Row] = {}
+        self._rows_by_id: dict[str, tuple[Any, ...]] = {}
         self._refunded: dict[str, list[int]] = {}
-        self._spend_rows: list[_Row] = []
+        self._spend_rows: list[tuple[Any, ...]] = []
         self._seq = 0
         self._expiring: list[tuple[datetime, int, _Account, _Lot]] = []
         self._sweep_backlog: list[tuple[datetime, int, _Account, _Lot]] = []
@@ -322,23 +323,41 @@ class MemoryStore:
         type_: str,
         metadata: dict[str, Any],
         now: datetime,
-        **extra: Any,
-    ) -> _Row:
+        *,
+        reservation_id: str | None = None,
+        idempotency_key: str | None = None,
+        draws: tuple[tuple[str, int], ...] | None = None,
+        spender: str | None = None,
+        model: str | None = None,
+        operation_type: str | None = None,
+        allowance: int = 0,
+    ) -> str:
+        """Append a ledger row (a plain tuple in `_Row`'s field order) and return its id."""
         self._seq += 1
-        row = _Row(
-            self._ids.next("tx"),
+        row_id = self._ids.next("tx")
+        row = (
+            row_id,
             self._seq,
             acct.key,
             amount,
             type_,
             acct.balance,
-            metadata,
+            # Items, not the dict: a tuple holding a dict can never be untracked.
+            tuple(metadata.items()) if metadata else None,
             now,
-            **extra,
+            reservation_id,
+            idempotency_key,
+            draws,
+            spender,
+            model,
+            operation_type,
+            allowance,
         )
         acct.rows.append(row)
-        self._rows_by_id[row.id] = row
-        return row
+        self._rows_by_id[row_id] = row
+        if spender is not None:
+            self._spend_rows.append(row)
+        return row_id
 
     def _allowance(self, acct: _Account | None, now: datetime) -> tuple[PlanDefinition | None, int]:
         """The user's plan in the active pricing version and the allowance left this month."""
@@ -483,7 +502,7 @@ class MemoryStore:
                 self._debit(acct, -amount)
             if type_ == "purchase":
                 acct.lifetime_purchased += amount
-            row = self._append_row(
+            row_id = self._append_row(
                 acct,
                 amount,
                 type_,
@@ -492,7 +511,7 @@ class MemoryStore:
                 idempotency_key=key,
             )
             result = AddCreditsResult(
-                transaction_id=row.id,
+                transaction_id=row_id,
                 user_id=user_id,
                 amount=amount,
                 new_balance=acct.balance,
@@ -684,7 +703,7 @@ class MemoryStore:
             draws = self._debit(acct, paid)
             model = (meta.model if meta is not None else None) or hold.model
             # The system keys of a usage row are merged in when the row is read.
-            row = self._append_row(
+            row_id = self._append_row(
                 acct,
                 -paid,
                 "usage",
@@ -698,10 +717,9 @@ class MemoryStore:
                 operation_type=hold.operation_type,
                 allowance=covered,
             )
-            self._spend_rows.append(row)
             self._add_spend(acct, model, now, paid)
             result = DeductionResult(
-                transaction_id=row.id,
+                transaction_id=row_id,
                 user_id=user_id,
                 reservation_id=reservation_id,
                 amount=paid,
@@ -802,8 +820,8 @@ class MemoryStore:
             transaction_id, amount, reason, metadata, idempotency_key
         )
         self._ensure_open()
-        original = self._rows_by_id.get(transaction_id)
-        if original is None:
+        stored_row = self._rows_by_id.get(transaction_id)
+        if stored_row is None:
             await checkpoint()
             return RefundResult(
                 original_transaction_id=transaction_id,
@@ -811,6 +829,7 @@ class MemoryStore:
                 idempotency_key=key,
                 error=ErrorCode.TRANSACTION_NOT_FOUND,
             )
+        original = _Row._make(stored_row)
         acct = self._account(original.account)
         spender = original.spender or acct.id
         team_id = acct.id if acct.kind == "t" else None
@@ -859,11 +878,11 @@ class MemoryStore:
                 "model": original.model,
                 "user_id": spender if team_id else None,
             }
-            row = self._append_row(
+            row_id = self._append_row(
                 acct, give, "refund", L.row_metadata(meta, system), now, idempotency_key=key
             )
             result = RefundResult(
-                refund_transaction_id=row.id,
+                refund_transaction_id=row_id,
                 original_transaction_id=transaction_id,
                 user_id=spender,
                 team_id=team_id,
@@ -1006,12 +1025,12 @@ class MemoryStore:
         if acct is None:
             return TransactionPage()
         rows = acct.rows
-        index = len(rows) if before is None else bisect_left(rows, before, key=lambda r: r.seq)
+        index = len(rows) if before is None else bisect_left(rows, before, key=lambda r: r[1])
         picked: list[_Row] = []
         more = False
         while index > 0:
             index -= 1
-            row = rows[index]
+            row = _Row._make(rows[index])
             if wanted is not None and row.type not in wanted:
                 continue
             if (lo is not None and row.created_at < lo) or (
@@ -1301,7 +1320,7 @@ class MemoryStore:
             self._credit(team, initial_balance, None, now)
             transaction_id = self._append_row(
                 team, initial_balance, "team_topup", {"initial_balance": True}, now
-            ).id
+            )
         return CreateTeamResult(
             team_id=team.id, name=name, balance=team.balance, transaction_id=transaction_id
         )
@@ -1377,7 +1396,7 @@ class MemoryStore:
                     error=ErrorCode.IDEMPOTENCY_CONFLICT,
                 )
             self._credit(team, amount, expiry, now)
-            row = self._append_row(
+            row_id = self._append_row(
                 team,
                 amount,
                 "team_topup",
@@ -1386,7 +1405,7 @@ class MemoryStore:
                 idempotency_key=key,
             )
             result = TeamTopupResult(
-                transaction_id=row.id,
+                transaction_id=row_id,
                 team_id=team_id,
                 amount=amount,
                 team_balance_after=team.balance,
@@ -1488,7 +1507,7 @@ class MemoryStore:
             draws = self._debit(team, amount)
             model = L.metadata_model(meta)
             system = {"model": model, "user_id": user_id, "idempotency_key": key}
-            row = self._append_row(
+            row_id = self._append_row(
                 team,
                 -amount,
                 "team_usage",
@@ -1499,11 +1518,10 @@ class MemoryStore:
                 spender=user_id,
                 model=model,
             )
-            self._spend_rows.append(row)
             team.member_spend[(user_id, month)] = spent + amount
             self._add_spend(self._user(user_id), model, now, amount)
             result = TeamDeductionResult(
-                transaction_id=row.id,
+                transaction_id=row_id,
                 team_id=team_id,
                 user_id=user_id,
                 amount=amount,
@@ -1527,7 +1545,7 @@ class MemoryStore:
                 row.created_at,
                 -row.amount - self._refund_total(row.id),
             )
-            for row in self._spend_rows
+            for row in map(_Row._make, self._spend_rows)
         ]
 
     async def spend_by_user(self, start: datetime, end: datetime) -> list[SpendByUserRow]:
@@ -1565,8 +1583,9 @@ def _hold_error(acct: _Account | None, hold_id: str, hold: _Hold | None) -> Erro
 
 
 def _row_metadata(row: _Row) -> dict[str, Any]:
+    metadata = dict(row.metadata or ())
     if row.type != "usage":
-        return dict(row.metadata)
+        return metadata
     system = {
         "model": row.model,
         "operation_type": row.operation_type,
@@ -1574,7 +1593,7 @@ def _row_metadata(row: _Row) -> dict[str, Any]:
         "idempotency_key": row.idempotency_key,
         "allowance_consumed": row.allowance or None,
     }
-    return L.merge_system(row.metadata, system)
+    return L.merge_system(metadata, system)
 
 
 def _public_row(row: _Row, refunded: int) -> TransactionRow:
