@@ -15,6 +15,7 @@ concurrency the locks are never held across a yield, so they never queue.
 from __future__ import annotations
 
 import heapq
+from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ _SETTLED, _RELEASED = L.HOLD_SETTLED, L.HOLD_RELEASED
 _NOWHERE, _LIVE, _EXPIRED = 0, 1, 2
 _DAILY, _MONTHLY = "daily", "monthly"
 _NO_METADATA: dict[str, Any] = {}
+_CHUNK = 4096
+"""Ledger rows per sealed chunk (a tuple the garbage collector can stop tracking)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -129,13 +132,17 @@ class _Account:
     expired_unswept: int = 0
     reserved_by_model: dict[str, int] = field(default_factory=dict)
     holds: dict[str, _Hold] = field(default_factory=dict)
-    closed: dict[str, tuple[int, int]] = field(default_factory=dict)
-    hold_heap: list[tuple[datetime, int, str]] = field(default_factory=list)
+    # A settled or released hold, as ``amount * 4 + state``: a dict of str to int is never
+    # tracked by the garbage collector, however long the history.
+    closed: dict[str, int] = field(default_factory=dict)
+    hold_heap: list[tuple[datetime, str]] = field(default_factory=list)
     lots: dict[str, _Lot] = field(default_factory=dict)
     live: list[tuple[datetime, int, _Lot]] = field(default_factory=list)
     expired: list[tuple[datetime, int, _Lot]] = field(default_factory=list)
-    idem: dict[tuple[str, str], tuple[tuple[object, ...], Any]] = field(default_factory=dict)
-    rows: list[tuple[Any, ...]] = field(default_factory=list)
+    idem: dict[tuple[str, str], tuple[tuple[object, ...], type[Any], str]] = field(
+        default_factory=dict
+    )
+    rows: array[int] = field(default_factory=lambda: array("q"))
     allowance_used: dict[int, int] = field(default_factory=dict)
     spend: dict[tuple[str, int, str | None], int] = field(default_factory=dict)
     caps: dict[tuple[str, str | None], SpendCap] = field(default_factory=dict)
@@ -174,9 +181,14 @@ class MemoryStore:
         self._locks = KeyedLocks()
         self._users: dict[str, _Account] = {}
         self._teams: dict[str, _Account] = {}
-        self._rows_by_id: dict[str, tuple[Any, ...]] = {}
+        # The ledger: rows in order, sealed into chunks; accounts, ids and analytics refer to
+        # rows by position, in arrays and int-valued dicts the garbage collector never walks.
+        self._chunks: list[tuple[tuple[Any, ...], ...]] = []
+        self._tail: list[tuple[Any, ...]] = []
+        self._row_count = 0
+        self._rows_by_id: dict[str, int] = {}
         self._refunded: dict[str, list[int]] = {}
-        self._spend_rows: list[tuple[Any, ...]] = []
+        self._spend_rows: array[int] = array("q")
         self._seq = 0
         self._expiring: list[tuple[datetime, int, _Account, _Lot]] = []
         self._sweep_backlog: list[tuple[datetime, int, _Account, _Lot]] = []
@@ -238,7 +250,7 @@ class MemoryStore:
         """Stop counting holds whose TTL passed and set aside lots that expired."""
         heap = acct.hold_heap
         while heap and heap[0][0] <= now:
-            hold = acct.holds.get(heapq.heappop(heap)[2])
+            hold = acct.holds.get(heapq.heappop(heap)[1])
             if hold is not None and hold.counted:
                 self._uncount(acct, hold)
         live = acct.live
@@ -254,7 +266,7 @@ class MemoryStore:
         if hold.counted:
             self._uncount(acct, hold)
         del acct.holds[hold_id]
-        acct.closed[hold_id] = (state, hold.amount)
+        acct.closed[hold_id] = hold.amount * 4 + state
 
     def _uncount(self, acct: _Account, hold: _Hold) -> None:
         hold.counted = False
@@ -333,11 +345,11 @@ class MemoryStore:
         allowance: int = 0,
     ) -> str:
         """Append a ledger row (a plain tuple in `_Row`'s field order) and return its id."""
-        self._seq += 1
+        position = self._row_count
         row_id = self._ids.next("tx")
         row = (
             row_id,
-            self._seq,
+            position,
             acct.key,
             amount,
             type_,
@@ -353,11 +365,22 @@ class MemoryStore:
             operation_type,
             allowance,
         )
-        acct.rows.append(row)
-        self._rows_by_id[row_id] = row
+        self._tail.append(row)
+        self._row_count += 1
+        if len(self._tail) == _CHUNK:
+            self._chunks.append(tuple(self._tail))
+            self._tail = []
+        acct.rows.append(position)
+        self._rows_by_id[row_id] = position
         if spender is not None:
-            self._spend_rows.append(row)
+            self._spend_rows.append(position)
         return row_id
+
+    def _row(self, position: int) -> _Row:
+        chunk, offset = divmod(position, _CHUNK)
+        if chunk < len(self._chunks):
+            return _Row._make(self._chunks[chunk][offset])
+        return _Row._make(self._tail[offset])
 
     def _allowance(self, acct: _Account | None, now: datetime) -> tuple[PlanDefinition | None, int]:
         """The user's plan in the active pricing version and the allowance left this month."""
@@ -401,7 +424,7 @@ class MemoryStore:
             return False, None
         if entry[0] != fingerprint:
             return True, None
-        return True, entry[1].model_copy(update={"idempotent": True})
+        return True, entry[1].model_validate_json(entry[2]).model_copy(update={"idempotent": True})
 
     def _available(self, acct: _Account, allowance: int = 0) -> int:
         return L.spendable(acct.balance, acct.expired_unswept, acct.reserved, allowance)
@@ -521,7 +544,11 @@ class MemoryStore:
                 idempotency_key=key,
             )
             if key is not None:
-                acct.idem[("grant", key)] = ((amount, type_, expiry), result)
+                acct.idem[("grant", key)] = (
+                    (amount, type_, expiry),
+                    result.__class__,
+                    result.model_dump_json(),
+                )
             return result
 
     # -- holds ---------------------------------------------------------------------------------
@@ -598,8 +625,7 @@ class MemoryStore:
             hold_id = self._ids.next("res")
             hold = _Hold(amount, operation_type, model, use_allowance, now + lifetime)
             acct.holds[hold_id] = hold
-            self._seq += 1
-            heapq.heappush(acct.hold_heap, (hold.expires_at, self._seq, hold_id))
+            _push_hold(acct, hold.expires_at, hold_id)
             acct.reserved += amount
             if model is not None:
                 acct.reserved_by_model[model] = acct.reserved_by_model.get(model, 0) + amount
@@ -614,7 +640,11 @@ class MemoryStore:
                 idempotency_key=key,
             )
             if key is not None:
-                acct.idem[("reserve", key)] = (fingerprint, result)
+                acct.idem[("reserve", key)] = (
+                    fingerprint,
+                    result.__class__,
+                    result.model_dump_json(),
+                )
             return result
 
     def _refuse_hold(
@@ -730,7 +760,11 @@ class MemoryStore:
                 cap_warning=self._cap_warning(acct, model, now),
             )
             if key is not None:
-                acct.idem[("deduct", key)] = ((reservation_id, amount), result)
+                acct.idem[("deduct", key)] = (
+                    (reservation_id, amount),
+                    result.__class__,
+                    result.model_dump_json(),
+                )
             return result
 
     def _cap_warning(self, acct: _Account, model: str | None, now: datetime) -> str | None:
@@ -770,7 +804,7 @@ class MemoryStore:
                 self._close(acct, reservation_id, hold, _RELEASED)
             else:
                 assert closed is not None
-                state, amount = closed
+                state, amount = closed & 3, closed >> 2
                 if state == _SETTLED:
                     return ReleaseResult(
                         reservation_id=reservation_id,
@@ -820,8 +854,8 @@ class MemoryStore:
             transaction_id, amount, reason, metadata, idempotency_key
         )
         self._ensure_open()
-        stored_row = self._rows_by_id.get(transaction_id)
-        if stored_row is None:
+        position = self._rows_by_id.get(transaction_id)
+        if position is None:
             await checkpoint()
             return RefundResult(
                 original_transaction_id=transaction_id,
@@ -829,7 +863,7 @@ class MemoryStore:
                 idempotency_key=key,
                 error=ErrorCode.TRANSACTION_NOT_FOUND,
             )
-        original = _Row._make(stored_row)
+        original = self._row(position)
         acct = self._account(original.account)
         spender = original.spender or acct.id
         team_id = acct.id if acct.kind == "t" else None
@@ -892,7 +926,11 @@ class MemoryStore:
                 idempotency_key=key,
             )
             if key is not None:
-                acct.idem[("refund", key)] = ((transaction_id, amount), result)
+                acct.idem[("refund", key)] = (
+                    (transaction_id, amount),
+                    result.__class__,
+                    result.model_dump_json(),
+                )
             return result
 
     def _unspend(self, original: _Row, amount: int) -> None:
@@ -1025,12 +1063,12 @@ class MemoryStore:
         if acct is None:
             return TransactionPage()
         rows = acct.rows
-        index = len(rows) if before is None else bisect_left(rows, before, key=lambda r: r[1])
+        index = len(rows) if before is None else bisect_left(rows, before)
         picked: list[_Row] = []
         more = False
         while index > 0:
             index -= 1
-            row = _Row._make(rows[index])
+            row = self._row(rows[index])
             if wanted is not None and row.type not in wanted:
                 continue
             if (lo is not None and row.created_at < lo) or (
@@ -1412,7 +1450,11 @@ class MemoryStore:
                 idempotency_key=key,
             )
             if key is not None:
-                team.idem[("team_topup", key)] = ((amount, expiry), result)
+                team.idem[("team_topup", key)] = (
+                    (amount, expiry),
+                    result.__class__,
+                    result.model_dump_json(),
+                )
             return result
 
     async def get_team_balance(self, team_id: str) -> TeamBalanceResult:
@@ -1530,7 +1572,11 @@ class MemoryStore:
                 idempotency_key=key,
             )
             if key is not None:
-                team.idem[("team_deduct", key)] = ((user_id, amount), result)
+                team.idem[("team_deduct", key)] = (
+                    (user_id, amount),
+                    result.__class__,
+                    result.model_dump_json(),
+                )
             return result
 
     # -- analytics -----------------------------------------------------------------------------
@@ -1545,7 +1591,7 @@ class MemoryStore:
                 row.created_at,
                 -row.amount - self._refund_total(row.id),
             )
-            for row in map(_Row._make, self._spend_rows)
+            for row in map(self._row, self._spend_rows)
         ]
 
     async def spend_by_user(self, start: datetime, end: datetime) -> list[SpendByUserRow]:
@@ -1575,11 +1621,20 @@ class MemoryStore:
         return L.aggregate_stats(await self._events(), lo, hi)
 
 
+def _push_hold(acct: _Account, expires_at: datetime, hold_id: str) -> None:
+    """File a new hold under its expiry; rebuild the heap when settled holds crowd it."""
+    heap = acct.hold_heap
+    if len(heap) > 64 and len(heap) > 2 * len(acct.holds):
+        heap[:] = [(h.expires_at, rid) for rid, h in acct.holds.items() if h.counted]
+        heapq.heapify(heap)
+    heapq.heappush(heap, (expires_at, hold_id))
+
+
 def _hold_error(acct: _Account | None, hold_id: str, hold: _Hold | None) -> ErrorCode | None:
     if hold is not None:
         return None
     closed = acct.closed.get(hold_id) if acct is not None else None
-    return L.hold_error(None if closed is None else closed[0])
+    return L.hold_error(None if closed is None else closed & 3)
 
 
 def _row_metadata(row: _Row) -> dict[str, Any]:
