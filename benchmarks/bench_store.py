@@ -242,17 +242,36 @@ def run_table(
     make: Callable[[], CreditStore],
     backends: list[str],
     scenarios: list[Scenario],
-    reference: float,
+    reference: Callable[[], float],
     label: str,
+    repeat: int,
 ) -> None:
-    print(f"{'scenario':30} {'backend':8} {'pairs':>8} {'pairs/s':>10} {label:>6}  latency")
+    """
+    Run each scenario `repeat` times, each run right after a run of the reference.
+
+    Rates on these machines drift by tens of percent within minutes, so each ratio compares
+    two runs made back to back; the table shows the medians.
+    """
+    print(
+        f"{'scenario':30} {'backend':8} {'pairs':>8} {'pairs/s':>10} {label:>6}  "
+        f"{'latency (last run)':24} ratios"
+    )
     for backend in backends:
         for scenario in scenarios:
-            gc.collect()
-            rate, lat = run_in(backend, lambda s=scenario: run_scenario(make, s))
+            rates: list[float] = []
+            ratios: list[float] = []
+            lat: list[float] = []
+            for _ in range(repeat):
+                gc.collect()
+                floor = reference()
+                gc.collect()
+                rate, lat = run_in(backend, lambda s=scenario: run_scenario(make, s))
+                rates.append(rate)
+                ratios.append(rate / floor)
             print(
-                f"{scenario.name:30} {backend:8} {scenario.pairs:>8,} {rate:>10,.0f} "
-                f"{rate / reference:>6.2f}  {percentiles(lat)}"
+                f"{scenario.name:30} {backend:8} {scenario.pairs:>8,} "
+                f"{statistics.median(rates):>10,.0f} {statistics.median(ratios):>6.2f}  "
+                f"{percentiles(lat):24} {' '.join(f'{r:.2f}' for r in ratios)}"
             )
 
 
@@ -266,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default="asyncio,trio")
     parser.add_argument("--history", type=int, default=1_000_000, help="prior ledger rows")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply pair counts")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per scenario (median)")
     args = parser.parse_args(argv)
     backends = args.backends.split(",")
     started = datetime.now(UTC).isoformat(timespec="seconds")
@@ -274,11 +294,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         if args.store == "memory":
-            baseline = statistics.median(baseline_pairs_per_second(50_000, 1000) for _ in range(3))
+            baseline = baseline_pairs_per_second(50_000, 1000)
             print(f"baseline (same logic, synchronous, no loop, no locks): {baseline:,.0f} pairs/s")
+            print("ratio: store / the baseline run just before it; median of --repeat runs")
             print()
             make = store_factory("memory", {}, tmp)
-            run_table(make, backends, scenarios_for(args.scale), baseline, "ratio")
+            run_table(
+                make,
+                backends,
+                scenarios_for(args.scale),
+                lambda: baseline_pairs_per_second(50_000, 1000),
+                "ratio",
+                args.repeat,
+            )
             print()
             if args.history:
                 empty, full = run_in(backends[0], lambda: per_pair_cost(make, args.history, 5000))
@@ -288,18 +316,29 @@ def main(argv: list[str] | None = None) -> int:
                 )
         else:
             scenarios = scenarios_for(args.scale * 0.1)
+            floors = iter(range(10**9))
             for synchronous in args.synchronous.split(","):
-                floor = sqlite_floor_pairs_per_second(
-                    tmp / f"floor-{synchronous}.db", synchronous, max(200, int(2000 * args.scale))
-                )
+
+                def floor(synchronous: str = synchronous) -> float:
+                    path = tmp / f"floor-{next(floors)}.db"
+                    return sqlite_floor_pairs_per_second(
+                        path, synchronous, max(200, int(2000 * args.scale))
+                    )
+
                 print()
                 print(f"== synchronous={synchronous}")
-                print(f"floor (sqlite3, sequential, same transactions): {floor:,.0f} pairs/s")
+                print(f"floor (sqlite3, sequential, same transactions): {floor():,.0f} pairs/s")
+                print("/floor: store / the floor run just before it; median of --repeat runs")
                 for mode in args.group_commit.split(","):
                     options = {"synchronous": synchronous, "group_commit": mode == "on"}
                     print(f"-- group commit {mode}")
                     run_table(
-                        store_factory("sqlite", options, tmp), backends, scenarios, floor, "/floor"
+                        store_factory("sqlite", options, tmp),
+                        backends,
+                        scenarios,
+                        floor,
+                        "/floor",
+                        args.repeat,
                     )
     print(f"peak RSS: {peak_rss_mb():,.0f} MB")
     return 0
