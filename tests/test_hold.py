@@ -11,6 +11,8 @@ import anyio
 import pytest
 from anyio.abc import TaskGroup
 from anyio.lowlevel import checkpoint
+from tests._manager_support import ProxyStore, Recorder, usage_rows
+from tests.contract._checks import all_rows
 
 from ducto import CreditManager, UsageMetrics
 from ducto.errors import (
@@ -24,7 +26,7 @@ from ducto.errors import (
 )
 from ducto.events import CreditEvent, CreditEventEmitter, CreditEventType
 from ducto.interface.base import CreditStore
-from ducto.interface.models import SpendCap, TransactionRow
+from ducto.interface.models import SpendCap
 from ducto.manager import Hold
 
 pytestmark = pytest.mark.anyio
@@ -53,53 +55,6 @@ class ProviderError(Exception):
     """The simulated model provider failed mid-stream."""
 
 
-class Recorder:
-    """An event handler that keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[CreditEvent] = []
-
-    def __call__(self, event: CreditEvent) -> None:
-        self.events.append(event)
-
-    def kinds(self) -> list[CreditEventType]:
-        """The types of the events so far."""
-        return [e.type for e in self.events]
-
-
-class ProxyStore:
-    """Forwards to a real store; a test may make chosen calls fail or slow."""
-
-    def __init__(self, inner: CreditStore) -> None:
-        self._inner = inner
-        self.deduct_failures = 0
-        self.deduct_delay = 0.0
-        self.release_failures = 0
-        self.reserve_delay = 0.0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    async def deduct_credits(self, *args: Any, **kwargs: Any) -> Any:
-        if self.deduct_failures:
-            self.deduct_failures -= 1
-            raise StoreError("disk I/O error")
-        if self.deduct_delay:
-            await anyio.sleep(self.deduct_delay)
-        return await self._inner.deduct_credits(*args, **kwargs)
-
-    async def reserve_credits(self, *args: Any, **kwargs: Any) -> Any:
-        if self.reserve_delay:
-            await anyio.sleep(self.reserve_delay)
-        return await self._inner.reserve_credits(*args, **kwargs)
-
-    async def release_reservation(self, *args: Any, **kwargs: Any) -> Any:
-        if self.release_failures:
-            self.release_failures -= 1
-            raise StoreError("connection lost")
-        return await self._inner.release_reservation(*args, **kwargs)
-
-
 @pytest.fixture
 def recorder() -> Recorder:
     """Records every event of the `manager` fixture."""
@@ -124,23 +79,6 @@ async def _proxied(store: CreditStore) -> tuple[CreditManager, ProxyStore, Recor
     manager = CreditManager(proxy, events=events)  # type: ignore[arg-type]
     await manager.publish_pricing(PRICING)
     return manager, proxy, recorder
-
-
-async def all_rows(store: CreditStore, user_id: str) -> list[TransactionRow]:
-    """The user's whole ledger, oldest first."""
-    rows: list[TransactionRow] = []
-    cursor: str | None = None
-    while True:
-        page = await store.list_transactions(user_id, limit=1000, cursor=cursor)
-        rows.extend(page.items)
-        if page.next_cursor is None:
-            return rows[::-1]
-        cursor = page.next_cursor
-
-
-async def usage_rows(store: CreditStore, user_id: str) -> list[TransactionRow]:
-    """The user's usage rows, oldest first."""
-    return [row for row in await all_rows(store, user_id) if row.type == "usage"]
 
 
 # -- settling ----------------------------------------------------------------------------------

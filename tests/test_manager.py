@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import pytest
 from anyio.lowlevel import checkpoint
+from tests._manager_support import ProxyStore, Recorder, usage_rows
 from tests.conftest import FakeClock
 
 from ducto import CreditManager, MemoryStore, UsageMetrics
@@ -25,7 +26,7 @@ from ducto.errors import (
 )
 from ducto.events import CreditEvent, CreditEventEmitter, CreditEventType
 from ducto.interface.base import CreditStore
-from ducto.interface.models import SpendCap, TransactionRow
+from ducto.interface.models import SpendCap
 from ducto.manager import _LowBalance
 
 pytestmark = pytest.mark.anyio
@@ -52,40 +53,6 @@ CALL = UsageMetrics(model="gpt-4o", input_tokens=1000, output_tokens=1000)
 """Costs 40 credits at base rates, 15 on the pro plan."""
 
 
-class Recorder:
-    """An event handler that keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[CreditEvent] = []
-
-    def __call__(self, event: CreditEvent) -> None:
-        self.events.append(event)
-
-    def of(self, kind: CreditEventType) -> list[CreditEvent]:
-        """The events of one type, in order."""
-        return [e for e in self.events if e.type == kind]
-
-
-class ProxyStore:
-    """Forwards to a real store; a test may make `deduct_credits` fail or slow."""
-
-    def __init__(self, inner: CreditStore) -> None:
-        self._inner = inner
-        self.deduct_failures = 0
-        self.deduct_delay = 0.0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    async def deduct_credits(self, *args: Any, **kwargs: Any) -> Any:
-        if self.deduct_failures:
-            self.deduct_failures -= 1
-            raise StoreError("disk I/O error")
-        if self.deduct_delay:
-            await anyio.sleep(self.deduct_delay)
-        return await self._inner.deduct_credits(*args, **kwargs)
-
-
 @pytest.fixture
 def recorder() -> Recorder:
     """A handler registered for nothing yet."""
@@ -100,12 +67,6 @@ async def manager(store: CreditStore, recorder: Recorder) -> CreditManager:
     new_manager = CreditManager(store, events=events)
     await new_manager.publish_pricing(PRICING, label="test")
     return new_manager
-
-
-async def usage_rows(store: CreditStore, user_id: str) -> list[TransactionRow]:
-    """The user's usage rows, oldest first."""
-    page = await store.list_transactions(user_id, types=["usage"], limit=1000)
-    return page.items[::-1]
 
 
 # -- pricing -----------------------------------------------------------------------------------
