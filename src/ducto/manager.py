@@ -809,8 +809,8 @@ class CreditManager:
 
         If the settlement fails after the hold was placed, the hold is released (shielded
         from cancellation) before the error propagates. The store calls that place and settle
-        the hold are shielded too (a store outside the contract may commit a call and still report it cancelled),
-        so a cancellation that arrives during them takes effect once `deduct` has finished;
+        the hold are shielded too (a nonconforming store may commit a call yet report it
+        cancelled), so a cancellation that arrives during them takes effect once `deduct` has finished;
         one that arrives before (while the plan is looked up) charges nothing. Emits
         ``credits_deducted`` (and ``cap_warning``, ``low_balance`` where they apply), or
         ``deduct_failed``.
@@ -901,7 +901,7 @@ class CreditManager:
         cost: CostBreakdown | None,
     ) -> DeductionResult:
         """Hold `amount` (at least 1), settle it for `amount`; release on any failure."""
-        # Shielded: a store outside the contract may commit a call and still report it cancelled, and the
+        # Shielded: a nonconforming store may commit a call yet report it cancelled, and the
         # manager must know whether it placed (or settled) a hold.
         with anyio.CancelScope(shield=True):
             reservation = await self._store.reserve_credits(
@@ -1197,8 +1197,8 @@ class Hold:
     with a note describing the failure (which is also logged).
 
     The store calls that place and settle the hold are shielded from cancellation, because
-    a store outside the contract may commit a call and still report it cancelled, and a hold the manager does not
-    know about could never be released. A cancellation that arrives while the hold is being
+    a nonconforming store may commit a call yet report it cancelled, and a hold the manager
+    does not know about could never be released. A cancellation that arrives while the hold is being
     placed releases it before the block runs; one that arrives during `settle` lets the
     settlement finish and takes effect right after.
 
@@ -1298,7 +1298,7 @@ class Hold:
             amount = self._estimate
         meta = _charge_metadata(self._metadata, model=model)
         min_balance = engine.min_balance if engine is not None else _DEFAULT_MIN_BALANCE
-        # Shielded: a store outside the contract may commit a call and still report it cancelled, and a hold
+        # Shielded: a nonconforming store may commit a call yet report it cancelled, and a hold
         # the manager does not know about could never be released.
         with anyio.CancelScope(shield=True):
             reservation = await manager._store.reserve_credits(
