@@ -810,8 +810,8 @@ class CreditManager:
         If the settlement fails after the hold was placed, the hold is released (shielded
         from cancellation) before the error propagates. The store calls that place and settle
         the hold are shielded too (a nonconforming store may commit a call yet report it
-        cancelled), so a cancellation that arrives during them takes effect once `deduct` has finished;
-        one that arrives before (while the plan is looked up) charges nothing. Emits
+        cancelled), so a cancellation that arrives during them takes effect once `deduct` has
+        finished; one that arrives before (while the plan is looked up) charges nothing. Emits
         ``credits_deducted`` (and ``cap_warning``, ``low_balance`` where they apply), or
         ``deduct_failed``.
 
