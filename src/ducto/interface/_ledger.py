@@ -677,6 +677,7 @@ def check_caps(
                 rank,
                 CapCheckResult(
                     capped=capped,
+                    exceeded=capped,
                     current_spend=spend,
                     cap_limit=cap.limit,
                     action=cap.action,

@@ -23,6 +23,7 @@ __all__ = [
     "AllowanceResult",
     "BalanceResult",
     "CapCheckResult",
+    "ChargeResult",
     "CheckFeatureResult",
     "CreateTeamResult",
     "CreditLot",
@@ -48,6 +49,7 @@ __all__ = [
     "SweepResult",
     "TeamBalanceResult",
     "TeamDeductionResult",
+    "Team",
     "TeamMember",
     "TeamTopupResult",
     "TopUserRow",
@@ -224,11 +226,17 @@ class BalanceResult(BaseModel):
 
 
 class AddCreditsResult(_Result):
-    """The outcome of a grant (or a negative adjustment)."""
+    """
+    The outcome of a grant (or a negative adjustment).
+
+    ``amount`` is the signed amount of the ledger row the call wrote (0 when refused);
+    ``requested`` is the amount asked for.
+    """
 
     transaction_id: str = ""
     user_id: str
     amount: int
+    requested: int = 0
     new_balance: int = 0
     lifetime_purchased: int = 0
     expires_at: datetime | None = None
@@ -238,34 +246,50 @@ class AddCreditsResult(_Result):
 
 
 class ReserveResult(_Result):
-    """The outcome of `reserve_credits`: a hold, or the reason there is none."""
+    """
+    The outcome of `reserve_credits`: a hold, or the reason there is none.
+
+    ``amount`` is the credits held (0 when refused); ``requested`` is the amount asked for.
+    A refusal by the floor carries ``min_balance``; one by a spend cap carries the cap's
+    ``cap_*`` figures (its window spend and the holds already counted against it).
+    """
 
     reservation_id: str = ""
     user_id: str
     amount: int
+    requested: int = 0
+    team_id: str | None = None
     balance: int = 0
     reserved_total: int = 0
     expires_at: datetime | None = None
     available: int = 0
     idempotent: bool = False
     idempotency_key: str | None = None
+    min_balance: int | None = None
     cap_limit: int | None = None
     cap_spend: int | None = None
     cap_model: str | None = None
+    cap_type: Literal["daily", "monthly"] | None = None
+    cap_reserved: int | None = None
 
 
 class DeductionResult(_Result):
     """
     The outcome of settling a hold.
 
-    ``amount`` is what the balance paid (the charge minus ``allowance_consumed``);
-    ``shortfall`` is the part of it that took the balance below zero.
+    ``amount`` is the signed amount of the usage row (``-charged``; 0 when refused);
+    ``charged`` is what the balance paid (the charge minus ``allowance_consumed``), as a
+    positive number; ``shortfall`` is the part of it that took the balance below zero.
+    ``team_id`` is set when the hold was on a team pool.
     """
 
     transaction_id: str = ""
     user_id: str
     reservation_id: str = ""
     amount: int = 0
+    charged: int = 0
+    requested: int = 0
+    team_id: str | None = None
     balance_after: int = 0
     allowance_consumed: int = 0
     shortfall: int = 0
@@ -274,11 +298,29 @@ class DeductionResult(_Result):
     cap_warning: str | None = None
 
 
+class ChargeResult(DeductionResult):
+    """
+    The outcome of a one-step charge (a hold and its settlement in one transaction).
+
+    On success it is the settlement; a refusal carries what a refused hold would:
+    ``available``, ``min_balance`` and the cap figures.
+    """
+
+    available: int = 0
+    min_balance: int | None = None
+    cap_limit: int | None = None
+    cap_spend: int | None = None
+    cap_model: str | None = None
+    cap_type: Literal["daily", "monthly"] | None = None
+    cap_reserved: int | None = None
+
+
 class ReleaseResult(_Result):
     """The outcome of `release_reservation`."""
 
     reservation_id: str
     user_id: str
+    team_id: str | None = None
     amount: int = 0
     released: bool = False
     available: int = 0
@@ -292,6 +334,7 @@ class RefundResult(_Result):
     user_id: str = ""
     team_id: str | None = None
     amount: int = 0
+    requested: int | None = None
     new_balance: int = 0
     refundable: int = 0
     idempotent: bool = False
@@ -403,13 +446,16 @@ class SpendCap(BaseModel):
 
 class CapCheckResult(BaseModel):
     """
-    An advisory cap check.
+    An advisory cap check of the most pressing matching cap.
 
-    ``capped`` is True when window spend plus active holds plus the amount exceeds the
-    most pressing matching cap; ``action`` is None when no cap applies.
+    ``exceeded`` is True when window spend plus active holds plus the amount goes over that
+    cap's limit; ``capped`` is True only when that cap would refuse the call (a ``deny``
+    cap), as in ducto 1.x: an exceeded ``warn`` or ``notify`` cap lets the call through and
+    says so in ``action``. ``action`` is None when no cap applies.
     """
 
     capped: bool = False
+    exceeded: bool = False
     current_spend: int = 0
     cap_limit: int = 0
     action: Literal["deny", "warn", "notify"] | None = None
@@ -449,6 +495,15 @@ class TeamMember(BaseModel):
     total_spent: int = 0
 
 
+class Team(BaseModel):
+    """A team pool as ducto 1.x named it: its id, name and ledger balance."""
+
+    team_id: str = ""
+    name: str = ""
+    balance: int = 0
+    member_count: int = 0
+
+
 class CreateTeamResult(BaseModel):
     """A new team."""
 
@@ -481,18 +536,26 @@ class TeamTopupResult(_Result):
     transaction_id: str = ""
     team_id: str
     amount: int
+    requested: int = 0
     team_balance_after: int = 0
     idempotent: bool = False
     idempotency_key: str | None = None
 
 
 class TeamDeductionResult(_Result):
-    """The outcome of charging a team pool on behalf of a member."""
+    """
+    The outcome of charging a team pool on behalf of a member.
+
+    ``amount`` is the signed amount of the ``team_usage`` row (``-charged``; 0 when
+    refused); ``charged`` is the positive figure, ``requested`` the amount asked for.
+    """
 
     transaction_id: str = ""
     team_id: str = ""
     user_id: str = ""
     amount: int = 0
+    charged: int = 0
+    requested: int = 0
     team_balance_after: int = 0
     available: int = 0
     idempotent: bool = False
