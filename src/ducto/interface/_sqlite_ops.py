@@ -672,6 +672,7 @@ class Ops:
             amount=paid,
             charged=paid,
             balance_after=acct.balance,
+            available=acct.available + (self.allowance(acct, now)[1] if use_allowance else 0),
             allowance_consumed=covered,
             shortfall=short,
             idempotency_key=key,

@@ -755,6 +755,9 @@ class MemoryStore:
                 amount=paid,
                 charged=paid,
                 balance_after=acct.balance,
+                available=self._available(
+                    acct, self._allowance(acct, now)[1] if hold.use_allowance else 0
+                ),
                 allowance_consumed=covered,
                 shortfall=short,
                 idempotency_key=key,

@@ -280,7 +280,9 @@ class DeductionResult(_Result):
     ``amount`` is the signed amount of the usage row (``-charged``; 0 when refused);
     ``charged`` is what the balance paid (the charge minus ``allowance_consumed``), as a
     positive number; ``shortfall`` is the part of it that took the balance below zero.
-    ``team_id`` is set when the hold was on a team pool.
+    ``available`` is what the account can spend after the settlement (counting the plan
+    allowance left when the hold used it). ``team_id`` is set when the hold was on a team
+    pool.
     """
 
     transaction_id: str = ""
@@ -289,6 +291,7 @@ class DeductionResult(_Result):
     amount: int = 0
     charged: int = 0
     requested: int = 0
+    available: int = 0
     team_id: str | None = None
     balance_after: int = 0
     allowance_consumed: int = 0
@@ -306,7 +309,6 @@ class ChargeResult(DeductionResult):
     ``available``, ``min_balance`` and the cap figures.
     """
 
-    available: int = 0
     min_balance: int | None = None
     cap_limit: int | None = None
     cap_spend: int | None = None
