@@ -262,6 +262,7 @@ def test_event_types_cover_the_documented_kinds() -> None:
         "released",
         "deduct_failed",
         "refund_failed",
+        "cap_reached",
     }
 
     assert expected == {kind.value for kind in CreditEventType}
