@@ -7,7 +7,7 @@ from typing import Any
 import anyio
 from tests.contract._checks import all_rows
 
-from ducto.errors import StoreError
+from ducto.errors import InvalidArgumentError, StoreError
 from ducto.events import CreditEvent, CreditEventType
 from ducto.interface.base import CreditStore
 from ducto.interface.models import TransactionRow
@@ -37,6 +37,7 @@ class ProxyStore:
     def __init__(self, inner: CreditStore) -> None:
         self._inner = inner
         self.deduct_failures = 0
+        self.deduct_refusals = 0
         self.deduct_delay = 0.0
         self.release_failures = 0
         self.reserve_delay = 0.0
@@ -48,6 +49,9 @@ class ProxyStore:
         if self.deduct_failures:
             self.deduct_failures -= 1
             raise StoreError("disk I/O error")
+        if self.deduct_refusals:
+            self.deduct_refusals -= 1
+            raise InvalidArgumentError("amount would take the balance beyond -2**62")
         if self.deduct_delay:
             await anyio.sleep(self.deduct_delay)
         return await self._inner.deduct_credits(*args, **kwargs)
