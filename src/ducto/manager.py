@@ -413,7 +413,12 @@ class CreditManager:
             InvalidArgumentError: An argument is invalid, or both `type` and `tx_type`
                 were passed.
         """
-        kind = _either("type", type, "tx_type", tx_type) or "adjustment"
+        kind: object = _either("type", type, "tx_type", tx_type)
+        if kind is None:
+            kind = "adjustment"
+        elif not isinstance(kind, str):
+            name = "type" if type is not None else "tx_type"
+            raise InvalidArgumentError(f"{name} must be a transaction type str, got {kind!r}")
         result = await self._store.add_credits(
             user_id, amount, kind, metadata, expires_at, idempotency_key=idempotency_key
         )
