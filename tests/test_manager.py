@@ -14,8 +14,9 @@ import pytest
 from anyio.lowlevel import checkpoint
 from tests._manager_support import ProxyStore, Recorder, usage_rows
 from tests.conftest import FakeClock
+from tests.contract._checks import all_rows
 
-from ducto import CreditManager, MemoryStore, UsageMetrics
+from ducto import CreditManager, MemoryStore, PricingEngine, UsageMetrics
 from ducto.errors import (
     DuctoError,
     ExpressionError,
@@ -948,3 +949,34 @@ async def test_a_deny_cap_refusal_emits_cap_reached(
         reached[0].metadata.items()
     )
     assert {"spend_cap_exceeded"} == {e.error for e in reached}
+
+
+# -- ducto 1.x spellings -----------------------------------------------------------------------
+
+
+async def test_the_1x_spellings_work_on_every_store(store: CreditStore, user_id: str) -> None:
+    """Positional engine and emitter, setup, tx_type, job_name and reserve_credits."""
+    seen: list[CreditEvent] = []
+    emitter = CreditEventEmitter()
+    emitter.on("credits.added", seen.append)
+    manager = CreditManager(store, PricingEngine.from_dict(PRICING), emitter)
+    await manager.setup()
+    version = await manager.publish_pricing_from_dict(PRICING)
+
+    await manager.add_credits(user_id, 200, tx_type="purchase")
+    fixed = await manager.deduct_fixed(user_id, job_name="image", idempotency_key="img-1")
+    again = await manager.deduct_fixed(user_id, "image", "img-1")
+    hold = await manager.reserve_credits(user_id, CALL, "chat", {"ticket": "t-9"})
+    with pytest.raises(InvalidArgumentError, match="job must be"):
+        await manager.deduct_fixed(user_id)
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        await manager.add_credits(user_id, 1, "purchase", tx_type="purchase")
+
+    assert (await store.get_active_pricing()) is not None
+    assert version == (await store.get_active_pricing()).id  # type: ignore[union-attr]
+    assert manager.emitter is emitter
+    assert [200] == [e.amount for e in seen]
+    assert (25, True) == (fixed.charged, again.idempotent)
+    assert (40, 135) == (hold.amount, hold.available)
+    [purchase] = [r for r in await all_rows(store, user_id) if r.type == "purchase"]
+    assert 200 == purchase.amount
