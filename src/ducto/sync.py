@@ -80,6 +80,7 @@ if TYPE_CHECKING:
         AllowanceResult,
         BalanceResult,
         CapCheckResult,
+        ChargeResult,
         CheckFeatureResult,
         CreateTeamResult,
         CreditLot,
@@ -525,15 +526,48 @@ class SyncCreditStore(_Facade):
         amount: int,
         idempotency_key: str | None = None,
         metadata: CreditMetadata | None = None,
+        *,
+        team_id: str | None = None,
     ) -> DeductionResult:
         """Blocking `CreditStore.deduct_credits`."""
         return self._call(
-            self._store.deduct_credits, user_id, reservation_id, amount, idempotency_key, metadata
+            self._store.deduct_credits,
+            user_id,
+            reservation_id,
+            amount,
+            idempotency_key,
+            metadata,
+            team_id=team_id,
         )
 
-    def release_reservation(self, user_id: str, reservation_id: str) -> ReleaseResult:
+    def charge_credits(
+        self,
+        user_id: str,
+        amount: int,
+        operation_type: str,
+        metadata: CreditMetadata | None = None,
+        min_balance: int = 5,
+        *,
+        use_allowance: bool = False,
+        idempotency_key: str | None = None,
+    ) -> ChargeResult:
+        """Blocking `CreditStore.charge_credits`."""
+        return self._call(
+            self._store.charge_credits,
+            user_id,
+            amount,
+            operation_type,
+            metadata,
+            min_balance,
+            use_allowance=use_allowance,
+            idempotency_key=idempotency_key,
+        )
+
+    def release_reservation(
+        self, user_id: str, reservation_id: str, *, team_id: str | None = None
+    ) -> ReleaseResult:
         """Blocking `CreditStore.release_reservation`."""
-        return self._call(self._store.release_reservation, user_id, reservation_id)
+        return self._call(self._store.release_reservation, user_id, reservation_id, team_id=team_id)
 
     def refund_credits(
         self,
@@ -721,6 +755,29 @@ class SyncCreditStore(_Facade):
             user_id,
             amount,
             metadata,
+            idempotency_key=idempotency_key,
+        )
+
+    def reserve_team_credits(
+        self,
+        team_id: str,
+        user_id: str,
+        amount: int,
+        operation_type: str,
+        metadata: CreditMetadata | None = None,
+        *,
+        ttl: float | timedelta = 600.0,
+        idempotency_key: str | None = None,
+    ) -> ReserveResult:
+        """Blocking `CreditStore.reserve_team_credits`."""
+        return self._call(
+            self._store.reserve_team_credits,
+            team_id,
+            user_id,
+            amount,
+            operation_type,
+            metadata,
+            ttl=ttl,
             idempotency_key=idempotency_key,
         )
 
