@@ -18,11 +18,13 @@ from ducto import CreditManager, UsageMetrics
 from ducto.errors import (
     IdempotencyConflictError,
     InsufficientCreditsError,
+    InsufficientTeamBalanceError,
     InvalidArgumentError,
     ReservationAlreadySettledError,
     ReservationReleasedError,
     SpendCapExceededError,
     StoreError,
+    UserNotInTeamError,
 )
 from ducto.events import CreditEvent, CreditEventEmitter, CreditEventType
 from ducto.interface.base import CreditStore
@@ -838,3 +840,69 @@ async def test_placing_a_hold_counts_as_a_low_balance_observation(
     assert [(800, 600)] == crossed_at_hold
     assert [(800, 600)] == [(e.threshold, e.available) for e in recorder.events]
     assert 590 == (await store.get_balance(user_id)).available
+
+
+# -- holds on a team pool ----------------------------------------------------------------------
+
+
+async def test_a_team_hold_charges_the_pool(
+    store: CreditStore, manager: CreditManager, user_id: str, recorder: Recorder
+) -> None:
+    """hold(team_id=...) holds the pool for a member and settles into a team_usage row."""
+    team = await store.create_team("pool", 100)
+    await store.add_team_member(team.team_id, user_id)
+
+    async with manager.hold(user_id, CALL, team_id=team.team_id, idempotency_key="t-1") as hold:
+        during = await store.get_team_balance(team.team_id)
+        hold.record(HALF)
+
+    assert (team.team_id, True) == (hold.team_id, hold.settled)
+    assert hold.result is not None
+    assert (20, team.team_id) == (hold.result.charged, hold.result.team_id)
+    assert (100, 40) == (during.balance, during.reserved)
+    pool = await store.get_team_balance(team.team_id)
+    assert (80, 0) == (pool.balance, pool.reserved)
+    assert 0 == (await store.get_balance(user_id)).balance
+    page = await store.list_team_transactions(team.team_id, types=["team_usage"])
+    assert [(-20, hold.reservation_id)] == [(r.amount, r.reservation_id) for r in page.items]
+    reserved, charged = (e for e in recorder.events if e.user_id == user_id)
+    assert (CreditEventType.RESERVED, team.team_id, 40) == (
+        reserved.type,
+        reserved.team_id,
+        reserved.amount,
+    )
+    assert (CreditEventType.CREDITS_DEDUCTED, team.team_id, 20) == (
+        charged.type,
+        charged.team_id,
+        charged.amount,
+    )
+
+
+async def test_team_holds_are_refused_and_released_like_the_pools_rules(
+    store: CreditStore, manager: CreditManager, user_id: str, other_user_id: str, recorder: Recorder
+) -> None:
+    """Member caps apply when the hold is placed; non-members and overdrafts are refused."""
+    team = await store.create_team("capped", 100)
+    await store.add_team_member(team.team_id, user_id, spend_cap=50)
+
+    async with manager.hold(user_id, 30, team_id=team.team_id) as first:
+        with pytest.raises(SpendCapExceededError):
+            async with manager.hold(user_id, 30, team_id=team.team_id):
+                pass
+        await first.settle(30)
+    with pytest.raises(ProviderError):
+        async with manager.hold(user_id, 10, team_id=team.team_id) as failed:
+            raise ProviderError("503")
+    with pytest.raises(UserNotInTeamError):
+        async with manager.hold(other_user_id, 5, team_id=team.team_id):
+            pass
+    await store.add_team_member(team.team_id, other_user_id)
+    with pytest.raises(InsufficientTeamBalanceError):
+        async with manager.hold(other_user_id, 500, team_id=team.team_id):
+            pass
+
+    assert failed.released is True
+    pool = await store.get_team_balance(team.team_id)
+    assert (70, 0) == (pool.balance, pool.reserved)
+    [reached] = recorder.of(CreditEventType.CAP_REACHED)
+    assert (user_id, team.team_id, 30) == (reached.user_id, reached.team_id, reached.amount)

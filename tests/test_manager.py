@@ -236,10 +236,8 @@ async def test_different_usage_under_a_used_key_is_a_conflict(
     assert (960, 0) == (balance.balance, balance.reserved)
 
 
-async def test_retry_after_a_failed_settlement_charges_once(
-    store: CreditStore, user_id: str
-) -> None:
-    """A settlement that failed released its hold; retries with the key then charge once."""
+async def test_retry_after_a_failed_charge_charges_once(store: CreditStore, user_id: str) -> None:
+    """A charge the store failed changed nothing; retries with the key then charge once."""
     proxy = ProxyStore(store)
     recorder = Recorder()
     events = CreditEventEmitter()
@@ -247,7 +245,7 @@ async def test_retry_after_a_failed_settlement_charges_once(
     manager = CreditManager(proxy, events=events)  # type: ignore[arg-type]
     await manager.publish_pricing(PRICING)
     await manager.add_credits(user_id, 100, "purchase")
-    proxy.deduct_failures = 1
+    proxy.charge_failures = 1
 
     with pytest.raises(StoreError):
         await manager.deduct(user_id, CALL, idempotency_key="req-4")
@@ -273,7 +271,7 @@ async def test_a_cancellation_during_a_charge_lets_it_finish(
     manager = CreditManager(proxy)  # type: ignore[arg-type]
     await manager.publish_pricing(PRICING)
     await manager.add_credits(user_id, 100, "purchase")
-    proxy.deduct_delay = 0.05
+    proxy.charge_delay = 0.05
     result = None
 
     with anyio.move_on_after(0.01) as scope:
@@ -283,6 +281,43 @@ async def test_a_cancellation_during_a_charge_lets_it_finish(
     assert scope.cancelled_caught is True
     assert result is not None
     assert 40 == result.charged
+    balance = await store.get_balance(user_id)
+    assert (60, 0) == (balance.balance, balance.reserved)
+
+
+async def test_deduct_and_deduct_fixed_are_one_store_call_each(
+    store: CreditStore, user_id: str
+) -> None:
+    """A charge is one charge_credits call: no hold is placed, settled or released."""
+    proxy = ProxyStore(store)
+    manager = CreditManager(proxy)  # type: ignore[arg-type]
+    await manager.publish_pricing(PRICING)
+    await manager.add_credits(user_id, 100, "purchase")
+    proxy.calls.clear()
+
+    await manager.deduct(user_id, CALL, idempotency_key="one-call")
+    await manager.deduct_fixed(user_id, "image")
+
+    # The plan lookup (the pricing has plan rate overrides) is the only other call.
+    assert ["get_user_plan", "charge_credits", "charge_credits"] == proxy.calls
+    assert 35 == (await store.get_balance(user_id)).balance
+
+
+async def test_a_request_first_tried_as_a_hold_is_charged_once_by_deduct(
+    store: CreditStore, manager: CreditManager, user_id: str
+) -> None:
+    """deduct() with the key of a released hold() attempt charges once, and replays."""
+    await manager.add_credits(user_id, 100, "purchase")
+
+    with pytest.raises(RuntimeError):
+        async with manager.hold(user_id, CALL, idempotency_key="req-mixed"):
+            raise RuntimeError("provider down")
+    charged = await manager.deduct(user_id, CALL, idempotency_key="req-mixed")
+    again = await manager.deduct(user_id, CALL, idempotency_key="req-mixed")
+
+    assert (40, False, True) == (charged.charged, charged.idempotent, again.idempotent)
+    assert charged.transaction_id == again.transaction_id
+    assert [-40] == [row.amount for row in await usage_rows(store, user_id)]
     balance = await store.get_balance(user_id)
     assert (60, 0) == (balance.balance, balance.reserved)
 

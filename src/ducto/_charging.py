@@ -40,6 +40,7 @@ from ducto.errors import (
 from ducto.events import CreditEventType
 from ducto.interface.base import CreditStore
 from ducto.interface.models import (
+    ChargeResult,
     CreditMetadata,
     DeductionResult,
     ReleaseResult,
@@ -358,37 +359,38 @@ class Charger:
         min_balance: int,
         *,
         use_allowance: bool = True,
+        team_id: str | None = None,
     ) -> Held:
         """
-        Reserve `amount`, shielded; raise the store's refusal as a typed error.
+        Reserve `amount` (on the team pool when `team_id` is given), shielded.
 
-        A deny spend cap's refusal is reported as ``cap_reached`` first. Nothing else is
-        reported here: `placed` does that once the caller can release the hold.
+        The store's refusal is raised as a typed error; a deny spend cap's refusal is
+        reported as ``cap_reached`` first. Nothing else is reported here: `placed` does
+        that once the caller can release the hold.
         """
         # Shielded: a nonconforming store may commit a call yet report it cancelled, and a
         # hold the manager does not know about could never be released.
         with anyio.CancelScope(shield=True):
-            reservation = await self._store.reserve_credits(
-                user_id,
-                amount,
-                operation_type,
-                meta,
-                min_balance,
-                ttl=ttl,
-                use_allowance=use_allowance,
-                idempotency_key=key,
+            reservation = await self._reserve(
+                user_id, team_id, amount, operation_type, meta, ttl, min_balance, key, use_allowance
             )
         if reservation.error is not None:
-            await self._refused(reservation, amount, meta)
+            await self._refused(reservation, user_id, team_id, amount, meta)
             reservation.raise_for_error()
-        held = Held(user_id, reservation, amount, operation_type, meta, key, ttl)
+        held = Held(user_id, reservation, amount, operation_type, meta, key, ttl, team_id)
         if not reservation.idempotent:
             held.unreported.append(reservation)
         return held
 
     async def _refused(
-        self, result: ReserveResult, amount: int, meta: CreditMetadata | None
+        self,
+        result: ReserveResult | ChargeResult,
+        user_id: str,
+        team_id: str | None,
+        amount: int,
+        meta: CreditMetadata | None,
     ) -> None:
+        """Report a deny spend cap's refusal as ``cap_reached``."""
         if result.error is not ErrorCode.SPEND_CAP_EXCEEDED:
             return
         details: dict[str, Any] = {
@@ -402,8 +404,8 @@ class Charger:
             details["model"] = model
         await self._reporter.emit(
             CreditEventType.CAP_REACHED,
-            user_id=result.user_id,
-            team_id=result.team_id,
+            user_id=user_id,
+            team_id=team_id,
             amount=amount,
             idempotency_key=result.idempotency_key,
             error=str(result.error),
@@ -432,9 +434,10 @@ class Charger:
         """Report the low-balance crossings of the holds this attempt placed."""
         while held.unreported:
             placed = held.unreported.pop(0)
-            await self._reporter.moved(
-                held.user_id, placed.available + held.amount, placed.available, placed.balance
-            )
+            if held.team_id is None:  # a team hold moves the pool, not the member
+                await self._reporter.moved(
+                    held.user_id, placed.available + held.amount, placed.available, placed.balance
+                )
 
     async def settle(
         self, held: Held, priced: Priced, meta: CreditMetadata | None
@@ -463,7 +466,9 @@ class Charger:
         held.state, held.result = SETTLED, result
         await self._report_placements(held)
         if not result.idempotent:
-            await self._settled(held, result, priced)
+            await self._settled(
+                held.user_id, held.team_id, held.metadata, result, priced, held.amount
+            )
         return result
 
     async def charge(
@@ -475,34 +480,71 @@ class Charger:
         key: str | None,
     ) -> DeductionResult:
         """
-        Charge `priced` at once: a hold of the amount (at least 1) and its settlement.
+        Charge `priced` at once, in one store call (`CreditStore.charge_credits`).
 
         The plan allowance is used first and the config's ``min_balance`` is kept; with a
-        key, the same key keys the hold and the settlement, so a retry charges once.
+        key, a retry charges once. A charge is atomic, so a failed one changed nothing and
+        leaves nothing to release.
         """
         amount = self.chargeable("the charge", priced).credits
-        held = await self.place(
-            user_id,
-            max(amount, 1),
-            operation_type,
-            meta,
-            key,
-            self.hold_ttl,
-            self.min_balance,
-        )
+        min_balance = self.min_balance
+        freed = 0
         try:
+            # Shielded: whether the charge happened must be known before anything else.
             with anyio.CancelScope(shield=True):
-                result = await self._deduct(held, amount, meta)
-            result.raise_for_error()
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await self._abandon(held, priced, exc)
+                result: DeductionResult = await self._store.charge_credits(
+                    user_id,
+                    amount,
+                    operation_type,
+                    meta,
+                    min_balance,
+                    use_allowance=True,
+                    idempotency_key=key,
+                )
+                if key is not None and result.error in _RELINK_ERRORS and result.reservation_id:
+                    result, freed = await self._charge_relinked(
+                        user_id, result, amount, operation_type, meta, key
+                    )
+        except InvalidArgumentError:
             raise
-        held.state, held.result = SETTLED, result
-        await self._report_placements(held)
+        except Exception as exc:
+            await self._failed(user_id, None, priced, meta, key, "", exc)
+            raise
+        if isinstance(result, ChargeResult) and result.error is not None:
+            await self._refused(result, user_id, None, amount, meta)
+        result.raise_for_error()
         if not result.idempotent:
-            await self._settled(held, result, priced)
+            await self._settled(user_id, None, meta, result, priced, freed)
         return result
+
+    async def _charge_relinked(
+        self,
+        user_id: str,
+        refused: DeductionResult,
+        amount: int,
+        operation_type: str,
+        meta: CreditMetadata | None,
+        key: str,
+    ) -> tuple[DeductionResult, int]:
+        """
+        Charge a request whose key placed a hold that was released without a charge.
+
+        Such a hold comes from an attempt through `Hold` that failed; the charge moves to
+        the replacement holds that attempt's retries use (see `Held`), so a request is
+        charged once however its attempts were made. Returns the result and the hold
+        its settlement freed.
+        """
+        replayed = ReserveResult(
+            reservation_id=refused.reservation_id,
+            user_id=user_id,
+            amount=max(amount, 1),
+            idempotent=True,
+        )
+        held = Held(user_id, replayed, max(amount, 1), operation_type, meta, key, self.hold_ttl)
+        result = await self._deduct(held, amount, meta)
+        freed = held.amount if held.unreported else 0
+        await self._report_placements(held)
+        return result, freed
 
     async def release(self, held: Held) -> None:
         """
@@ -532,7 +574,34 @@ class Charger:
             idempotency_key=held.key,
         )
 
-    # -- the store calls of a hold -------------------------------------------------------------
+    # -- the store calls of a hold (a user's, or a team pool's) --------------------------------
+
+    async def _reserve(
+        self,
+        user_id: str,
+        team_id: str | None,
+        amount: int,
+        operation_type: str,
+        meta: CreditMetadata | None,
+        ttl: float | timedelta,
+        min_balance: int,
+        key: str | None,
+        use_allowance: bool,
+    ) -> ReserveResult:
+        if team_id is not None:
+            return await self._store.reserve_team_credits(
+                team_id, user_id, amount, operation_type, meta, ttl=ttl, idempotency_key=key
+            )
+        return await self._store.reserve_credits(
+            user_id,
+            amount,
+            operation_type,
+            meta,
+            min_balance,
+            ttl=ttl,
+            use_allowance=use_allowance,
+            idempotency_key=key,
+        )
 
     async def _deduct(
         self, held: Held, amount: int, meta: CreditMetadata | None
@@ -547,7 +616,12 @@ class Charger:
         for _ in range(_MAX_LINKS):
             current = held.reservation
             result = await store.deduct_credits(
-                held.user_id, current.reservation_id, amount, held.key, meta
+                held.user_id,
+                current.reservation_id,
+                amount,
+                held.key,
+                meta,
+                team_id=held.team_id,
             )
             if (
                 result.ok
@@ -558,15 +632,16 @@ class Charger:
                 return result
             # A replayed hold that is released (or whose key settled a later link): the
             # request was not charged on this hold, so move to its replacement.
-            replacement = await store.reserve_credits(
+            replacement = await self._reserve(
                 held.user_id,
+                held.team_id,
                 held.amount,
                 held.operation_type,
                 held.metadata,
+                held.ttl,
                 0,
-                ttl=held.ttl,
-                use_allowance=True,
-                idempotency_key=_link_key(held.key, current.reservation_id),
+                _link_key(held.key, current.reservation_id),
+                True,
             )
             replacement.raise_for_error()
             held.reservation = replacement
@@ -576,7 +651,11 @@ class Charger:
         return result
 
     async def _release(self, held: Held) -> ReleaseResult:
-        return await self._store.release_reservation(held.user_id, held.reservation_id)
+        return await self._store.release_reservation(
+            held.user_id, held.reservation_id, team_id=held.team_id
+        )
+
+    # -- reporting ---------------------------------------------------------------------------
 
     async def _abandon(self, held: Held, priced: Priced, exc: BaseException) -> None:
         """
@@ -600,25 +679,52 @@ class Charger:
             _log.exception("releasing hold %s after a failed charge failed", reservation_id)
             exc.add_note(f"ducto: releasing hold {reservation_id!r} failed: {release_error!r}")
         await self._report_placements(held)
-        await self._reporter.emit(
-            CreditEventType.DEDUCT_FAILED,
-            user_id=held.user_id,
-            team_id=held.team_id,
-            amount=priced.credits,
-            reservation_id=reservation_id,
-            idempotency_key=held.key,
-            error=error_name(exc),
-            metadata=usage_details(priced.usage, priced.cost, held.metadata),
+        await self._failed(
+            held.user_id, held.team_id, priced, held.metadata, held.key, reservation_id, exc
         )
 
-    async def _settled(self, held: Held, result: DeductionResult, priced: Priced) -> None:
-        """Report a settlement: ``credits_deducted``, ``cap_warning``, low-balance crossings."""
+    async def _failed(
+        self,
+        user_id: str,
+        team_id: str | None,
+        priced: Priced,
+        meta: CreditMetadata | None,
+        key: str | None,
+        reservation_id: str,
+        exc: BaseException,
+    ) -> None:
+        await self._reporter.emit(
+            CreditEventType.DEDUCT_FAILED,
+            user_id=user_id,
+            team_id=team_id,
+            amount=priced.credits,
+            reservation_id=reservation_id or None,
+            idempotency_key=key,
+            error=error_name(exc),
+            metadata=usage_details(priced.usage, priced.cost, meta),
+        )
+
+    async def _settled(
+        self,
+        user_id: str,
+        team_id: str | None,
+        meta: CreditMetadata | None,
+        result: DeductionResult,
+        priced: Priced,
+        freed: int,
+    ) -> None:
+        """
+        Report a settlement: ``credits_deducted``, ``cap_warning``, low-balance crossings.
+
+        `freed` is the hold the settlement closed (0 for a one-step charge, whose hold
+        never counted).
+        """
         reporter = self._reporter
-        details = usage_details(priced.usage, priced.cost, held.metadata)
+        details = usage_details(priced.usage, priced.cost, meta)
         await reporter.emit(
             CreditEventType.CREDITS_DEDUCTED,
-            user_id=result.user_id,
-            team_id=held.team_id,
+            user_id=user_id,
+            team_id=team_id,
             amount=result.charged,
             balance_after=result.balance_after,
             available=result.available,
@@ -630,17 +736,19 @@ class Charger:
         if result.cap_warning is not None:
             await reporter.emit(
                 CreditEventType.CAP_WARNING,
-                user_id=result.user_id,
-                team_id=held.team_id,
+                user_id=user_id,
+                team_id=team_id,
                 amount=result.charged,
                 balance_after=result.balance_after,
                 transaction_id=result.transaction_id,
                 reservation_id=result.reservation_id,
                 metadata={**details, "action": result.cap_warning},
             )
-        # Each step moves available on its own (other calls may run between them): the
-        # hold took its amount, and the settlement takes the charge less the hold it frees.
-        taken = result.charged + result.allowance_consumed - held.amount
-        await reporter.moved(
-            result.user_id, result.available + taken, result.available, result.balance_after
-        )
+        if team_id is None:
+            # Each step moves available on its own (other calls may run between them): a
+            # hold took its amount when placed; the settlement takes the charge less the
+            # hold it frees.
+            taken = result.charged + result.allowance_consumed - freed
+            await reporter.moved(
+                user_id, result.available + taken, result.available, result.balance_after
+            )

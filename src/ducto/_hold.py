@@ -84,6 +84,7 @@ class Hold:
         idempotency_key: str | None,
         metadata: MetadataInput,
         ttl: float | timedelta,
+        team_id: str | None = None,
     ) -> None:
         """Prepare a hold; use `CreditManager.hold` rather than this constructor."""
         self._charger = charger
@@ -93,6 +94,7 @@ class Hold:
         self._key = idempotency_key
         self._metadata = metadata
         self._ttl = ttl
+        self._team_id = team_id
         self._plan: str | None = None
         self._held: Held | None = None
         self._entered = False
@@ -107,6 +109,11 @@ class Hold:
     def user_id(self) -> str:
         """The account the hold is on."""
         return self._user_id
+
+    @property
+    def team_id(self) -> str | None:
+        """The team pool the hold is on, or None for the user's own credits."""
+        return self._team_id
 
     @property
     def reservation_id(self) -> str:
@@ -152,6 +159,8 @@ class Hold:
         Raises:
             InsufficientCreditsError, SpendCapExceededError, IdempotencyConflictError:
                 The store refused the hold.
+            TeamNotFoundError, UserNotInTeamError, InsufficientTeamBalanceError: The
+                store refused a hold on a team pool.
             InvalidArgumentError: The estimate cannot be priced, or the hold was entered
                 before.
         """
@@ -178,6 +187,7 @@ class Hold:
             self._key,
             self._ttl,
             charger.min_balance,
+            team_id=self._team_id,
         )
         self._held = held
         try:

@@ -916,6 +916,7 @@ class CreditManager:
         idempotency_key: str | None = None,
         metadata: MetadataInput = None,
         ttl: float | timedelta | None = None,
+        team_id: str | None = None,
     ) -> Hold:
         """
         Hold credits for a call about to run; settle them when it is done.
@@ -934,6 +935,10 @@ class CreditManager:
         for what happens when the block is left without settling, or by an exception or a
         cancellation.
 
+        With `team_id`, the hold is on the team pool, attributed to member `user_id`
+        (`CreditStore.reserve_team_credits`): the pool must cover it and the member's
+        monthly cap is enforced when it is placed; it settles into a ``team_usage`` row.
+
         Args:
             user_id: The account.
             estimate: The expected usage, or credits to hold (>= 1). Usage that prices to
@@ -944,6 +949,7 @@ class CreditManager:
             metadata: Stored with the hold and on the usage row (system keys win).
             ttl: Seconds (or a timedelta) the hold counts for; the manager's ``hold_ttl``
                 when None.
+            team_id: Hold (and charge) this team's pool instead of the user's credits.
 
         Returns:
             The hold, an async context manager.
@@ -965,4 +971,5 @@ class CreditManager:
             idempotency_key=idempotency_key,
             metadata=metadata,
             ttl=charger.hold_ttl if ttl is None else check_ttl(ttl, "ttl"),
+            team_id=team_id,
         )

@@ -854,6 +854,11 @@ class SyncHold:
         return self._hold.reservation_id
 
     @property
+    def team_id(self) -> str | None:
+        """The team pool the hold is on, or None."""
+        return self._hold.team_id
+
+    @property
     def estimate_credits(self) -> int:
         """The credits held."""
         return self._hold.estimate_credits
@@ -1157,6 +1162,7 @@ class SyncCreditManager(_Facade):
         idempotency_key: str | None = None,
         metadata: MetadataInput = None,
         ttl: float | timedelta | None = None,
+        team_id: str | None = None,
     ) -> SyncHold:
         """For ``with`` blocks, a `SyncHold` over `CreditManager.hold`."""
         return self._wrap_hold(
@@ -1167,6 +1173,7 @@ class SyncCreditManager(_Facade):
                 idempotency_key=idempotency_key,
                 metadata=metadata,
                 ttl=ttl,
+                team_id=team_id,
             )
         )
 
