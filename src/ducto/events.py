@@ -131,7 +131,8 @@ class CreditEvent(BaseModel):
             ``refund_failed``.
         metadata: Details: the model and token counts of a charge, the cap action of a
             ``cap_warning``, the number of lots of an expiry.
-        timestamp: When the manager observed the change (aware UTC).
+        timestamp: When the manager observed the change (aware UTC; a naive value given
+            is read as local time, as `datetime.astimezone` reads it).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -153,9 +154,7 @@ class CreditEvent(BaseModel):
     @field_validator("timestamp")
     @classmethod
     def _aware_utc(cls, value: datetime) -> datetime:
-        """Naive timestamps are taken as UTC; aware ones are converted to UTC."""
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
+        """Naive timestamps are local time (as everywhere in ducto); all become aware UTC."""
         return value.astimezone(UTC)
 
 
@@ -191,7 +190,8 @@ class CreditEventEmitter:
         Registering the same handler for the same type again changes nothing.
 
         Args:
-            event_type: A `CreditEventType` (or its string value), or None for all events.
+            event_type: A `CreditEventType` (or its string value, or its ducto 1.x name
+                such as ``credits.added``), or None for all events.
             handler: A function or coroutine function taking the `CreditEvent`.
 
         Returns:
