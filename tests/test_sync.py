@@ -23,6 +23,7 @@ from ducto.interface.models import (
     BalanceResult,
     CreditMetadata,
     DeductionResult,
+    PlanDefinition,
     ReserveResult,
 )
 from ducto.sync import SyncCreditManager, SyncCreditStore, SyncHold
@@ -271,15 +272,22 @@ def test_a_changed_signature_makes_the_facade_stale(monkeypatch: pytest.MonkeyPa
     async def reserve_later(self: CreditStore, user_id: str, *, days: int = 1) -> ReserveResult:
         raise NotImplementedError
 
+    async def get_plan_definition(self: CreditStore, plan_id: str) -> PlanDefinition:
+        raise NotImplementedError
+
     monkeypatch.setattr(CreditStore, "add_credits", add_credits)
     monkeypatch.setattr(CreditStore, "reserve_later", reserve_later, raising=False)
+    monkeypatch.setattr(CreditStore, "get_plan_definition", get_plan_definition, raising=False)
     fresh = generate(text)
+    imports = fresh[: fresh.index("__all__")]
 
     assert not same_code(fresh, text)
     assert "*, idempotency_key: str | None = None, note: str | None = None)" in fresh
     assert "expires_at, idempotency_key=idempotency_key, note=note)" in fresh
     assert "def reserve_later(self, user_id: str, *, days: int = 1) -> ReserveResult:" in fresh
     assert "return self._call(self._store.reserve_later, user_id, days=days)" in fresh
+    assert "PlanDefinition" in imports  # a type the annotations did not need before
+    assert "PlanDefinition" not in text[: text.index("__all__")]
 
 
 def test_every_public_method_has_a_blocking_twin() -> None:

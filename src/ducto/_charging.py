@@ -333,9 +333,12 @@ class Charger:
             InvalidArgumentError: The usage is invalid or cannot be priced (no pricing
                 loaded, no price for its model or tool, an expression failed).
         """
-        checked = checked_usage(name, usage)
-        cost = self.engine.calculate(checked, plan=plan)
-        return Priced(cost.credits, checked, cost)
+        return self.price_checked(checked_usage(name, usage), plan)
+
+    def price_checked(self, usage: UsageMetrics, plan: str | None) -> Priced:
+        """`price` for usage that `checked_usage` returned (it is not validated again)."""
+        cost = self.engine.calculate(usage, plan=plan)
+        return Priced(cost.credits, usage, cost)
 
     @staticmethod
     def chargeable(name: str, priced: Priced) -> Priced:

@@ -172,7 +172,7 @@ class Hold:
         model: str | None = None
         if isinstance(self._estimate, UsageMetrics):
             priced = charger.chargeable(
-                "estimate", charger.price("estimate", self._estimate, self._plan)
+                "estimate", charger.price_checked(self._estimate, self._plan)
             )
             amount = max(priced.credits, 1)
             model = priced.usage.model if priced.usage is not None else None
@@ -255,7 +255,7 @@ class Hold:
         if recorded is None:
             return estimate
         try:
-            priced = self._charger.price("recorded usage", recorded, self._plan)
+            priced = self._charger.price_checked(recorded, self._plan)
         except Exception:
             _log.warning(
                 "usage recorded on hold %s cannot be priced; charging the estimate",
@@ -311,7 +311,7 @@ class Hold:
             total = part if self._recorded is None else self._recorded + part
             if charger.loaded:
                 try:
-                    priced = charger.price("recorded usage", total, self._plan)
+                    priced = charger.price_checked(total, self._plan)
                 except InvalidArgumentError:
                     pass  # no price for it: leaving the block charges the estimate
                 else:

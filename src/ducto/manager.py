@@ -712,7 +712,7 @@ class CreditManager:
         metrics = checked_usage("metrics", metrics)
         charger.engine  # noqa: B018 - raises PricingNotLoadedError before any I/O
         plan = await charger.plan_for(user_id)
-        priced = charger.price("metrics", metrics, plan)
+        priced = charger.price_checked(metrics, plan)
         meta = charge_metadata(metadata, priced.usage, priced.cost)
         return await charger.charge(user_id, priced, operation_type, meta, idempotency_key)
 
@@ -858,7 +858,7 @@ class CreditManager:
             usage = checked_usage("usage", usage)
             charger.engine  # noqa: B018 - raises PricingNotLoadedError before any I/O
             priced = charger.chargeable(
-                "usage", charger.price("usage", usage, await charger.plan_for(user_id))
+                "usage", charger.price_checked(usage, await charger.plan_for(user_id))
             )
             if priced.credits == 0:
                 return TeamDeductionResult(
