@@ -209,7 +209,7 @@ class _Runner:
             try:
                 return portal.call(func)
             except (RuntimeError, concurrent.futures.CancelledError) as exc:
-                if self._closing:
+                if self.closing():
                     raise StoreError("the facade closed while the call was running") from exc
                 raise
 
@@ -219,25 +219,36 @@ class _Runner:
             try:
                 return portal.call(func)
             except (RuntimeError, concurrent.futures.CancelledError) as exc:
-                if self._closing:
+                if self.closing():
                     raise StoreError("the facade closed while the call was running") from exc
                 raise
 
     def leave_hold(self, hold: Hold, leave: Callable[[], Awaitable[None]]) -> None:
         """Resolve `hold` on the way out of its block, unless closing resolves it."""
+        if self.closing():
+            return  # `close` resolves (or resolved) every hold still tracked
         try:
-            with self._lock:
-                closing = self._closing or self._portal is None
-            if closing or not hold.open:
-                return  # resolved already, or `close` resolves it
-            try:
+            if hold.open:
                 self.call(leave)
-            except StoreError:
-                if not self._closing:
-                    raise
-        finally:
-            with self._lock:
-                self._holds.pop(id(hold), None)
+        except StoreError:
+            if self.closing():
+                return  # refused because closing began meanwhile: `close` resolves it
+            self.untrack(hold)
+            raise
+        except BaseException:
+            self.untrack(hold)
+            raise
+        self.untrack(hold)
+
+    def closing(self) -> bool:
+        """Whether the facade is closing or closed (another thread may change it)."""
+        with self._lock:
+            return self._closing or self._portal is None
+
+    def untrack(self, hold: Hold) -> None:
+        """Forget a hold that is resolved (or was never placed)."""
+        with self._lock:
+            self._holds.pop(id(hold), None)
 
     def begin_close(self) -> bool:
         """Refuse new calls and wait (bounded) for the running ones; False if not open."""
@@ -833,7 +844,11 @@ class SyncHold:
         if self._entered:
             raise InvalidArgumentError("a hold can be entered once; make a new one")
         self._entered = True
-        self._runner.call(self._hold.__aenter__, hold=self._hold)
+        try:
+            self._runner.call(self._hold.__aenter__, hold=self._hold)
+        except BaseException:
+            self._runner.untrack(self._hold)
+            raise
         return self
 
     def __exit__(
