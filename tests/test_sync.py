@@ -404,3 +404,7 @@ def test_bad_facade_arguments_are_refused() -> None:
         SyncCreditStore(MemoryStore(), close_timeout=-1)
     with pytest.raises(InvalidArgumentError, match="manager"):
         SyncCreditManager(MemoryStore())  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="store"):
+        SyncCreditStore("memory://")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="backend_options"):
+        SyncCreditStore(MemoryStore(), backend_options=5)  # type: ignore[arg-type]

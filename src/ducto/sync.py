@@ -145,6 +145,10 @@ class _Runner:
             raise InvalidArgumentError(
                 f"close_timeout must be seconds from 0 to 86400, got {close_timeout!r}"
             )
+        if backend_options is not None and not isinstance(backend_options, Mapping):
+            raise InvalidArgumentError(
+                f"backend_options must be a dict or None, got {type(backend_options).__name__}"
+            )
         self._backend = backend
         self._options = dict(backend_options) if backend_options is not None else None
         self._close_timeout = float(close_timeout)
@@ -421,8 +425,11 @@ class SyncCreditStore(_Facade):
                 cancels them.
 
         Raises:
-            InvalidArgumentError: `backend` or `close_timeout` is invalid.
+            InvalidArgumentError: `store`, `backend`, `backend_options` or `close_timeout`
+                is invalid.
         """
+        if not callable(getattr(store, "reserve_credits", None)):
+            raise InvalidArgumentError(f"store must be a CreditStore, got {store!r}")
         self._store = store
         self._runner = _Runner(backend, backend_options, close_timeout)
         self._owner = True
