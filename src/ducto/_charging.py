@@ -15,8 +15,11 @@ through one `Charger`, so each rule is written once:
 - Retried requests: see `Held`.
 - Reporting: events, and low-balance crossings from each result's atomic figures.
 
-Its interface to the rest of the package is the public methods below (`price`, `place`,
-`placed`, `settle`, `release`, `charge`), and the state of each hold is on its `Held`.
+Its interface to the rest of the package is the public methods below (`plan_for`,
+`price`, `price_checked`, `chargeable`, `place`, `placed`, `settle`, `release`, `charge`),
+and the state of each hold is on its `Held`. A store call is made in one place each
+(`_reserve`, `_deduct`, `_release`, and ``charge_credits`` in `charge`), for a user's
+credits or, with a team id, a team pool's.
 """
 
 from __future__ import annotations

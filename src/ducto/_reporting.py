@@ -130,17 +130,19 @@ class Reporter:
         await self._deliver_inline(event, pending)
 
     async def _deliver_inline(self, event: CreditEvent, pending: _Pending) -> None:
-        with anyio.move_on_after(self._timeout) as scope:
-            while pending:
-                handler, outcome = pending.pop(0)
-                await _finish(handler, event, outcome)
+        try:
+            with anyio.move_on_after(self._timeout) as scope:
+                while pending:
+                    handler, outcome = pending.pop(0)
+                    await _finish(handler, event, outcome)
+        finally:
+            _drop(pending)  # the caller was cancelled: the handlers not started never run
         if scope.cancelled_caught:
             _log.error(
                 "event handlers for a %s event took longer than %s s and were cancelled",
                 event.type.value,
                 self._timeout,
             )
-            _drop(pending)
 
     async def _deliver_one(
         self, handler: EventHandler, event: CreditEvent, outcome: Awaitable[object]
