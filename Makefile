@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint typing bench clean
+.PHONY: demo test check lint typing bench sync clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ typing: $(STAMP)
 	$(BIN)/mypy
 
 check: lint typing
+
+sync: $(STAMP)  ## regenerate the blocking methods of src/ducto/sync.py after a signature changed
+	$(BIN)/python -m ducto._syncgen
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_store.py --store memory

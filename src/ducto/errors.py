@@ -4,7 +4,10 @@ Every exception ducto raises, as one tree, and the stable business error codes.
 ```
 DuctoError
 ├── InvalidArgumentError(ValueError)   bad amount, empty id, bad config
-│   └── ExpressionError                a pricing expression that cannot be parsed or evaluated
+│   ├── ExpressionError                a pricing expression that cannot be parsed or evaluated
+│   ├── ConfigError                    a pricing config the engine refuses (ducto 1.x's name)
+│   │   └── ConfigExpressionError      ... because of an expression (also an ExpressionError)
+│   └── PricingNotLoadedError          the manager has no pricing yet
 ├── CreditError                        a business rule refused the operation (one per ErrorCode)
 └── StoreError                         the backend failed; ``__cause__`` is the driver's exception
     ├── StoreUnavailableError
@@ -25,6 +28,8 @@ from typing import ClassVar
 
 __all__ = [
     "AlreadyRefundedError",
+    "ConfigError",
+    "ConfigExpressionError",
     "CreditError",
     "DuctoError",
     "ErrorCode",
@@ -35,6 +40,7 @@ __all__ = [
     "InvalidArgumentError",
     "NotRefundableError",
     "OverRefundError",
+    "PricingNotLoadedError",
     "PricingVersionNotFoundError",
     "ReservationAlreadySettledError",
     "ReservationNotFoundError",
@@ -438,3 +444,32 @@ def error_from_fields(code: ErrorCode | str, fields: Mapping[str, object]) -> Cr
         The matching exception, ready to raise.
     """
     return _BY_CODE[ErrorCode(code)].from_fields(fields)
+
+
+class ConfigError(InvalidArgumentError):
+    """
+    A pricing config is invalid: a missing or unknown key, a wrong type, a bad expression.
+
+    ducto 1.x's name. Every config the pricing engine refuses raises a `ConfigError`;
+    an expression it cannot compile raises `ConfigExpressionError`, which is both.
+    """
+
+
+class ConfigExpressionError(ExpressionError, ConfigError):
+    """A config expression cannot be compiled; both an `ExpressionError` and a `ConfigError`."""
+
+
+class PricingNotLoadedError(InvalidArgumentError):
+    """
+    No pricing is loaded: `CreditManager` cannot price usage yet.
+
+    Raised by ``CreditManager.engine`` and every call that prices usage before
+    ``publish_pricing`` or ``load_pricing_from_store`` succeeded, and by
+    ``load_pricing_from_store`` when the store has no pricing version (as in ducto 1.x).
+    """
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(
+            message
+            or "no pricing loaded: call publish_pricing() or load_pricing_from_store() first"
+        )
