@@ -433,8 +433,11 @@ class InstrumentedStore:
             InvalidArgumentError: `store` is not a `CreditStore`, or `metrics` is not a
                 `CreditMetrics`.
         """
-        if not isinstance(store, CreditStore):
-            raise InvalidArgumentError(f"store must be a CreditStore, got {store!r}")
+        missing = [name for name in _PROTOCOL_METHODS if not callable(getattr(store, name, None))]
+        if missing:
+            raise InvalidArgumentError(
+                f"store must be a CreditStore, got {store!r} (no {', '.join(missing[:3])})"
+            )
         if not isinstance(metrics, CreditMetrics):
             raise InvalidArgumentError(f"metrics must be a CreditMetrics, got {metrics!r}")
         if clock is not None and not callable(clock):
@@ -585,9 +588,15 @@ def _measured(name: str) -> Callable[..., Awaitable[Any]]:
     return method
 
 
-# Every public coroutine method of the protocol, so the wrapper grows with it and
+_PROTOCOL_METHODS: Final = tuple(
+    name
+    for name, value in vars(CreditStore).items()
+    if not name.startswith("_") and inspect.iscoroutinefunction(value)
+)
+"""Every public coroutine method of the `CreditStore` protocol."""
+
+# Defined on the class, so the wrapper grows with the protocol and
 # ``isinstance(wrapper, CreditStore)`` holds (it inspects the class, not __getattr__).
-for _name, _value in list(vars(CreditStore).items()):
-    if not _name.startswith("_") and inspect.iscoroutinefunction(_value):
-        setattr(InstrumentedStore, _name, _measured(_name))
-del _name, _value
+for _name in _PROTOCOL_METHODS:
+    setattr(InstrumentedStore, _name, _measured(_name))
+del _name
