@@ -82,7 +82,7 @@ async def handle_request(
         user_id, hold.reservation_id, cost(model, input_tokens, output_tokens), request_id, usage
     )
     result.raise_for_error()
-    tally.charged += result.amount
+    tally.charged += result.charged
     tally.outcomes["settled"] += 1
     if rng.random() < 0.03:  # a bad answer, refunded in full
         refund = await store.refund_credits(result.transaction_id, reason="bad answer")
