@@ -483,3 +483,27 @@ async def test_model_attribute_can_be_turned_off(
     m = Metrics(reader)
 
     assert [{"ducto.charge.kind": "usage"}] == m.attributes("ducto.credits.charged")
+
+
+async def test_one_step_charges_and_team_holds(
+    instrumented: CreditStore, reader: InMemoryMetricReader, clock: FakeClock, user_id: str
+) -> None:
+    """A one-step charge leaves no hold open; a team hold left open lapses like a user's."""
+    assert isinstance(instrumented, InstrumentedStore)
+    await instrumented.add_credits(user_id, 100, "purchase")
+    charge = await instrumented.charge_credits(user_id, 10, "pdf_export")
+    team = await instrumented.create_team("research", initial_balance=100)
+    await instrumented.add_team_member(team.team_id, user_id)
+    settled = await instrumented.reserve_team_credits(team.team_id, user_id, 10, "chat", ttl=60)
+    left = await instrumented.reserve_team_credits(team.team_id, user_id, 10, "chat", ttl=60)
+    await instrumented.deduct_credits(user_id, settled.reservation_id, 5, team_id=team.team_id)
+    assert 1 == instrumented.open_holds
+    clock.advance(60)
+    m = Metrics(reader)
+
+    assert charge.ok
+    assert left.ok
+    assert 0 == instrumented.open_holds
+    assert 1 == m.total("ducto.holds.expired")
+    assert 1 == m.calls("charge_credits", "ok")
+    assert 2 == m.calls("reserve_team_credits", "ok")
