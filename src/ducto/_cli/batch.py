@@ -164,11 +164,14 @@ def read_rows(ctx: Context, name: str, batch: str) -> list[Row]:
             raise UsageError(f"{name}: not UTF-8 text ({exc.reason})") from None
         except csv.Error as exc:
             raise UsageError(f"{name}: not valid CSV: {exc}") from None
+    if len(problems) == 1:
+        raise UsageError(f"{name}: {problems[0]}; nothing was granted")
     if problems:
-        for problem in problems[1:_SHOWN_PROBLEMS]:
+        for problem in problems[:_SHOWN_PROBLEMS]:
             Output.note(f"ducto: {name}: {problem}")
-        more = f" ({len(problems)} bad rows in all)" if len(problems) > 1 else ""
-        raise UsageError(f"{name}: {problems[0]}{more}; nothing was granted")
+        hidden = len(problems) - _SHOWN_PROBLEMS
+        shown = "listed above" if hidden <= 0 else f"the first {_SHOWN_PROBLEMS} listed above"
+        raise UsageError(f"{name}: {len(problems)} bad rows ({shown}); nothing was granted")
     if not rows:
         raise UsageError(f"{name}: no rows to grant")
     return rows

@@ -172,11 +172,12 @@ async def cmd_pricing_validate(ctx: Context) -> int:
 def _checked_config(name: str) -> PricingConfigData:
     data = read_config_file(name)
     problems = check_config(data)
+    if len(problems) == 1:
+        raise UsageError(f"{name}: {problems[0]}; nothing was published")
     if problems:
-        for problem in problems[1:]:
+        for problem in problems:
             Output.note(f"ducto: {name}: {problem}")
-        more = f" (and {len(problems) - 1} more above)" if len(problems) > 1 else ""
-        raise UsageError(f"{name}: {problems[0]}{more}; nothing was published")
+        raise UsageError(f"{name}: {len(problems)} problems (listed above); nothing was published")
     return PricingConfigData.model_validate(data)
 
 
@@ -524,8 +525,7 @@ async def cmd_release(ctx: Context) -> int:
     result = await store.release_reservation(ctx.args.user, ctx.args.reservation)
 
     def show() -> None:
-        state = "released" if result.released else "was already released"
-        ctx.out.text(f"hold {result.reservation_id} {state}")
+        ctx.out.text(f"hold {result.reservation_id} is released")
         ctx.out.pairs(
             [
                 ("user", result.user_id),
@@ -760,7 +760,7 @@ async def cmd_teams_add_member(ctx: Context) -> int:
 
     def show() -> None:
         ctx.out.text(
-            f"{result.user_id!r} is a {result.role} of team {result.team_id}"
+            f"{result.user_id!r} is in team {result.team_id} as {result.role}"
             + (f", monthly cap {result.spend_cap:,}" if result.spend_cap is not None else "")
         )
 
