@@ -162,8 +162,9 @@ async def cmd_pricing_validate(ctx: Context) -> int:
         )
     for problem in problems:
         Output.note(f"ducto: {name}: {problem}")
+    if len(problems) > 1:
+        Output.note(f"ducto: {name}: {len(problems)} problems")
     if problems:
-        Output.note(f"ducto: {name}: {len(problems)} problem{'s' if len(problems) > 1 else ''}")
         return 2
     ctx.out.text(f"{name}: valid ({summary(PricingConfigData.model_validate(data))})")
     return OK
