@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import pytest
 from tests.cli._cli_support import Cli
 
-PRICING = {
+PRICING: dict[str, Any] = {
     "models": {
         "gpt-4o": "input_tokens * 0.025 + output_tokens * 0.1",
         "_default": "input_tokens * 0.01",
@@ -17,7 +18,7 @@ PRICING = {
     "plans": {"pro": {"id": "pro", "name": "Pro", "free_allowance": 500}},
 }
 
-BAD = {
+BAD: dict[str, Any] = {
     "models": {"gpt-4o": "input_tokens * ) 0.025", "ok": "1", "typo": "input_token * 2"},
     "tools": {"web_search": "tool_calls *"},
     "plans": {
