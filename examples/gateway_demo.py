@@ -25,6 +25,7 @@ saw charged, refunded and expired are exactly the ledger's. It exits with status
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import random
 import sys
 import tempfile
@@ -688,6 +689,11 @@ def positive(text: str) -> int:
     return value
 
 
+def default_backend() -> str:
+    """asyncio when its SQLite driver is installed; else trio, whose SQLite store needs none."""
+    return "asyncio" if importlib.util.find_spec("aiosqlite") is not None else "trio"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=(__doc__ or "").strip().splitlines()[0],
@@ -738,8 +744,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--backend",
         choices=("asyncio", "trio"),
-        default="asyncio",
-        help="event loop (default: %(default)s)",
+        default=default_backend(),
+        help="event loop (default: asyncio, or trio when aiosqlite, which SQLite needs under "
+        "asyncio, is not installed)",
     )
     parser.add_argument(
         "--show-user",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,18 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_module_exports_main() -> None:
     """The console script's target is the module's one public name."""
     assert ["main"] == ducto.cli.__all__
+
+
+def test_missing_sqlite_driver_says_what_to_install(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Under asyncio without aiosqlite, the error names the extra and the trio way round."""
+    monkeypatch.setitem(sys.modules, "aiosqlite", None)
+
+    status = main(["--store", f"sqlite:///{tmp_path / 'x.db'}", "--backend", "asyncio", "setup"])
+
+    err = capsys.readouterr().err
+    assert 2 == status
+    assert "pip install 'ducto[sqlite]'" in err
+    assert "--backend trio" in err
+    assert 1 == len(err.strip().splitlines())

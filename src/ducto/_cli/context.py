@@ -36,7 +36,10 @@ def missing_extra(exc: ImportError) -> UsageError | None:
     extra = EXTRAS.get(module)
     if extra is None:
         return None
-    return UsageError(f"this needs the {module!r} module: pip install 'ducto[{extra}]'")
+    advice = f"this needs the {module!r} module: pip install 'ducto[{extra}]'"
+    if module == "aiosqlite":
+        advice += " (or pass --backend trio: SQLite under trio needs no driver)"
+    return UsageError(advice)
 
 
 class StoreSetupError(StoreError):
