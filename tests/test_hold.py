@@ -95,7 +95,7 @@ async def test_settle_charges_the_actual_usage(
         result = await hold.settle(HALF)
 
     assert (40, 40, 60) == (hold.estimate_credits, during.reserved, during.available)
-    assert (20, 80) == (result.amount, result.balance_after)
+    assert (20, 80) == (result.charged, result.balance_after)
     assert hold.reservation_id == result.reservation_id
     assert result is hold.result
     assert (True, False) == (hold.settled, hold.released)
@@ -120,7 +120,7 @@ async def test_recorded_usage_is_summed_and_settled(manager: CreditManager, user
         result = await hold.settle()
 
     assert UsageMetrics(model="gpt-4o", input_tokens=1000, output_tokens=500) == hold.recorded
-    assert 25 == result.amount
+    assert 25 == result.charged
 
 
 async def test_settle_with_credits_or_nothing(manager: CreditManager, user_id: str) -> None:
@@ -132,7 +132,7 @@ async def test_settle_with_credits_or_nothing(manager: CreditManager, user_id: s
     async with manager.hold(user_id, 30) as second:
         nothing = await second.settle()
 
-    assert (7, 0) == (seven.amount, nothing.amount)
+    assert (7, 0) == (seven.charged, nothing.charged)
     assert (True, True) == (first.settled, second.settled)
     assert 93 == (await manager.get_balance(user_id)).balance
 
@@ -146,7 +146,7 @@ async def test_actual_cost_above_the_hold_is_charged_in_full(
     async with manager.hold(user_id, 10) as hold:
         result = await hold.settle(CALL)
 
-    assert (40, -10, 10) == (result.amount, result.balance_after, result.shortfall)
+    assert (40, -10, 10) == (result.charged, result.balance_after, result.shortfall)
 
 
 async def test_estimate_and_actual_use_the_plan_rates(manager: CreditManager, user_id: str) -> None:
@@ -159,7 +159,7 @@ async def test_estimate_and_actual_use_the_plan_rates(manager: CreditManager, us
 
     assert 15 == hold.estimate_credits
     assert hold.result is not None
-    assert 15 == hold.result.amount
+    assert 15 == hold.result.charged
 
 
 async def test_a_second_settle_raises(manager: CreditManager, user_id: str) -> None:
@@ -279,7 +279,7 @@ async def test_error_after_recording_settles_the_recorded_usage(
 
     assert hold.settled is True
     assert hold.result is not None
-    assert 10 == hold.result.amount
+    assert 10 == hold.result.charged
     assert 90 == (await manager.get_balance(user_id)).balance
 
 
@@ -314,9 +314,9 @@ async def test_unpriceable_usage(store: CreditStore, user_id: str) -> None:
     async with manager.hold(user_id, 12) as on_exit:
         on_exit.record(mystery)
 
-    assert 9 == fixed.amount
+    assert 9 == fixed.charged
     assert on_exit.result is not None
-    assert 12 == on_exit.result.amount
+    assert 12 == on_exit.result.charged
     assert 79 == (await manager.get_balance(user_id)).balance
 
 
@@ -516,7 +516,7 @@ async def test_a_duplicate_attempt_never_releases_the_original_hold(
         result = await original.settle(HALF)
 
     assert original.reservation_id == duplicate.reservation_id
-    assert (40, 20) == (held.reserved, result.amount)
+    assert (40, 20) == (held.reserved, result.charged)
     balance = await manager.get_balance(user_id)
     assert (80, 0) == (balance.balance, balance.reserved)
 
@@ -630,8 +630,8 @@ async def test_random_cancellation_never_leaves_a_hold_or_charges_twice(
         outcomes["settled"] += 1
         assert hold.recorded is not None
         assert hold.result is not None
-        assert manager.calculate(hold.recorded).credits == hold.result.amount
-        expected_rows[hold.user_id][hold.reservation_id] = hold.result.amount
+        assert manager.calculate(hold.recorded).credits == hold.result.charged
+        expected_rows[hold.user_id][hold.reservation_id] = hold.result.charged
     assert outcomes["settled"] > 0
     assert outcomes["released"] + outcomes["never placed"] > 0
 

@@ -121,7 +121,7 @@ async def test_publishing_a_new_version_changes_prices(
 
     result = await manager.deduct(user_id, CALL)
 
-    assert 40 == result.amount
+    assert 40 == result.charged
     assert 2 == len(await store.get_pricing_history())
 
 
@@ -138,7 +138,7 @@ async def test_deduct_charges_the_priced_cost(
         user_id, CALL, metadata={"request": "r-1", "model": "spoofed", "input_tokens": 1}
     )
 
-    assert 40 == result.amount
+    assert 40 == result.charged
     assert 60 == result.balance_after
     [row] = await usage_rows(store, user_id)
     assert result.transaction_id == row.id
@@ -164,9 +164,9 @@ async def test_deduct_uses_plan_overrides_and_allowance_first(
     second = await manager.deduct(user_id, CALL)
     third = await manager.deduct(user_id, CALL)
 
-    assert (0, 15) == (first.amount, first.allowance_consumed)
-    assert (0, 15) == (second.amount, second.allowance_consumed)
-    assert (15, 0) == (third.amount, third.allowance_consumed)
+    assert (0, 15) == (first.charged, first.allowance_consumed)
+    assert (0, 15) == (second.charged, second.allowance_consumed)
+    assert (15, 0) == (third.charged, third.allowance_consumed)
     assert 85 == (await manager.get_balance(user_id)).balance
 
 
@@ -179,7 +179,7 @@ async def test_plan_without_overrides_prices_at_base_rates(
 
     result = await manager.deduct(user_id, CALL)
 
-    assert 40 == result.amount
+    assert 40 == result.charged
 
 
 async def test_retry_with_the_same_key_charges_once(
@@ -275,7 +275,7 @@ async def test_a_cancellation_during_a_charge_lets_it_finish(
 
     assert scope.cancelled_caught is True
     assert result is not None
-    assert 40 == result.amount
+    assert 40 == result.charged
     balance = await store.get_balance(user_id)
     assert (60, 0) == (balance.balance, balance.reserved)
 
@@ -342,7 +342,7 @@ async def test_per_model_spend_cap_raises_a_typed_error(
         error.limit,
         error.current_spend,
     )
-    assert 10 == other_model.amount
+    assert 10 == other_model.charged
     assert 0 == (await manager.get_balance(user_id)).reserved
 
 
@@ -355,7 +355,7 @@ async def test_deduct_fixed_charges_the_job(
     result = await manager.deduct_fixed(user_id, "image", idempotency_key="img-1")
     again = await manager.deduct_fixed(user_id, "image", idempotency_key="img-1")
 
-    assert 25 == result.amount
+    assert 25 == result.charged
     assert again.idempotent is True
     [row] = await usage_rows(store, user_id)
     assert "image" == row.metadata["fixed_job"]
@@ -383,7 +383,7 @@ async def test_free_usage_still_writes_a_usage_row(
 
     result = await manager.deduct(user_id, UsageMetrics(model="gpt-4o"))
 
-    assert 0 == result.amount
+    assert 0 == result.charged
     assert [0] == [row.amount for row in await usage_rows(store, user_id)]
     balance = await manager.get_balance(user_id)
     assert (10, 0) == (balance.balance, balance.reserved)
@@ -422,8 +422,8 @@ async def test_team_charges(
     with pytest.raises(UserNotInTeamError) as info:
         await manager.deduct_team(team.team_id, other_user_id, 5)
 
-    assert (40, 60) == (priced.amount, priced.team_balance_after)
-    assert (5, 55) == (fixed.amount, fixed.team_balance_after)
+    assert (40, 60) == (priced.charged, priced.team_balance_after)
+    assert (5, 55) == (fixed.charged, fixed.team_balance_after)
     assert (team.team_id, other_user_id) == (info.value.team_id, info.value.user_id)
     assert 55 == (await store.get_team_balance(team.team_id)).balance
     charged = recorder.of(CreditEventType.CREDITS_DEDUCTED)

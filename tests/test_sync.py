@@ -132,7 +132,7 @@ def test_store_facade_from_many_threads(
         def work(n: int) -> int:
             user = users[n % len(users)]
             hold = store.reserve_credits(user, 5, "chat", min_balance=0)
-            return store.deduct_credits(user, hold.reservation_id, 3).amount
+            return store.deduct_credits(user, hold.reservation_id, 3).charged
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             charged = list(pool.map(work, range(200)))
@@ -169,7 +169,7 @@ def test_manager_facade_prices_and_charges(
         price = billing.calculate(CALL).credits
         history = billing.store.get_pricing_history()
 
-    assert (40, True, 5) == (charged.amount, replayed.idempotent, settled.amount)
+    assert (40, True, 5) == (charged.charged, replayed.idempotent, settled.charged)
     assert (55, 0) == (balance.balance, balance.reserved)
     assert 40 == price
     assert ["sync"] == [item.label for item in history]

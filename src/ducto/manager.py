@@ -1025,7 +1025,7 @@ class CreditManager:
             await self._emit(
                 CreditEventType.CREDITS_DEDUCTED,
                 user_id=result.user_id,
-                amount=result.amount,
+                amount=result.charged,
                 balance_after=result.balance_after,
                 transaction_id=result.transaction_id,
                 reservation_id=result.reservation_id,
@@ -1036,7 +1036,7 @@ class CreditManager:
                 await self._emit(
                     CreditEventType.CAP_WARNING,
                     user_id=result.user_id,
-                    amount=result.amount,
+                    amount=result.charged,
                     balance_after=result.balance_after,
                     transaction_id=result.transaction_id,
                     reservation_id=result.reservation_id,
@@ -1101,7 +1101,7 @@ class CreditManager:
                         CreditEventType.CREDITS_DEDUCTED,
                         user_id=user_id,
                         team_id=team_id,
-                        amount=result.amount,
+                        amount=result.charged,
                         balance_after=result.team_balance_after,
                         available=result.available,
                         transaction_id=result.transaction_id,

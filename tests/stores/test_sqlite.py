@@ -58,7 +58,7 @@ from ducto.interface.models import (
     RefundResult,
     TransactionRow,
 )
-from ducto.interface.sqlite import SQLiteStore
+from ducto.interface.sqlite import SCHEMA_VERSION, SQLiteStore
 
 pytestmark = [pytest.mark.anyio, pytest.mark.sqlite]
 
@@ -473,9 +473,11 @@ def tables_in(script: str) -> list[str]:
     ]
 
 
-EVERY_TABLE = tables_in(migration("0001_ledger.sql")) + tables_in(
-    migration("0002_plans_caps_teams.sql")
-)
+EVERY_TABLE = [
+    table
+    for name in ("0001_ledger.sql", "0002_plans_caps_teams.sql", "0003_team_holds.sql")
+    for table in tables_in(migration(name))
+]
 
 
 def tables_of(path: Path) -> set[str]:
@@ -566,9 +568,9 @@ async def test_version_1_file_migrates_with_its_data(
         again = await store.deduct_credits(LEGACY_USER, "res_legacy_1", 50)
         await assert_invariants(store, LEGACY_USER)
 
-    assert 2 == result.schema_version
+    assert SCHEMA_VERSION == result.schema_version
     assert set(EVERY_TABLE) == tables_of(path)
-    assert 2 == user_version(path)
+    assert SCHEMA_VERSION == user_version(path)
     assert (150, 200, 150, 0) == (
         balance.balance,
         balance.lifetime_purchased,
@@ -624,7 +626,7 @@ async def test_migrated_file_keeps_working(
         await assert_invariants(store, LEGACY_USER)
 
     assert (True, 170, 30) == (refund.ok, refund.new_balance, refund.refundable)
-    assert (True, 145, 25) == (settled.ok, settled.balance_after, settled.amount)
+    assert (True, 145, -25) == (settled.ok, settled.balance_after, settled.amount)
     assert ("pro", 10) == (user_plan.plan_id, user_plan.free_allowance)
     assert [("lot_legacy_1", 145)] == [(lot.id, lot.remaining) for lot in lots]
     assert (145, 200, 155) == (balance.balance, balance.lifetime_purchased, balance.available)
@@ -641,11 +643,11 @@ async def test_setup_twice_is_idempotent(anyio_backend: str, tmp_path: Path) -> 
     async with SQLiteStore(path, synchronous="NORMAL") as store:
         third = await store.setup()
 
-    assert 2 == first.schema_version
-    assert ([], 2) == (second.tables_created, second.schema_version)
-    assert ([], 2) == (third.tables_created, third.schema_version)
+    assert SCHEMA_VERSION == first.schema_version
+    assert ([], SCHEMA_VERSION) == (second.tables_created, second.schema_version)
+    assert ([], SCHEMA_VERSION) == (third.tables_created, third.schema_version)
     assert 40 == balance.balance
-    assert 2 == user_version(path)
+    assert SCHEMA_VERSION == user_version(path)
     assert set(EVERY_TABLE) == tables_of(path)
 
 
@@ -660,7 +662,10 @@ async def test_setup_reports_every_table_it_creates(anyio_backend: str, tmp_path
         migrated = await store.setup()
 
     assert EVERY_TABLE == created.tables_created
-    assert tables_in(migration("0002_plans_caps_teams.sql")) == migrated.tables_created
+    assert [
+        *tables_in(migration("0002_plans_caps_teams.sql")),
+        *tables_in(migration("0003_team_holds.sql")),
+    ] == migrated.tables_created
 
 
 @pytest.mark.slow
@@ -701,10 +706,10 @@ def test_setup_from_two_processes_at_once(tmp_path: Path) -> None:
             for b in ("asyncio", "trio")
         ]
 
-        assert [2, 2] == [r["schema_version"] for r in results]
+        assert [SCHEMA_VERSION] * 2 == [r["schema_version"] for r in results]
         # One of them found the schema already there; the other created it.
         assert [False, True] == sorted(bool(r["tables_created"]) for r in results)
-        assert 2 == user_version(path)
+        assert SCHEMA_VERSION == user_version(path)
         assert set(EVERY_TABLE) == tables_of(path)
 
 
@@ -713,13 +718,13 @@ async def test_newer_schema_is_refused(anyio_backend: str, tmp_path: Path) -> No
     path = tmp_path / "future.db"
     with raw(path) as conn:
         conn.execute("CREATE TABLE from_the_future (x INTEGER)")
-        conn.execute("PRAGMA user_version = 3")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
 
     async with SQLiteStore(path, synchronous="NORMAL") as store:
-        with pytest.raises(StoreError, match="version 3"):
+        with pytest.raises(StoreError, match=f"version {SCHEMA_VERSION + 1}"):
             await store.setup()
 
-    assert 3 == user_version(path)
+    assert SCHEMA_VERSION + 1 == user_version(path)
     with raw(path) as conn:
         assert [("from_the_future",)] == conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'"

@@ -45,6 +45,8 @@ def open_store(url: str, **options: Any) -> CreditStore:
     """
     if not isinstance(url, str):
         raise InvalidArgumentError(f"url must be a str, got {type(url).__name__}")
+    if "\x00" in url:
+        raise InvalidArgumentError(f"url must not contain a NUL character, got {url!r}")
     scheme, sep, rest = url.partition("://")
     if not sep:
         raise InvalidArgumentError(f"url must look like 'scheme://...', got {url!r}")
@@ -59,5 +61,10 @@ def open_store(url: str, **options: Any) -> CreditStore:
             return SQLiteStore(":memory:", **options)
         if not rest.startswith("/") or len(rest) < 2:
             raise InvalidArgumentError(f"a sqlite url looks like 'sqlite:///path.db', got {url!r}")
+        if "?" in rest or "#" in rest:
+            raise InvalidArgumentError(
+                f"a sqlite url names a file and takes no query options, got {url!r}; "
+                "pass store options as keyword arguments"
+            )
         return SQLiteStore(rest[1:], **options)
     raise InvalidArgumentError(f"unsupported store url scheme {scheme!r} in {url!r}")
