@@ -211,9 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--key", help="idempotency key: the same key refunds once")
     cmd.set_defaults(handler=commands.cmd_refund)
 
-    cmd = command("release", "free a user's hold")
+    cmd = command("release", "free a user's hold (or a member's hold on a team pool)")
     cmd.add_argument("user", metavar="USER")
     cmd.add_argument("reservation", metavar="RESERVATION", help="the hold's id")
+    cmd.add_argument(
+        "--team", metavar="TEAM", help="the team pool, for a hold on a team (default: none)"
+    )
     cmd.set_defaults(handler=commands.cmd_release)
 
     cmd = command("sweep", "write off the unspent remainder of expired credit lots")
@@ -422,7 +425,9 @@ def _message(exc: BaseException, setting_up: bool) -> str:
         lowered = text.lower()
         hint = ""
         if not setting_up and (
-            "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered)
+            "no such table" in lowered
+            or "no ducto schema" in lowered
+            or ("relation" in lowered and "does not exist" in lowered)
         ):
             hint = " (the schema is missing: run 'ducto setup')"
         return f"store error: {text}{hint}"

@@ -127,3 +127,25 @@ def test_unknown_team_is_refused(cli: Cli) -> None:
     assert [1, 1, 1] == [shown.status, credited.status, added.status]
     for ran in (shown, credited, added):
         assert "team_not_found" in ran.error_line()
+
+
+def test_release_a_members_hold_on_the_pool(cli: Cli) -> None:
+    """`release USER RESERVATION --team TEAM` frees a hold placed on a team pool."""
+    team_id = cli.json("teams", "create", "acme", "--balance", "100")["team_id"]
+    cli.ok("teams", "add-member", team_id, "alice")
+
+    async def hold(store: CreditStore) -> str:
+        placed = await store.reserve_team_credits(team_id, "alice", 40, "chat")
+        placed.raise_for_error()
+        return placed.reservation_id
+
+    reservation = cli.with_store(hold)
+    held = cli.json("teams", "show", team_id)
+    without_team = cli("release", "alice", reservation)
+    released = cli.json("release", "alice", reservation, "--team", team_id)
+
+    assert (40, 60) == (held["reserved"], held["available"])
+    assert 1 == without_team.status
+    assert "reservation_not_found" in without_team.error_line()
+    assert (True, 40, team_id) == (released["released"], released["amount"], released["team_id"])
+    assert 100 == cli.json("teams", "show", team_id)["available"]

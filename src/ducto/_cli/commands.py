@@ -523,13 +523,16 @@ async def cmd_refund(ctx: Context) -> int:
 async def cmd_release(ctx: Context) -> int:
     """Free a hold."""
     store = await ctx.store()
-    result = await store.release_reservation(ctx.args.user, ctx.args.reservation)
+    result = await store.release_reservation(
+        ctx.args.user, ctx.args.reservation, team_id=ctx.args.team
+    )
 
     def show() -> None:
         ctx.out.text(f"hold {result.reservation_id} is released")
         ctx.out.pairs(
             [
                 ("user", result.user_id),
+                ("team", result.team_id),
                 ("credits freed", result.amount),
                 ("available", result.available),
             ]
@@ -740,6 +743,7 @@ async def cmd_teams_show(ctx: Context) -> int:
             ("name", team.name),
             ("balance", team.balance),
             ("available", team.available),
+            ("held", team.reserved),
             ("members", team.member_count),
         ]
     )

@@ -131,5 +131,5 @@ def refusal(result: BaseModel, asked: int | None = None) -> str:
     if not isinstance(code, ErrorCode):
         raise TypeError(f"{type(result).__name__} has no error code")
     if asked is not None:
-        fields["amount"] = asked
+        fields["requested"] = fields["amount"] = asked
     return f"refused ({code}): {error_from_fields(code, fields)}"
