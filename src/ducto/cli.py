@@ -37,6 +37,13 @@ from ducto._cli import batch, commands
 from ducto._cli.context import STORE_ENV, Context
 from ducto._cli.output import Output
 from ducto._cli.values import NotFoundError, UsageError, parse_count, redact
+from ducto.errors import (
+    CreditError,
+    DuctoError,
+    InvalidArgumentError,
+    PricingVersionNotFoundError,
+    StoreError,
+)
 
 __all__ = ["main"]
 
@@ -67,7 +74,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _count(name: str, maximum: int = 1_000_000) -> argparse._TypeFunc:  # type: ignore[name-defined]
+def _count(name: str, maximum: int = 1_000_000) -> Callable[[str], int]:
+    """An argparse type reading a whole number from 1 to `maximum`."""
+
     def convert(text: str) -> int:
         try:
             return parse_count(text, name, maximum=maximum)
@@ -119,13 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     common = [_common(suppress=True)]
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
 
-    def command(name: str, help_text: str, **kwargs: object) -> argparse.ArgumentParser:
+    def command(
+        name: str, help_text: str, *, aliases: Sequence[str] = (), epilog: str | None = None
+    ) -> argparse.ArgumentParser:
         made: argparse.ArgumentParser = sub.add_parser(
             name,
             help=help_text,
             description=help_text,
+            epilog=epilog,
+            aliases=aliases,
             parents=common,
-            **kwargs,  # type: ignore[arg-type]
         )
         return made
 
@@ -399,13 +411,6 @@ async def _run(args: argparse.Namespace, out: Output, url: str | None, from_flag
 
 
 def _exit_status(exc: BaseException) -> int:
-    from ducto.errors import (
-        CreditError,
-        InvalidArgumentError,
-        PricingVersionNotFoundError,
-        StoreError,
-    )
-
     if isinstance(exc, UsageError | InvalidArgumentError):
         return EXIT_USAGE
     if isinstance(exc, NotFoundError | PricingVersionNotFoundError | CreditError):
@@ -416,8 +421,6 @@ def _exit_status(exc: BaseException) -> int:
 
 
 def _message(exc: BaseException, setting_up: bool) -> str:
-    from ducto.errors import InvalidArgumentError, PricingVersionNotFoundError, StoreError
-
     text = str(exc) or type(exc).__name__
     if isinstance(exc, PricingVersionNotFoundError | NotFoundError):
         return text
@@ -447,8 +450,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status: 0 done, 1 refused by the books or not found, 2 usage error, 3 store
         error, 130 interrupted.
     """
-    from ducto.errors import DuctoError
-
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

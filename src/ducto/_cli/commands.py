@@ -5,7 +5,7 @@ returns the exit status (0 done, 1 refused by the books).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal
@@ -38,8 +38,6 @@ from ducto.interface.models import (
     TransactionPage,
     TransactionRow,
 )
-
-Command = Callable[[Context], Awaitable[int]]
 
 OK = 0
 REFUSED = 1
