@@ -180,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument(
         "--jobs",
         type=_count("--jobs", 64),
-        default=8,
-        help="with --csv: grants in flight at once (default: 8)",
+        default=16,
+        help="with --csv: grants in flight at once (default: 16)",
     )
     cmd.add_argument(
         "--dry-run",
