@@ -162,3 +162,19 @@ def test_diff_treats_absent_and_empty_alike() -> None:
     new = PricingConfigData.model_validate({"models": {"_default": "1"}, "plans": {}})
 
     assert [] == diff_configs(old, new)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_on_a_terminal_rewrites_one_line() -> None:
+    """On a terminal each step rewrites the line, and closing ends it."""
+    stream = _Terminal()
+    progress = Progress(4, "granting", enabled=True, stream=stream)
+    progress.advance(1)
+    progress.advance(3)
+    progress.close()
+
+    assert "\rgranting 1/4 (25%)\rgranting 4/4 (100%)\n" == stream.getvalue()
