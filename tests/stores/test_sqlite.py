@@ -1220,3 +1220,105 @@ def test_failed_open_leaves_no_thread_behind(
         thread.join(5)
 
     assert [] == crashed
+
+
+# -- paths, URLs and the schema ------------------------------------------------------------------
+
+
+async def test_a_file_uri_name_is_a_path_not_a_uri(
+    anyio_backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name SQLite would read as a URI (in-memory, shared cache) is a file, and keeps data."""
+    monkeypatch.chdir(tmp_path)
+    name = "file:billing.db?mode=memory&cache=shared"
+    for _ in range(2):
+        async with opened(name) as store:
+            await store.add_credits("alice", 5, "purchase", idempotency_key="evt")
+        async with opened(name) as store:
+            balance = await store.get_balance("alice")
+
+    assert 5 == balance.balance
+    assert (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///billing.db?mode=memory",
+        "sqlite:///file:billing.db?mode=memory&cache=shared",
+        "sqlite:///billing.db#x",
+        "sqlite:///\x00.db",
+        "memory://\x00",
+    ],
+)
+def test_open_store_refuses_query_options_and_nul(url: str) -> None:
+    """A sqlite URL names a file: no query string, no fragment, no NUL; nothing is created."""
+    with pytest.raises(InvalidArgumentError, match="url"):
+        open_store(url)
+
+
+def test_a_nul_in_the_path_is_refused(tmp_path: Path) -> None:
+    """SQLiteStore refuses a path with a NUL before anything is opened."""
+    with pytest.raises(InvalidArgumentError, match="path"):
+        SQLiteStore(str(tmp_path / "bad\x00.db"))
+
+
+async def test_a_store_used_before_setup_says_to_call_setup(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """Before setup(), a call fails with a StoreError that says to call setup(), not SQL."""
+    async with SQLiteStore(tmp_path / "new.db") as store:
+        with pytest.raises(StoreError, match=r"call `await store.setup\(\)`"):
+            await store.get_balance("alice")
+        await store.setup()
+        assert 0 == (await store.get_balance("alice")).balance
+
+
+async def test_setup_by_another_process_is_seen(anyio_backend: str, tmp_path: Path) -> None:
+    """A store opened before another one set the schema up works once it has."""
+    path = tmp_path / "shared.db"
+    async with SQLiteStore(path) as early:
+        with pytest.raises(StoreError, match="setup"):
+            await early.get_balance("alice")
+        async with opened(path) as other:
+            await other.add_credits("alice", 3, "purchase")
+        assert 3 == (await early.get_balance("alice")).balance
+
+
+def test_the_private_aiosqlite_hooks_still_exist() -> None:
+    """The supported aiosqlite versions still queue a callable onto the connection thread
+    through ``Connection._execute`` and keep the thread in ``_thread``.
+
+    The store relies on both (one thread hop per transaction); this fails loudly when an
+    aiosqlite release changes them.
+    """
+    aiosqlite = pytest.importorskip("aiosqlite")
+
+    async def main() -> None:
+        conn = aiosqlite.Connection(lambda: sqlite3.connect(":memory:"), iter_chunk_size=64)
+        await conn
+        try:
+            assert isinstance(conn._thread, threading.Thread)
+            assert threading.get_ident() != await conn._execute(threading.get_ident)
+            assert 7 == await conn._execute(lambda a, b: a + b, 3, 4)
+        finally:
+            await conn.close()
+
+    anyio.run(main, backend="asyncio")
+
+
+@pytest.mark.parametrize(
+    ("code", "unavailable"),
+    [(sqlite3.SQLITE_BUSY, True), (sqlite3.SQLITE_CANTOPEN, True), (sqlite3.SQLITE_ERROR, False)],
+)
+def test_driver_errors_are_translated_by_result_code(code: int, unavailable: bool) -> None:
+    """SQLite's result code (not the message text) decides StoreUnavailableError vs StoreError."""
+    from ducto.interface.sqlite import _translate
+
+    error = sqlite3.OperationalError("a message that mentions nothing useful")
+    error.sqlite_errorcode = code
+    translated = _translate(error)
+
+    assert unavailable == isinstance(translated, StoreUnavailableError)
+    assert isinstance(translated, StoreError)
+    assert error is translated.__cause__
