@@ -432,7 +432,7 @@ def _message(exc: BaseException, setting_up: bool) -> str:
             or "no ducto schema" in lowered
             or ("relation" in lowered and "does not exist" in lowered)
         ):
-            hint = " (the schema is missing: run 'ducto setup')"
+            hint = "; from the command line, run 'ducto setup'"
         return f"store error: {text}{hint}"
     if isinstance(exc, UsageError | InvalidArgumentError):
         return f"error: {text}"
