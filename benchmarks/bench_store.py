@@ -9,6 +9,7 @@ rows on the measured user, and the process's peak memory.
 
     python benchmarks/bench_store.py --store memory
     python benchmarks/bench_store.py --store sqlite --synchronous NORMAL
+    python benchmarks/bench_store.py --store postgres --url postgresql://postgres@127.0.0.1/test
 """
 
 from __future__ import annotations
@@ -277,7 +278,12 @@ def run_table(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--store", choices=["memory", "sqlite"], default="memory")
+    parser.add_argument("--store", choices=["memory", "sqlite", "postgres"], default="memory")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("DUCTO_STORE_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+        help="postgres: the database (each run works in schemas of its own, dropped after)",
+    )
     parser.add_argument(
         "--synchronous", default="FULL,NORMAL", help="sqlite durability levels to run"
     )
@@ -291,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC).isoformat(timespec="seconds")
     print(f"ducto bench_store  store={args.store}  python {sys.version.split()[0]}")
     print(f"started {started}  pid {os.getpid()}  cpus {os.cpu_count()}")
+    if args.store == "postgres":
+        from _postgres_bench import run
+
+        run(args.url, backends, args.scale, args.repeat)
+        print(f"peak RSS: {peak_rss_mb():,.0f} MB")
+        return 0
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         if args.store == "memory":

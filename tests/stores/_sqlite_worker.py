@@ -1,8 +1,9 @@
 """
-Child processes for the SQLiteStore tests, run as ``python _sqlite_worker.py MODE CONFIG``.
+Child processes for the store tests, run as ``python _sqlite_worker.py MODE CONFIG``.
 
-``CONFIG`` is a JSON file written by the parent. Every mode runs one `SQLiteStore` on the
-event loop the config names (``anyio.run`` on asyncio or trio) and reports through files:
+``CONFIG`` is a JSON file written by the parent. Every mode runs one store on the event loop the
+config names (``anyio.run`` on asyncio or trio): the `SQLiteStore` at ``path``, or whatever
+``url`` names through `open_store`; it reports through files:
 
 - ``churn``: many tasks loop reserve, checkpoint, deduct (some keyed, some retried with the same
   key, some raced with a duplicate) or release, against users the parent funded; writes what it
@@ -30,6 +31,8 @@ import anyio
 from anyio.lowlevel import checkpoint
 
 from ducto.errors import ErrorCode
+from ducto.interface import open_store
+from ducto.interface.base import CreditStore
 from ducto.interface.models import DeductionResult
 from ducto.interface.sqlite import SQLiteStore
 
@@ -70,13 +73,20 @@ class _Churn:
             self.problems.append(message)
 
 
+def _store(cfg: dict[str, Any], busy_timeout: float) -> CreditStore:
+    """The store the config names: a URL, else the SQLite file at ``path``."""
+    if "url" in cfg:
+        return open_store(cfg["url"], **cfg.get("options", {}))
+    return SQLiteStore(cfg["path"], synchronous=cfg["synchronous"], busy_timeout=busy_timeout)
+
+
 async def _settle_into(
-    into: list[DeductionResult], store: SQLiteStore, args: tuple[str, str, int, str]
+    into: list[DeductionResult], store: CreditStore, args: tuple[str, str, int, str]
 ) -> None:
     into.append(await store.deduct_credits(*args))
 
 
-async def _churn_task(store: SQLiteStore, cfg: dict[str, Any], task: int, seen: _Churn) -> None:
+async def _churn_task(store: CreditStore, cfg: dict[str, Any], task: int, seen: _Churn) -> None:
     rng = random.Random(f"{cfg['seed']}-{cfg['process']}-{task}")
     users: list[str] = cfg["users"]
     for step in range(cfg["iterations"]):
@@ -133,7 +143,7 @@ async def _churn_task(store: SQLiteStore, cfg: dict[str, Any], task: int, seen: 
 
 async def _churn(cfg: dict[str, Any]) -> None:
     seen = _Churn()
-    async with SQLiteStore(cfg["path"], synchronous=cfg["synchronous"], busy_timeout=60.0) as store:
+    async with _store(cfg, 60.0) as store:
         _ready_then_wait(cfg)
         async with anyio.create_task_group() as tg:
             for task in range(cfg["tasks"]):
@@ -253,7 +263,7 @@ async def _crash(cfg: dict[str, Any]) -> None:
 
 async def _setup(cfg: dict[str, Any]) -> None:
     _ready_then_wait(cfg)
-    async with SQLiteStore(cfg["path"], synchronous="NORMAL", busy_timeout=30.0) as store:
+    async with _store({"synchronous": "NORMAL", **cfg}, 30.0) as store:
         result = await store.setup()
     _report(cfg, result.model_dump_json())
 

@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import anyio
 import sniffio
+from anyio.lowlevel import checkpoint
 
 from ducto.errors import (
     InvalidArgumentError,
@@ -144,7 +145,8 @@ class PostgresStore(StoreFront):
             test runs can share one database in separate schemas. Overrides the URL's.
         pool: A `psycopg_pool.AsyncConnectionPool` (asyncio) or `psycopg_pool.ConnectionPool`
             (trio) to use instead of one the store owns; the store does not close it. Its
-            connections must be in autocommit mode.
+            connections must be in autocommit mode with the store's schema first on their
+            ``search_path`` (checked when the store opens).
         min_size: Connections the owned pool keeps open.
         max_size: Most connections the owned pool opens.
         connect_timeout: Seconds to wait for a connection before `StoreUnavailableError`.
@@ -225,6 +227,8 @@ class PostgresStore(StoreFront):
                 "PostgresStore needs the 'postgres' extra: pip install ducto[postgres]"
             ) from exc
         self._async = sniffio.current_async_library() == "asyncio"
+        if not self._async:
+            self._limiter = anyio.CapacityLimiter(self._max_size)
         given = self._given_pool
         if given is not None:
             if self._async != isinstance(given, psycopg_pool.AsyncConnectionPool):
@@ -232,6 +236,7 @@ class PostgresStore(StoreFront):
                     "give an AsyncConnectionPool under asyncio and a ConnectionPool under trio"
                 )
             self._pool = given
+            await self._with_connection(self._check_session)
         elif self._async:
             pool = psycopg_pool.AsyncConnectionPool(
                 self._dsn or "",
@@ -266,8 +271,17 @@ class PostgresStore(StoreFront):
                 await anyio.to_thread.run_sync(sync_pool.close)
                 raise _translate(exc) from exc
             self._pool = sync_pool
-        if not self._async:
-            self._limiter = anyio.CapacityLimiter(self._max_size)
+
+    def _check_session(self) -> Steps[None]:
+        """Refuse a given pool whose connections do not look in the store's schema first."""
+        rows = yield [("SELECT current_schemas(false)", ())]
+        schemas = rows[0][0][0]
+        if not schemas or schemas[0] != self._schema:
+            self._pool = None
+            raise InvalidArgumentError(
+                f"pool connections must use the store's schema first (search_path = "
+                f"{self._schema}), found {schemas!r}; set it with configure= or options="
+            )
 
     def _session(self) -> str:
         return f"SET search_path TO {self._schema}; SET TIME ZONE 'UTC'"
@@ -448,6 +462,10 @@ class PostgresStore(StoreFront):
         lost after ``COMMIT`` was sent leaves the outcome unknown, which the caller is told.
         """
         pool = self._check_open()
+        # psycopg may finish a round trip without yielding to the loop (a local server answers
+        # before it polls): make every call a checkpoint, where a cancellation lands before
+        # anything happened.
+        await checkpoint()
         attempts = 0
         while True:
             attempts += 1
