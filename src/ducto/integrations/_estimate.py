@@ -84,9 +84,7 @@ class RequestEstimator:
         )
         self.image_tokens = _positive_int("image_tokens", image_tokens, allow_zero=True)
         self.file_tokens = _positive_int("file_tokens", file_tokens, allow_zero=True)
-        self.message_overhead = _positive_int(
-            "message_overhead", message_overhead, allow_zero=True
-        )
+        self.message_overhead = _positive_int("message_overhead", message_overhead, allow_zero=True)
 
     def estimate(self, api: Api | str, body: Mapping[str, object]) -> UsageMetrics:
         """

@@ -255,7 +255,9 @@ def usage_from_anthropic(payload: object, *, model: str | None = None) -> UsageM
     return _anthropic_usage(usage, _model(payload, model))
 
 
-def usage_from_response(api: Api | str, payload: object, *, model: str | None = None) -> UsageMetrics:
+def usage_from_response(
+    api: Api | str, payload: object, *, model: str | None = None
+) -> UsageMetrics:
     """
     The usage of a complete (not streamed) response of the given API.
 
@@ -560,9 +562,7 @@ class StreamUsage:
             output_tokens=latest("output_tokens", start),
             cache_read=latest("cache_read_input_tokens", start),
             cache_write=latest("cache_creation_input_tokens", start),
-            web_search_calls=_count(
-                server_tools, "web_search_requests", "usage.server_tool_use"
-            ),
+            web_search_calls=_count(server_tools, "web_search_requests", "usage.server_tool_use"),
         )
 
 
