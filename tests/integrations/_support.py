@@ -54,8 +54,8 @@ class FakeUpstream:
 
     The answer has ``max_tokens`` words (one token each). ``scenario`` in the request's
     ``metadata`` changes the script: ``stall`` streams `stall_after` words then waits
-    forever; ``gate`` waits for `gate` before the first byte (and then forever); ``fail``
-    raises after two words; ``error`` answers 500.
+    forever; ``gate`` waits for `gate` before it starts the response, then streams nothing
+    and waits forever; ``fail`` raises after two words; ``error`` answers 500.
     """
 
     calls: int = 0
@@ -81,11 +81,12 @@ class FakeUpstream:
         body = await request.json()
         scenario = (body.get("metadata") or {}).get("scenario", "")
         limit = body.get("max_tokens") or body.get("max_output_tokens") or 5
+        if scenario == "gate":
+            await self.gate.wait()  # the response has not started: no byte sent yet
         return body, scenario, words(limit)
 
     async def _script(self, scenario: str, answer: list[str]) -> AsyncIterator[str]:
         if scenario == "gate":
-            await self.gate.wait()
             await anyio.sleep_forever()
         for number, word in enumerate(answer):
             if scenario == "stall" and number == self.stall_after:
@@ -234,8 +235,10 @@ class Settled:
         self.count = 0
         self._wanted = 0
         self._event = anyio.Event()
+        self.reserved = anyio.Event()
         manager.events.on(CreditEventType.CREDITS_DEDUCTED, self._seen)
         manager.events.on(CreditEventType.RELEASED, self._seen)
+        manager.events.on(CreditEventType.RESERVED, lambda event: self.reserved.set())
 
     def _seen(self, event: CreditEvent) -> None:
         self.count += 1

@@ -439,6 +439,7 @@ async def test_client_gone_before_the_first_byte_leaves_no_hold(
 ) -> None:
     """The stream never produced a byte: the hold is released as soon as the call ends."""
     await _funded(manager)
+    upstream.gate.set()
 
     await call(
         gateway,
