@@ -137,12 +137,12 @@ async def test_fifty_concurrent_requests_against_a_balance_for_ten(
     headers = {"authorization": f"Bearer {user_id}"}
     async with serving(_gateway(manager, upstream), server_kind, anyio_backend) as url:
         limits = httpx.Limits(max_connections=50)
-        async with httpx.AsyncClient(
-            base_url=url, headers=headers, limits=limits, timeout=30
-        ) as client:
-            async with anyio.create_task_group() as tg:
-                for number in range(50):
-                    tg.start_soon(request, client, number)
+        async with (
+            httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=30) as client,
+            anyio.create_task_group() as tg,
+        ):
+            for number in range(50):
+                tg.start_soon(request, client, number)
 
     balance = await manager.get_balance(user_id)
     assert {200: 10, 402: 40} == dict(statuses)
@@ -248,13 +248,15 @@ async def test_retried_request_with_the_same_idempotency_key_is_charged_once(
     headers = {"authorization": f"Bearer {user_id}", "idempotency-key": "retry-1"}
     trailers = []
 
-    async with serving(_gateway(manager, upstream), server_kind, anyio_backend) as url:
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
-            for _ in range(2):
-                async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-                    lines = [line async for line in response.aiter_lines() if line]
-                assert 200 == response.status_code
-                trailers.append(lines[-1])
+    async with (
+        serving(_gateway(manager, upstream), server_kind, anyio_backend) as url,
+        httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client,
+    ):
+        for _ in range(2):
+            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                lines = [line async for line in response.aiter_lines() if line]
+            assert 200 == response.status_code
+            trailers.append(lines[-1])
 
     balance = await manager.get_balance(user_id)
     expected = PROMPT_TOKENS + 4 * 10
