@@ -86,6 +86,8 @@ def heuristic_token_count(text: str) -> int:
 
 def _get(obj: object, name: str) -> object:
     """``obj[name]`` for a mapping, ``obj.name`` otherwise; None when absent."""
+    if type(obj) is dict:  # parsed JSON, the hot path
+        return obj.get(name)
     if obj is None:
         return None
     if isinstance(obj, Mapping):
@@ -289,6 +291,9 @@ def _api(api: Api | str) -> Api:
 # -- streams -----------------------------------------------------------------------------------
 
 
+_TEXT_FIELDS: Final = ("content", "refusal", "reasoning_content", "reasoning")
+
+
 def _text_of_choices(choices: object, counter: TokenCounter) -> int:
     """Tokens of the text a chunk's (or a response's) choices carry."""
     if not isinstance(choices, list | tuple):
@@ -302,9 +307,9 @@ def _text_of_choices(choices: object, counter: TokenCounter) -> int:
             part = _get(choice, part_name)
             if part is None:
                 continue
-            for field in ("content", "refusal", "reasoning_content", "reasoning"):
+            for field in _TEXT_FIELDS:
                 value = _get(part, field)
-                if isinstance(value, str) and value:
+                if value and type(value) is str:
                     tokens += counter(value)
             calls = _get(part, "tool_calls")
             if isinstance(calls, list | tuple):

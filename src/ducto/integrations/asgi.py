@@ -369,8 +369,7 @@ class BillingMiddleware:
             with anyio.CancelScope(shield=True):
                 await exchange.finish(failed=True)
             raise
-        with anyio.CancelScope(shield=True):
-            await exchange.finish(failed=False)
+        await exchange.finish(failed=False)
 
     async def _refuse(self, api: Api, exc: DuctoError, send: Send) -> None:
         status, type_, code = _refusal(exc)
@@ -527,20 +526,21 @@ class _Exchange:
         self._resolved = True
         hold = self._hold
         usage = self._tracker.usage if self.billable else None
-        with anyio.CancelScope(shield=True):
-            try:
-                if usage is not None:
-                    try:
-                        self._result = await hold.settle(usage)
-                    except InvalidArgumentError:
-                        # The usage cannot be priced (a model the config lacks): charge the
-                        # hold rather than nothing.
-                        _log.warning("usage %r cannot be priced; charging the hold", usage)
-                        self._result = await hold.settle(hold.estimate_credits)
-                await hold.__aexit__(None, None, None)
-            except DuctoError as exc:
-                self._settle_error = exc
-                _log.exception("settling hold %s failed", hold.reservation_id)
+        # Hold.settle and Hold.__aexit__ shield their store calls and have no other
+        # checkpoint, so a cancellation cannot leave the hold half resolved here.
+        try:
+            if usage is not None:
+                try:
+                    self._result = await hold.settle(usage)
+                except InvalidArgumentError:
+                    # The usage cannot be priced (a model the config lacks): charge the hold
+                    # rather than nothing.
+                    _log.warning("usage %r cannot be priced; charging the hold", usage)
+                    self._result = await hold.settle(hold.estimate_credits)
+            await hold.__aexit__(None, None, None)
+        except DuctoError as exc:
+            self._settle_error = exc
+            _log.exception("settling hold %s failed", hold.reservation_id)
         return self._result
 
     async def finish(self, *, failed: bool) -> None:
