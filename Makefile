@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint typing bench clean
+.PHONY: demo test check lint typing bench sync docs docs-serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,17 @@ typing: $(STAMP)
 
 check: lint typing
 
+sync: $(STAMP)  ## regenerate the blocking methods of src/ducto/sync.py after a signature changed
+	$(BIN)/python -m ducto._syncgen
+
+docs: $(STAMP)  ## the documentation site, built offline into site/; any warning fails it
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(STAMP)  ## the documentation site on http://127.0.0.1:8000, rebuilt on change
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_store.py --store memory
 
 clean:
-	rm -rf $(VENV) build dist .nox .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build dist site .nox .mypy_cache .ruff_cache .pytest_cache

@@ -195,32 +195,32 @@ def sqlite_floor_pairs_per_second(path: Path, synchronous: str, pairs: int) -> f
     """
     The floor: the same reserve and deduct transactions as plain synchronous sqlite3.
 
-    SQLiteStore's own operation functions run one after the other on one connection, each in
-    its own ``BEGIN IMMEDIATE`` ... ``COMMIT`` at the same durability: no event loop, no thread
-    hop, no batching.
+    The engine's reserve and deduct operations run one after the other over SQLiteStore's
+    storage on one connection, each in its own ``BEGIN IMMEDIATE`` ... ``COMMIT`` at the same
+    durability: no event loop, no thread hop, no batching.
     """
-    from ducto.interface import _ledger
-    from ducto.interface._sqlite_ops import Ops
+    from ducto.interface import _engine, _ledger
+    from ducto.interface._sqlite_storage import SQLiteStorage
     from ducto.interface.sqlite import SQLiteStore
 
     store = SQLiteStore(path, synchronous=synchronous)  # type: ignore[arg-type]
     conn = store._connect()
-    ops = Ops(conn, _ledger.utc_now, _ledger.IdSource())
-    store._ops = ops
+    storage = SQLiteStorage(conn, _ledger.utc_now, _ledger.IdSource())
+    store._st = storage
     store._migrate()
 
     def txn(fn: Callable[..., Any], *args: Any) -> Any:
         conn.execute("BEGIN IMMEDIATE")
-        result = fn(*args)
+        result = fn(storage, *args)
         conn.execute("COMMIT")
         return result
 
-    txn(ops.add_credits, "floor", 10**12, "purchase", None, None, None)
+    txn(_engine.add_credits, "floor", 10**12, "purchase", None, None, None)
     ttl = _ledger.check_ttl(600.0)
     start = time.perf_counter()
     for _ in range(pairs):
-        hold = txn(ops.reserve_credits, "floor", PAIR_HOLD, "chat", None, 0, ttl, False, None)
-        txn(ops.deduct_credits, "floor", hold.reservation_id, PAIR_CHARGE, None, None)
+        hold = txn(_engine.reserve, "floor", PAIR_HOLD, "chat", None, 0, ttl, False, None)
+        txn(_engine.deduct, "floor", hold.reservation_id, PAIR_CHARGE, None, None, None)
     rate = pairs / (time.perf_counter() - start)
     conn.close()
     return rate

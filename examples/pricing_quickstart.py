@@ -33,7 +33,7 @@ async def main() -> None:
             tool_calls=[ToolCall(name="web_search")],
         )
         charged = await manager.deduct("alice", usage, idempotency_key="req-1")
-        print("charged", charged.amount, "allowance used", charged.allowance_consumed)
+        print("charged", charged.charged, "allowance used", charged.allowance_consumed)
 
         # A streamed call: hold an estimate, record usage as chunks arrive, settle once.
         estimate = UsageMetrics(model="gpt-4o", input_tokens=800, output_tokens=1000)
@@ -42,7 +42,7 @@ async def main() -> None:
             for _ in range(4):  # chunks of a streamed answer
                 hold.record(UsageMetrics(model="gpt-4o", output_tokens=120))
             settled = await hold.settle()
-        print("streamed call cost", settled.amount + settled.allowance_consumed)
+        print("streamed call cost", settled.charged + settled.allowance_consumed)
 
 
 anyio.run(main)

@@ -14,7 +14,10 @@ from ducto.interface.base import CreditStore
 from ducto.interface.memory import MemoryStore
 
 REQUIRED = set(filter(None, os.environ.get("DUCTO_REQUIRE_STORES", "").split(",")))
-STORE_KINDS = ("memory", "sqlite")
+STORE_KINDS = ("memory", "sqlite", "postgres")
+POSTGRES_URL = os.environ.get("DUCTO_TEST_POSTGRES_URL", "")
+"""A database the Postgres tests may use; each test run works in a schema of its own."""
+POSTGRES_SCHEMA = f"ducto_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
 STORES = [pytest.param(k, marks=getattr(pytest.mark, k), id=k) for k in STORE_KINDS]
 
 
@@ -49,10 +52,54 @@ def _open_sqlite(tmp_path: Path, clock: FakeClock) -> CreditStore:
     return SQLiteStore(tmp_path / "ducto.db", clock=clock, synchronous="NORMAL")
 
 
+def postgres_url() -> str:
+    """The test database's URL; LookupError when the run has none."""
+    if not POSTGRES_URL:
+        raise LookupError("DUCTO_TEST_POSTGRES_URL is not set")
+    return POSTGRES_URL
+
+
+def _open_postgres(tmp_path: Path, clock: FakeClock) -> CreditStore:
+    """A PostgresStore in this run's schema, emptied first (tests assume an empty store)."""
+    import psycopg
+
+    from ducto.interface.postgres import PostgresStore
+
+    url = postgres_url()
+    with psycopg.connect(url, autocommit=True) as conn:
+        tables = [
+            row[0]
+            for row in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename <> %s",
+                (POSTGRES_SCHEMA, "ducto_schema"),
+            )
+        ]
+        if tables:
+            names = ", ".join(f"{POSTGRES_SCHEMA}.{table}" for table in tables)
+            conn.execute(f"TRUNCATE {names} RESTART IDENTITY")
+            conn.execute(f"INSERT INTO {POSTGRES_SCHEMA}.settings VALUES ('pricing', '')")
+    return PostgresStore(url, schema=POSTGRES_SCHEMA, clock=clock, min_size=1, max_size=8)
+
+
+def drop_postgres_schema(schema: str) -> None:
+    """Drop a schema the tests made (and everything in it)."""
+    import psycopg
+
+    with psycopg.connect(postgres_url(), autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
 OPENERS: dict[str, Callable[[Path, FakeClock], CreditStore]] = {
     "memory": _open_memory,
     "sqlite": _open_sqlite,
+    "postgres": _open_postgres,
 }
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Drop this run's Postgres schema."""
+    if POSTGRES_URL:
+        drop_postgres_schema(POSTGRES_SCHEMA)
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -235,7 +235,7 @@ def test_has_handlers_counts_catch_all_handlers() -> None:
 
 
 def test_event_timestamps_are_aware_utc() -> None:
-    """A naive timestamp is taken as UTC, an aware one is converted, the default is now."""
+    """A naive timestamp is local time, an aware one is converted, the default is now."""
     naive = CreditEvent(type=CreditEventType.RESERVED, timestamp=datetime(2026, 1, 2, 3, 4))
     paris = timezone(timedelta(hours=1))
     aware = CreditEvent(
@@ -243,7 +243,8 @@ def test_event_timestamps_are_aware_utc() -> None:
     )
     default = CreditEvent(type=CreditEventType.RESERVED)
 
-    assert datetime(2026, 1, 2, 3, 4, tzinfo=UTC) == naive.timestamp
+    assert datetime(2026, 1, 2, 3, 4).astimezone(UTC) == naive.timestamp
+    assert UTC == naive.timestamp.tzinfo
     assert datetime(2026, 1, 2, 3, 4, tzinfo=UTC) == aware.timestamp
     assert UTC == aware.timestamp.tzinfo
     assert timedelta(0) == default.timestamp.utcoffset()
@@ -262,6 +263,34 @@ def test_event_types_cover_the_documented_kinds() -> None:
         "released",
         "deduct_failed",
         "refund_failed",
+        "cap_reached",
     }
 
     assert expected == {kind.value for kind in CreditEventType}
+
+
+async def test_1x_event_names_are_aliases() -> None:
+    """Registering under a ducto 1.x name (credits.added, ...) receives the event."""
+    emitter = CreditEventEmitter()
+    seen: list[tuple[str, CreditEventType]] = []
+    aliases = {
+        "credits.added": CreditEventType.CREDITS_ADDED,
+        "credits.deducted": CreditEventType.CREDITS_DEDUCTED,
+        "credits.refunded": CreditEventType.CREDITS_REFUNDED,
+        "credits.expired": CreditEventType.CREDITS_EXPIRED,
+        "credits.cap_reached": CreditEventType.CAP_REACHED,
+        "credits.cap_warning": CreditEventType.CAP_WARNING,
+    }
+    for name in aliases:
+        emitter.on(name, lambda e, name=name: seen.append((name, e.type)))
+
+    for kind in CreditEventType:
+        await emitter.emit(_event(kind))
+    removed = emitter.off("credits.added", emitter._handlers[0][1])
+
+    assert sorted(aliases.items()) == sorted(seen)
+    assert removed is True
+    assert CreditEventType.CAP_REACHED is CreditEventType("credits.cap_reached")
+    assert CreditEventType.CREDITS_DEDUCTED == CreditEvent(type="credits.deducted").type  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="event_type"):
+        emitter.on("credits.vanished", lambda e: None)

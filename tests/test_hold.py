@@ -18,11 +18,13 @@ from ducto import CreditManager, UsageMetrics
 from ducto.errors import (
     IdempotencyConflictError,
     InsufficientCreditsError,
+    InsufficientTeamBalanceError,
     InvalidArgumentError,
     ReservationAlreadySettledError,
     ReservationReleasedError,
     SpendCapExceededError,
     StoreError,
+    UserNotInTeamError,
 )
 from ducto.events import CreditEvent, CreditEventEmitter, CreditEventType
 from ducto.interface.base import CreditStore
@@ -95,7 +97,7 @@ async def test_settle_charges_the_actual_usage(
         result = await hold.settle(HALF)
 
     assert (40, 40, 60) == (hold.estimate_credits, during.reserved, during.available)
-    assert (20, 80) == (result.amount, result.balance_after)
+    assert (20, 80) == (result.charged, result.balance_after)
     assert hold.reservation_id == result.reservation_id
     assert result is hold.result
     assert (True, False) == (hold.settled, hold.released)
@@ -120,7 +122,7 @@ async def test_recorded_usage_is_summed_and_settled(manager: CreditManager, user
         result = await hold.settle()
 
     assert UsageMetrics(model="gpt-4o", input_tokens=1000, output_tokens=500) == hold.recorded
-    assert 25 == result.amount
+    assert 25 == result.charged
 
 
 async def test_settle_with_credits_or_nothing(manager: CreditManager, user_id: str) -> None:
@@ -132,7 +134,7 @@ async def test_settle_with_credits_or_nothing(manager: CreditManager, user_id: s
     async with manager.hold(user_id, 30) as second:
         nothing = await second.settle()
 
-    assert (7, 0) == (seven.amount, nothing.amount)
+    assert (7, 0) == (seven.charged, nothing.charged)
     assert (True, True) == (first.settled, second.settled)
     assert 93 == (await manager.get_balance(user_id)).balance
 
@@ -146,7 +148,7 @@ async def test_actual_cost_above_the_hold_is_charged_in_full(
     async with manager.hold(user_id, 10) as hold:
         result = await hold.settle(CALL)
 
-    assert (40, -10, 10) == (result.amount, result.balance_after, result.shortfall)
+    assert (40, -10, 10) == (result.charged, result.balance_after, result.shortfall)
 
 
 async def test_estimate_and_actual_use_the_plan_rates(manager: CreditManager, user_id: str) -> None:
@@ -159,7 +161,7 @@ async def test_estimate_and_actual_use_the_plan_rates(manager: CreditManager, us
 
     assert 15 == hold.estimate_credits
     assert hold.result is not None
-    assert 15 == hold.result.amount
+    assert 15 == hold.result.charged
 
 
 async def test_a_second_settle_raises(manager: CreditManager, user_id: str) -> None:
@@ -279,7 +281,7 @@ async def test_error_after_recording_settles_the_recorded_usage(
 
     assert hold.settled is True
     assert hold.result is not None
-    assert 10 == hold.result.amount
+    assert 10 == hold.result.charged
     assert 90 == (await manager.get_balance(user_id)).balance
 
 
@@ -314,9 +316,9 @@ async def test_unpriceable_usage(store: CreditStore, user_id: str) -> None:
     async with manager.hold(user_id, 12) as on_exit:
         on_exit.record(mystery)
 
-    assert 9 == fixed.amount
+    assert 9 == fixed.charged
     assert on_exit.result is not None
-    assert 12 == on_exit.result.amount
+    assert 12 == on_exit.result.charged
     assert 79 == (await manager.get_balance(user_id)).balance
 
 
@@ -516,7 +518,7 @@ async def test_a_duplicate_attempt_never_releases_the_original_hold(
         result = await original.settle(HALF)
 
     assert original.reservation_id == duplicate.reservation_id
-    assert (40, 20) == (held.reserved, result.amount)
+    assert (40, 20) == (held.reserved, result.charged)
     balance = await manager.get_balance(user_id)
     assert (80, 0) == (balance.balance, balance.reserved)
 
@@ -630,8 +632,8 @@ async def test_random_cancellation_never_leaves_a_hold_or_charges_twice(
         outcomes["settled"] += 1
         assert hold.recorded is not None
         assert hold.result is not None
-        assert manager.calculate(hold.recorded).credits == hold.result.amount
-        expected_rows[hold.user_id][hold.reservation_id] = hold.result.amount
+        assert manager.calculate(hold.recorded).credits == hold.result.charged
+        expected_rows[hold.user_id][hold.reservation_id] = hold.result.charged
     assert outcomes["settled"] > 0
     assert outcomes["released"] + outcomes["never placed"] > 0
 
@@ -644,3 +646,263 @@ async def test_random_cancellation_never_leaves_a_hold_or_charges_twice(
         assert expected_rows[user] == {str(row.reservation_id): -row.amount for row in usage}
         assert 100_000 - sum(expected_rows[user].values()) == balance.balance
         assert balance.balance == sum(row.amount for row in rows)
+
+
+# -- amounts and usage a store cannot take -----------------------------------------------------
+
+BIG: dict[str, Any] = {"models": {"_default": "input_tokens * 1000"}, "min_balance": 0}
+"""Prices 2**62 input tokens far above the 2**62 credits a store accepts."""
+HUGE = UsageMetrics(input_tokens=2**62)
+
+
+async def test_an_amount_no_store_accepts_leaves_the_hold_open(
+    store: CreditStore, manager: CreditManager, user_id: str
+) -> None:
+    """settle(2**62 + 1) raises InvalidArgumentError; the hold stays open for another settle."""
+    await manager.add_credits(user_id, 100, "purchase")
+
+    async with manager.hold(user_id, 20) as hold:
+        with pytest.raises(InvalidArgumentError, match="actual"):
+            await hold.settle(2**62 + 1)
+        still_held = (await store.get_balance(user_id)).reserved
+        result = await hold.settle(3)
+
+    assert (20, 3) == (still_held, result.charged)
+    assert [-3] == [row.amount for row in await usage_rows(store, user_id)]
+
+
+async def test_usage_priced_above_the_maximum_leaves_the_hold_open(
+    store: CreditStore, user_id: str
+) -> None:
+    """Usage that costs more than 2**62 credits is refused by settle; the hold stays open."""
+    manager = CreditManager(store)
+    await manager.publish_pricing(BIG)
+    await manager.add_credits(user_id, 100, "purchase")
+
+    async with manager.hold(user_id, 20) as hold:
+        with pytest.raises(InvalidArgumentError, match="more than a store can charge"):
+            await hold.settle(HUGE)
+        result = await hold.settle(UsageMetrics(input_tokens=4))
+
+    assert 4000 == manager.calculate(UsageMetrics(input_tokens=4)).credits
+    assert (True, 4000) == (hold.settled, result.charged)
+    balance = await store.get_balance(user_id)
+    assert (100 - 4000, 0) == (balance.balance, balance.reserved)
+
+
+async def test_a_store_refusing_the_amount_leaves_the_hold_open(
+    store: CreditStore, user_id: str
+) -> None:
+    """A settlement the store refuses as invalid changed nothing, so the hold stays open."""
+    manager, proxy, recorder = await _proxied(store)
+    await manager.add_credits(user_id, 100, "purchase")
+    proxy.deduct_refusals = 1
+
+    async with manager.hold(user_id, 20) as hold:
+        with pytest.raises(InvalidArgumentError, match="beyond"):
+            await hold.settle(7)
+        open_after_refusal = (hold.settled, hold.released)
+        result = await hold.settle(7)
+
+    assert (False, False) == open_after_refusal
+    assert 7 == result.charged
+    assert [] == recorder.of(CreditEventType.DEDUCT_FAILED)
+    assert 93 == (await store.get_balance(user_id)).balance
+
+
+async def test_oversized_usage_is_refused_when_recorded_and_never_free(
+    store: CreditStore, user_id: str
+) -> None:
+    """record() refuses usage that prices above the maximum; leaving charges the estimate."""
+    manager = CreditManager(store)
+    await manager.publish_pricing(BIG)
+    await manager.add_credits(user_id, 100, "purchase")
+
+    async with manager.hold(user_id, 30) as hold:
+        hold.record(UsageMetrics(input_tokens=0))
+        with pytest.raises(InvalidArgumentError, match="more than a store can charge"):
+            hold.record(HUGE)
+        recorded = hold.recorded
+
+    assert UsageMetrics(input_tokens=0) == recorded
+    assert hold.result is not None
+    assert 30 == hold.result.charged
+    balance = await store.get_balance(user_id)
+    assert (70, 0) == (balance.balance, balance.reserved)
+
+
+async def test_oversized_usage_alone_is_charged_the_estimate(
+    store: CreditStore, user_id: str
+) -> None:
+    """With nothing else recorded, a refused record still charges the estimate on exit."""
+    manager = CreditManager(store)
+    await manager.publish_pricing(BIG)
+    await manager.add_credits(user_id, 100, "purchase")
+
+    with pytest.raises(InvalidArgumentError):
+        async with manager.hold(user_id, 30) as hold:
+            hold.record(HUGE)
+
+    assert (True, 30) == (hold.settled, hold.result.charged if hold.result else None)
+    assert 0 == (await store.get_balance(user_id)).reserved
+
+
+async def test_deduct_refuses_usage_priced_above_the_maximum(
+    store: CreditStore, user_id: str
+) -> None:
+    """deduct() refuses usage no store can charge, before anything changes."""
+    manager = CreditManager(store)
+    await manager.publish_pricing(BIG)
+    await manager.add_credits(user_id, 100, "purchase")
+
+    with pytest.raises(InvalidArgumentError, match="more than a store can charge"):
+        await manager.deduct(user_id, HUGE)
+    with pytest.raises(InvalidArgumentError, match="more than a store can charge"):
+        await _enter(manager.hold(user_id, HUGE))
+
+    balance = await store.get_balance(user_id)
+    assert (100, 0) == (balance.balance, balance.reserved)
+    assert [] == await usage_rows(store, user_id)
+
+
+async def _enter(hold: Hold) -> None:
+    async with hold:
+        pass
+
+
+# -- records that skipped validation -----------------------------------------------------------
+
+
+async def test_unvalidated_records_are_refused_and_never_leave_a_hold(
+    store: CreditStore, manager: CreditManager, user_id: str
+) -> None:
+    """model_construct-ed usage (NaN, a non-str model) is refused; the hold is resolved."""
+    await manager.add_credits(user_id, 100, "purchase")
+    nan_count = UsageMetrics.model_construct(model="gpt-4o", input_tokens=float("nan"))
+    bad_model = UsageMetrics.model_construct(model=5, input_tokens=10)
+
+    async with manager.hold(user_id, 25) as hold:
+        with pytest.raises(InvalidArgumentError, match="input_tokens"):
+            hold.record(nan_count)
+        with pytest.raises(InvalidArgumentError, match="model"):
+            hold.record(bad_model)
+        with pytest.raises(InvalidArgumentError, match="input_tokens"):
+            await hold.settle(nan_count)
+
+    assert None is hold.recorded
+    assert hold.result is not None
+    assert 25 == hold.result.charged  # what was used is unknown: never free
+    balance = await store.get_balance(user_id)
+    assert (75, 0) == (balance.balance, balance.reserved)
+
+
+async def test_unvalidated_usage_is_refused_everywhere(
+    store: CreditStore, manager: CreditManager, user_id: str
+) -> None:
+    """deduct, hold, deduct_team and calculate validate model_construct-ed usage again."""
+    await manager.add_credits(user_id, 100, "purchase")
+    bad = UsageMetrics.model_construct(model=5, input_tokens=-3)
+    team = await store.create_team("t", 100)
+    await store.add_team_member(team.team_id, user_id)
+
+    with pytest.raises(InvalidArgumentError, match="metrics"):
+        await manager.deduct(user_id, bad)
+    with pytest.raises(InvalidArgumentError, match="estimate"):
+        manager.hold(user_id, bad)
+    with pytest.raises(InvalidArgumentError, match="usage"):
+        await manager.deduct_team(team.team_id, user_id, bad)
+    with pytest.raises(InvalidArgumentError, match="metrics"):
+        manager.calculate(bad)
+
+    balance = await store.get_balance(user_id)
+    assert (100, 0) == (balance.balance, balance.reserved)
+
+
+# -- low-balance alerts from holds -------------------------------------------------------------
+
+
+async def test_placing_a_hold_counts_as_a_low_balance_observation(
+    store: CreditStore, user_id: str
+) -> None:
+    """A hold that takes available from 1,000 to 600 crosses 800, once, for a new user."""
+    await store.add_credits(user_id, 1000, "purchase")
+    recorder = Recorder()
+    events = CreditEventEmitter()
+    events.on(CreditEventType.LOW_BALANCE, recorder)
+    manager = CreditManager(store, events=events, low_balance_thresholds=[800])
+    await manager.publish_pricing(PRICING)
+
+    async with manager.hold(user_id, 400) as hold:
+        crossed_at_hold = [(e.threshold, e.available) for e in recorder.events]
+        await manager.deduct(user_id, UsageMetrics(model="gpt-4o", input_tokens=1000))
+        await hold.settle(400)
+
+    assert [(800, 600)] == crossed_at_hold
+    assert [(800, 600)] == [(e.threshold, e.available) for e in recorder.events]
+    assert 590 == (await store.get_balance(user_id)).available
+
+
+# -- holds on a team pool ----------------------------------------------------------------------
+
+
+async def test_a_team_hold_charges_the_pool(
+    store: CreditStore, manager: CreditManager, user_id: str, recorder: Recorder
+) -> None:
+    """hold(team_id=...) holds the pool for a member and settles into a team_usage row."""
+    team = await store.create_team("pool", 100)
+    await store.add_team_member(team.team_id, user_id)
+
+    async with manager.hold(user_id, CALL, team_id=team.team_id, idempotency_key="t-1") as hold:
+        during = await store.get_team_balance(team.team_id)
+        hold.record(HALF)
+
+    assert (team.team_id, True) == (hold.team_id, hold.settled)
+    assert hold.result is not None
+    assert (20, team.team_id) == (hold.result.charged, hold.result.team_id)
+    assert (100, 40) == (during.balance, during.reserved)
+    pool = await store.get_team_balance(team.team_id)
+    assert (80, 0) == (pool.balance, pool.reserved)
+    assert 0 == (await store.get_balance(user_id)).balance
+    page = await store.list_team_transactions(team.team_id, types=["team_usage"])
+    assert [(-20, hold.reservation_id)] == [(r.amount, r.reservation_id) for r in page.items]
+    reserved, charged = (e for e in recorder.events if e.user_id == user_id)
+    assert (CreditEventType.RESERVED, team.team_id, 40) == (
+        reserved.type,
+        reserved.team_id,
+        reserved.amount,
+    )
+    assert (CreditEventType.CREDITS_DEDUCTED, team.team_id, 20) == (
+        charged.type,
+        charged.team_id,
+        charged.amount,
+    )
+
+
+async def test_team_holds_are_refused_and_released_like_the_pools_rules(
+    store: CreditStore, manager: CreditManager, user_id: str, other_user_id: str, recorder: Recorder
+) -> None:
+    """Member caps apply when the hold is placed; non-members and overdrafts are refused."""
+    team = await store.create_team("capped", 100)
+    await store.add_team_member(team.team_id, user_id, spend_cap=50)
+
+    async with manager.hold(user_id, 30, team_id=team.team_id) as first:
+        with pytest.raises(SpendCapExceededError):
+            async with manager.hold(user_id, 30, team_id=team.team_id):
+                pass
+        await first.settle(30)
+    with pytest.raises(ProviderError):
+        async with manager.hold(user_id, 10, team_id=team.team_id) as failed:
+            raise ProviderError("503")
+    with pytest.raises(UserNotInTeamError):
+        async with manager.hold(other_user_id, 5, team_id=team.team_id):
+            pass
+    await store.add_team_member(team.team_id, other_user_id)
+    with pytest.raises(InsufficientTeamBalanceError):
+        async with manager.hold(other_user_id, 500, team_id=team.team_id):
+            pass
+
+    assert failed.released is True
+    pool = await store.get_team_balance(team.team_id)
+    assert (70, 0) == (pool.balance, pool.reserved)
+    [reached] = recorder.of(CreditEventType.CAP_REACHED)
+    assert (user_id, team.team_id, 30) == (reached.user_id, reached.team_id, reached.amount)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import uuid
+from collections import Counter
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -12,14 +15,17 @@ import pytest
 from anyio.lowlevel import checkpoint
 from tests._manager_support import ProxyStore, Recorder, usage_rows
 from tests.conftest import FakeClock
+from tests.contract._checks import all_rows
 
-from ducto import CreditManager, MemoryStore, UsageMetrics
+from ducto import CreditManager, MemoryStore, PricingEngine, UsageMetrics
 from ducto.errors import (
+    DuctoError,
     ExpressionError,
     IdempotencyConflictError,
     InsufficientCreditsError,
     InvalidArgumentError,
     OverRefundError,
+    PricingNotLoadedError,
     SpendCapExceededError,
     StoreError,
     UserNotInTeamError,
@@ -27,7 +33,6 @@ from ducto.errors import (
 from ducto.events import CreditEvent, CreditEventEmitter, CreditEventType
 from ducto.interface.base import CreditStore
 from ducto.interface.models import SpendCap
-from ducto.manager import _LowBalance
 
 pytestmark = pytest.mark.anyio
 
@@ -101,14 +106,17 @@ async def test_unpriceable_config_is_refused_before_the_store(store: CreditStore
 
 
 async def test_load_pricing_from_store(store: CreditStore, manager: CreditManager) -> None:
-    """A second manager loads the active version; an empty store loads nothing."""
+    """A second manager loads the active version; an empty store raises, as in ducto 1.x."""
     other = CreditManager(store)
     engine = await other.load_pricing_from_store()
-    empty = await CreditManager(MemoryStore()).load_pricing_from_store()
+    empty = CreditManager(MemoryStore())
 
-    assert engine is not None
+    assert engine is other.engine
     assert 40 == other.calculate(CALL).credits
-    assert empty is None
+    with pytest.raises(PricingNotLoadedError, match="no pricing version"):
+        await empty.load_pricing_from_store()
+    with pytest.raises(PricingNotLoadedError):
+        _ = empty.engine
 
 
 async def test_publishing_a_new_version_changes_prices(
@@ -121,7 +129,7 @@ async def test_publishing_a_new_version_changes_prices(
 
     result = await manager.deduct(user_id, CALL)
 
-    assert 40 == result.amount
+    assert 40 == result.charged
     assert 2 == len(await store.get_pricing_history())
 
 
@@ -138,7 +146,7 @@ async def test_deduct_charges_the_priced_cost(
         user_id, CALL, metadata={"request": "r-1", "model": "spoofed", "input_tokens": 1}
     )
 
-    assert 40 == result.amount
+    assert 40 == result.charged
     assert 60 == result.balance_after
     [row] = await usage_rows(store, user_id)
     assert result.transaction_id == row.id
@@ -164,9 +172,9 @@ async def test_deduct_uses_plan_overrides_and_allowance_first(
     second = await manager.deduct(user_id, CALL)
     third = await manager.deduct(user_id, CALL)
 
-    assert (0, 15) == (first.amount, first.allowance_consumed)
-    assert (0, 15) == (second.amount, second.allowance_consumed)
-    assert (15, 0) == (third.amount, third.allowance_consumed)
+    assert (0, 15) == (first.charged, first.allowance_consumed)
+    assert (0, 15) == (second.charged, second.allowance_consumed)
+    assert (15, 0) == (third.charged, third.allowance_consumed)
     assert 85 == (await manager.get_balance(user_id)).balance
 
 
@@ -179,7 +187,7 @@ async def test_plan_without_overrides_prices_at_base_rates(
 
     result = await manager.deduct(user_id, CALL)
 
-    assert 40 == result.amount
+    assert 40 == result.charged
 
 
 async def test_retry_with_the_same_key_charges_once(
@@ -229,10 +237,8 @@ async def test_different_usage_under_a_used_key_is_a_conflict(
     assert (960, 0) == (balance.balance, balance.reserved)
 
 
-async def test_retry_after_a_failed_settlement_charges_once(
-    store: CreditStore, user_id: str
-) -> None:
-    """A settlement that failed released its hold; retries with the key then charge once."""
+async def test_retry_after_a_failed_charge_charges_once(store: CreditStore, user_id: str) -> None:
+    """A charge the store failed changed nothing; retries with the key then charge once."""
     proxy = ProxyStore(store)
     recorder = Recorder()
     events = CreditEventEmitter()
@@ -240,7 +246,7 @@ async def test_retry_after_a_failed_settlement_charges_once(
     manager = CreditManager(proxy, events=events)  # type: ignore[arg-type]
     await manager.publish_pricing(PRICING)
     await manager.add_credits(user_id, 100, "purchase")
-    proxy.deduct_failures = 1
+    proxy.charge_failures = 1
 
     with pytest.raises(StoreError):
         await manager.deduct(user_id, CALL, idempotency_key="req-4")
@@ -266,7 +272,7 @@ async def test_a_cancellation_during_a_charge_lets_it_finish(
     manager = CreditManager(proxy)  # type: ignore[arg-type]
     await manager.publish_pricing(PRICING)
     await manager.add_credits(user_id, 100, "purchase")
-    proxy.deduct_delay = 0.05
+    proxy.charge_delay = 0.05
     result = None
 
     with anyio.move_on_after(0.01) as scope:
@@ -275,7 +281,44 @@ async def test_a_cancellation_during_a_charge_lets_it_finish(
 
     assert scope.cancelled_caught is True
     assert result is not None
-    assert 40 == result.amount
+    assert 40 == result.charged
+    balance = await store.get_balance(user_id)
+    assert (60, 0) == (balance.balance, balance.reserved)
+
+
+async def test_deduct_and_deduct_fixed_are_one_store_call_each(
+    store: CreditStore, user_id: str
+) -> None:
+    """A charge is one charge_credits call: no hold is placed, settled or released."""
+    proxy = ProxyStore(store)
+    manager = CreditManager(proxy)  # type: ignore[arg-type]
+    await manager.publish_pricing(PRICING)
+    await manager.add_credits(user_id, 100, "purchase")
+    proxy.calls.clear()
+
+    await manager.deduct(user_id, CALL, idempotency_key="one-call")
+    await manager.deduct_fixed(user_id, "image")
+
+    # The plan lookup (the pricing has plan rate overrides) is the only other call.
+    assert ["get_user_plan", "charge_credits", "charge_credits"] == proxy.calls
+    assert 35 == (await store.get_balance(user_id)).balance
+
+
+async def test_a_request_first_tried_as_a_hold_is_charged_once_by_deduct(
+    store: CreditStore, manager: CreditManager, user_id: str
+) -> None:
+    """deduct() with the key of a released hold() attempt charges once, and replays."""
+    await manager.add_credits(user_id, 100, "purchase")
+
+    with pytest.raises(RuntimeError):
+        async with manager.hold(user_id, CALL, idempotency_key="req-mixed"):
+            raise RuntimeError("provider down")
+    charged = await manager.deduct(user_id, CALL, idempotency_key="req-mixed")
+    again = await manager.deduct(user_id, CALL, idempotency_key="req-mixed")
+
+    assert (40, False, True) == (charged.charged, charged.idempotent, again.idempotent)
+    assert charged.transaction_id == again.transaction_id
+    assert [-40] == [row.amount for row in await usage_rows(store, user_id)]
     balance = await store.get_balance(user_id)
     assert (60, 0) == (balance.balance, balance.reserved)
 
@@ -342,7 +385,7 @@ async def test_per_model_spend_cap_raises_a_typed_error(
         error.limit,
         error.current_spend,
     )
-    assert 10 == other_model.amount
+    assert 10 == other_model.charged
     assert 0 == (await manager.get_balance(user_id)).reserved
 
 
@@ -355,7 +398,7 @@ async def test_deduct_fixed_charges_the_job(
     result = await manager.deduct_fixed(user_id, "image", idempotency_key="img-1")
     again = await manager.deduct_fixed(user_id, "image", idempotency_key="img-1")
 
-    assert 25 == result.amount
+    assert 25 == result.charged
     assert again.idempotent is True
     [row] = await usage_rows(store, user_id)
     assert "image" == row.metadata["fixed_job"]
@@ -383,7 +426,7 @@ async def test_free_usage_still_writes_a_usage_row(
 
     result = await manager.deduct(user_id, UsageMetrics(model="gpt-4o"))
 
-    assert 0 == result.amount
+    assert 0 == result.charged
     assert [0] == [row.amount for row in await usage_rows(store, user_id)]
     balance = await manager.get_balance(user_id)
     assert (10, 0) == (balance.balance, balance.reserved)
@@ -422,8 +465,8 @@ async def test_team_charges(
     with pytest.raises(UserNotInTeamError) as info:
         await manager.deduct_team(team.team_id, other_user_id, 5)
 
-    assert (40, 60) == (priced.amount, priced.team_balance_after)
-    assert (5, 55) == (fixed.amount, fixed.team_balance_after)
+    assert (40, 60) == (priced.charged, priced.team_balance_after)
+    assert (5, 55) == (fixed.charged, fixed.team_balance_after)
     assert (team.team_id, other_user_id) == (info.value.team_id, info.value.user_id)
     assert 55 == (await store.get_team_balance(team.team_id)).balance
     charged = recorder.of(CreditEventType.CREDITS_DEDUCTED)
@@ -620,18 +663,6 @@ async def test_low_balance_for_a_user_seen_first_in_a_charge(
     assert [(100, 80)] == [(e.threshold, e.available) for e in recorder.events]
 
 
-def test_low_balance_memory_is_bounded() -> None:
-    """The last-known balances are an LRU of bounded size; a forgotten user starts afresh."""
-    low = _LowBalance([100], capacity=2)
-
-    assert [] == low.observe("a", 150)
-    assert [] == low.observe("b", 150)
-    assert [] == low.observe("c", 150)  # forgets "a"
-    assert [] == low.observe("a", 50)  # no previous value: nothing to cross from
-    assert [100] == low.observe("c", 50)
-    assert [100] == low.observe("d", 50, before=150)
-
-
 # -- pass-throughs and lifecycle ---------------------------------------------------------------
 
 
@@ -673,3 +704,323 @@ async def test_manager_opens_and_closes_its_store() -> None:
     assert 5 == inside.balance
     with pytest.raises(StoreError):
         await manager.get_balance("alice")
+
+
+# -- arguments ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"hold_ttl": 10**400}, "hold_ttl"),
+        ({"hold_ttl": float("nan")}, "hold_ttl"),
+        ({"hold_ttl": timedelta(days=400)}, "hold_ttl"),
+        ({"low_balance_thresholds": 5}, "low_balance_thresholds"),
+        ({"low_balance_thresholds": "100"}, "low_balance_thresholds"),
+        ({"low_balance_thresholds": [2**63]}, "low_balance_thresholds"),
+        ({"clock": "now"}, "clock"),
+        ({"handler_timeout": 0}, "handler_timeout"),
+        ({"handler_timeout": True}, "handler_timeout"),
+        ({"event_buffer": 0}, "event_buffer"),
+        ({"events": object()}, "events"),
+        ({"emitter": "log"}, "emitter"),
+        ({"engine": {"models": {}}}, "engine"),
+    ],
+)
+def test_bad_constructor_arguments_name_the_parameter(
+    arguments: dict[str, Any], named: str
+) -> None:
+    """Each invalid constructor argument raises InvalidArgumentError naming it."""
+    with pytest.raises(InvalidArgumentError, match=named):
+        CreditManager(MemoryStore(), **arguments)
+
+
+def test_a_store_that_is_not_one_is_refused() -> None:
+    """CreditManager(None) raises InvalidArgumentError naming the store."""
+    with pytest.raises(InvalidArgumentError, match="store"):
+        CreditManager(None)  # type: ignore[arg-type]
+
+
+async def test_bad_hold_arguments_raise_at_once(manager: CreditManager, user_id: str) -> None:
+    """A ttl beyond any float, NaN or a bool raises InvalidArgumentError naming ttl."""
+    for ttl in (10**400, float("nan"), float("inf"), True, -1, "10"):
+        with pytest.raises(InvalidArgumentError, match="ttl"):
+            manager.hold(user_id, 5, ttl=ttl)  # type: ignore[arg-type]
+
+
+BAD_VALUES: list[object] = [
+    None,
+    1.5,
+    float("nan"),
+    "",
+    object(),
+    -1,
+    10**400,
+    True,
+    [],
+    {"a": 1},
+    b"x",
+    2**63,
+]
+
+
+async def test_bad_input_on_every_manager_method_raises_invalid_argument(
+    store: CreditStore, manager: CreditManager, user_id: str, clock: FakeClock
+) -> None:
+    """Every argument of every method, given junk, raises a DuctoError (never a bare Python
+    error) or, where the junk happens to be valid, works."""
+    await manager.add_credits(user_id, 1000, "purchase")
+    charge = await manager.deduct(user_id, CALL)
+    team = await store.create_team("bad-input", 100)
+    await store.add_team_member(team.team_id, user_id)
+    start, end = clock.now - timedelta(days=1), clock.now + timedelta(days=1)
+    calls: dict[str, tuple[list[Any], dict[str, Any]]] = {
+        "publish_pricing_from_dict": ([PRICING, None], {}),
+        "calculate": ([CALL], {"plan": None}),
+        "get_balance": ([user_id], {}),
+        "add_credits": (
+            [user_id, 5, "purchase", None, None],
+            {"idempotency_key": None, "tx_type": None},
+        ),
+        "refund_credits": ([charge.transaction_id, 1, None, None], {"idempotency_key": None}),
+        "set_user_plan": ([user_id, "pro"], {}),
+        "get_user_plan": ([user_id], {}),
+        "check_feature": ([user_id, "priority"], {}),
+        "check_allowance": ([user_id], {}),
+        "spend_by_user": ([start, end], {}),
+        "top_users": ([3, start, end], {}),
+        "deduct": ([user_id, CALL, None, None], {"operation_type": "chat"}),
+        "deduct_fixed": ([user_id, "image", None, None], {}),
+        "reserve_credits": (
+            [user_id, 5, "chat", None, None],
+            {"ttl": None, "use_allowance": False, "idempotency_key": None},
+        ),
+        "deduct_team": ([team.team_id, user_id, 5, None], {"idempotency_key": None}),
+        "hold": ([user_id, 5], {"operation_type": "chat", "idempotency_key": None, "ttl": None}),
+    }
+    leaks: list[str] = []
+    for name, (arguments, keywords) in calls.items():
+        method = getattr(manager, name)
+        places = [*range(len(arguments)), *keywords]
+        for place in places:
+            for bad in BAD_VALUES:
+                args, kwargs = list(arguments), dict(keywords)
+                if isinstance(place, int):
+                    args[place] = bad
+                else:
+                    kwargs[place] = bad
+                try:
+                    outcome = method(*args, **kwargs)
+                    if name == "hold":
+                        async with outcome as hold:
+                            await hold.settle(0)
+                    elif hasattr(outcome, "__await__"):
+                        await outcome
+                except DuctoError:
+                    continue
+                except Exception as exc:
+                    leaks.append(f"{name}({place}={bad!r}): {type(exc).__name__}: {exc}")
+
+    assert [] == leaks
+
+
+# -- low-balance alerts under load -------------------------------------------------------------
+
+
+async def test_every_downward_crossing_fires_exactly_once_under_load(store: CreditStore) -> None:
+    """400 concurrent charges over 8 users: each user's 800 and 600 alerts fire once."""
+    recorder = Recorder()
+    events = CreditEventEmitter()
+    events.on(CreditEventType.LOW_BALANCE, recorder)
+    manager = CreditManager(store, events=events, low_balance_thresholds=[800, 600])
+    await manager.publish_pricing(PRICING)
+    users = [f"load-{n}-{uuid.uuid4().hex[:8]}" for n in range(8)]
+    for user in users:
+        await store.add_credits(user, 1000, "purchase")  # never observed by the manager
+    ten = UsageMetrics(model="gpt-4o", input_tokens=1000)
+
+    async def charge(user: str) -> None:
+        await manager.deduct(user, ten)
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for number in range(400):
+                tg.start_soon(charge, users[number % len(users)])
+
+    fired = Counter((e.user_id, e.threshold) for e in recorder.events)
+    assert {(user, t): 1 for user in users for t in (800, 600)} == dict(fired)
+    for user in users:
+        assert 500 == (await store.get_balance(user)).available
+
+
+async def test_low_balance_counts_holds_and_refills(store: CreditStore, user_id: str) -> None:
+    """A hold down through a threshold fires; a refill above it and a new fall fire again."""
+    manager, recorder = await _low_balance_manager(store, [800])
+    await manager.add_credits(user_id, 1000, "purchase")
+
+    async with manager.hold(user_id, 400) as hold:  # 1000 -> 600: fires
+        await hold.settle(100)  # 600 -> 900: back above
+    await manager.deduct(user_id, UsageMetrics(model="gpt-4o", input_tokens=20_000))  # -> 700
+    await manager.add_credits(user_id, -50, "adjustment")  # 700 -> 650: still below
+
+    assert [(800, 600), (800, 700)] == [(e.threshold, e.available) for e in recorder.events]
+
+
+# -- event delivery ----------------------------------------------------------------------------
+
+
+async def test_an_open_manager_never_waits_for_a_slow_handler(
+    store: CreditStore, user_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Inside async with, a handler blocked on an event does not hold up the charge."""
+    release = anyio.Event()
+    delivered: list[CreditEventType] = []
+
+    async def slow(event: CreditEvent) -> None:
+        await release.wait()
+        delivered.append(event.type)
+        raise RuntimeError("webhook down")
+
+    manager = CreditManager(store, handler_timeout=30)
+    manager.events.on(CreditEventType.CREDITS_DEDUCTED, slow)
+    await manager.publish_pricing(PRICING)
+    await manager.add_credits(user_id, 100, "purchase")
+
+    with caplog.at_level(logging.ERROR, logger="ducto.events"):
+        async with manager:
+            with anyio.fail_after(10):  # a wait for the handler would never end
+                result = await manager.deduct(user_id, CALL)
+            waiting = list(delivered)
+            release.set()
+
+    assert (40, []) == (result.charged, waiting)
+    assert [CreditEventType.CREDITS_DEDUCTED] == delivered
+    assert ["webhook down"] == [str(r.exc_info[1]) for r in caplog.records if r.exc_info]
+
+
+async def test_a_slow_handler_never_delays_the_callers_cancellation(
+    store: CreditStore, user_id: str
+) -> None:
+    """Outside async with, a caller's timeout cancels a handler that would never finish."""
+    never = anyio.Event()
+
+    async def hung(event: CreditEvent) -> None:
+        await never.wait()
+
+    manager = CreditManager(store, handler_timeout=60)
+    await manager.publish_pricing(PRICING)
+    await manager.add_credits(user_id, 100, "purchase")
+    manager.events.on(CreditEventType.CREDITS_DEDUCTED, hung)
+    later: list[CreditEvent] = []
+
+    async def never_started(event: CreditEvent) -> None:
+        later.append(event)
+
+    manager.events.on(CreditEventType.CREDITS_DEDUCTED, never_started)
+
+    with anyio.fail_after(10), anyio.move_on_after(0.3) as scope:
+        await manager.deduct(user_id, CALL)
+    gc.collect()  # a handler coroutine left unawaited would warn (an error in this suite)
+
+    assert scope.cancelled_caught is True
+    assert [] == later
+    balance = await store.get_balance(user_id)
+    assert (60, 0) == (balance.balance, balance.reserved)
+
+
+async def test_handlers_that_overrun_are_cancelled_and_logged(
+    store: CreditStore, user_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hung handler is cancelled after handler_timeout, so closing ends; later events drop."""
+    never = anyio.Event()
+    seen: list[int] = []
+
+    async def hung(event: CreditEvent) -> None:
+        seen.append(event.amount)
+        await never.wait()
+
+    manager = CreditManager(store, handler_timeout=0.2, event_buffer=1)
+    await manager.publish_pricing(PRICING)
+    manager.events.on(CreditEventType.CREDITS_ADDED, hung)
+
+    with caplog.at_level(logging.ERROR, logger="ducto.events"), anyio.fail_after(10):
+        async with manager:
+            for amount in (1, 2, 3, 4):
+                await manager.add_credits(user_id, amount, "purchase")
+            balance = await store.get_balance(user_id)
+
+    assert 10 == balance.balance
+    assert seen[0] == 1
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "dropped a credits_added event" in messages
+    assert "cancel" in messages
+
+
+async def test_the_manager_cannot_be_opened_twice(store: CreditStore) -> None:
+    """Entering an open manager again raises InvalidArgumentError."""
+    manager = CreditManager(store)
+
+    async with manager:
+        with pytest.raises(InvalidArgumentError, match="open already"):
+            await manager.__aenter__()
+
+
+# -- spend caps that refuse --------------------------------------------------------------------
+
+
+async def test_a_deny_cap_refusal_emits_cap_reached(
+    store: CreditStore, manager: CreditManager, user_id: str, recorder: Recorder
+) -> None:
+    """A charge or hold a deny cap refuses emits cap_reached (1.x's credits.cap_reached)."""
+    old_style: list[CreditEvent] = []
+    manager.events.on("credits.cap_reached", old_style.append)
+    await manager.add_credits(user_id, 1000, "purchase")
+    await store.set_spend_cap(
+        SpendCap(user_id=user_id, cap_type="daily", model="gpt-4o", limit=50, action="deny")
+    )
+    await manager.deduct(user_id, CALL)
+
+    with pytest.raises(SpendCapExceededError):
+        await manager.deduct(user_id, CALL)
+    with pytest.raises(SpendCapExceededError):
+        async with manager.hold(user_id, 20, metadata={"model": "gpt-4o"}):
+            pass
+
+    reached = recorder.of(CreditEventType.CAP_REACHED)
+    assert reached == old_style
+    assert [(user_id, 40), (user_id, 20)] == [(e.user_id, e.amount) for e in reached]
+    assert {"limit": 50, "current_spend": 40, "model": "gpt-4o", "action": "deny"}.items() <= (
+        reached[0].metadata.items()
+    )
+    assert {"spend_cap_exceeded"} == {e.error for e in reached}
+
+
+# -- ducto 1.x spellings -----------------------------------------------------------------------
+
+
+async def test_the_1x_spellings_work_on_every_store(store: CreditStore, user_id: str) -> None:
+    """Positional engine and emitter, setup, tx_type, job_name and reserve_credits."""
+    seen: list[CreditEvent] = []
+    emitter = CreditEventEmitter()
+    emitter.on("credits.added", seen.append)
+    manager = CreditManager(store, PricingEngine.from_dict(PRICING), emitter)
+    await manager.setup()
+    version = await manager.publish_pricing_from_dict(PRICING)
+
+    await manager.add_credits(user_id, 200, tx_type="purchase")
+    fixed = await manager.deduct_fixed(user_id, job_name="image", idempotency_key="img-1")
+    again = await manager.deduct_fixed(user_id, "image", "img-1")
+    hold = await manager.reserve_credits(user_id, CALL, "chat", {"ticket": "t-9"})
+    with pytest.raises(InvalidArgumentError, match="job must be"):
+        await manager.deduct_fixed(user_id)
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        await manager.add_credits(user_id, 1, "purchase", tx_type="purchase")
+
+    assert (await store.get_active_pricing()) is not None
+    assert version == (await store.get_active_pricing()).id  # type: ignore[union-attr]
+    assert manager.emitter is emitter
+    assert [200] == [e.amount for e in seen]
+    assert (25, True) == (fixed.charged, again.idempotent)
+    assert (40, 135) == (hold.amount, hold.available)
+    [purchase] = [r for r in await all_rows(store, user_id) if r.type == "purchase"]
+    assert 200 == purchase.amount

@@ -59,3 +59,19 @@ def test_documented_import_paths() -> None:
     assert TopLevel is MemoryStore
     assert issubclass(StoreError, Exception)
     assert isinstance(MemoryStore(), CreditStore)
+
+
+def test_the_top_level_offers_every_result_model_and_error() -> None:
+    """`from ducto import X` works for every result model and every exception, as in 1.x."""
+    import ducto
+    import ducto.errors
+    import ducto.interface.models
+
+    missing_models = set(ducto.interface.models.__all__) - set(ducto.__all__)
+    missing_errors = set(ducto.errors.__all__) - {"error_from_fields"} - set(ducto.__all__)
+
+    assert set() == missing_models
+    assert set() == missing_errors
+    for name in ("ConfigError", "PricingConfig", "ExpressionError", "PricingNotLoadedError"):
+        assert name in ducto.__all__
+    assert ducto.PricingConfig is ducto.PricingConfigData

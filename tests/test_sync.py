@@ -5,18 +5,28 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from ducto import CreditManager, MemoryStore, UsageMetrics
+from ducto import CreditManager, Hold, MemoryStore, UsageMetrics
+from ducto._syncgen import generate, same_code, sync_module_path
+from ducto._syncgen import main as syncgen_main
 from ducto.errors import InsufficientCreditsError, InvalidArgumentError, StoreError
 from ducto.events import CreditEvent, CreditEventEmitter, CreditEventType
 from ducto.interface.base import CreditStore
-from ducto.interface.models import BalanceResult, DeductionResult
-from ducto.sync import SyncCreditManager, SyncCreditStore
+from ducto.interface.models import (
+    AddCreditsResult,
+    BalanceResult,
+    CreditMetadata,
+    DeductionResult,
+    PlanDefinition,
+    ReserveResult,
+)
+from ducto.sync import SyncCreditManager, SyncCreditStore, SyncHold
 
 PRICING: dict[str, Any] = {
     "models": {"gpt-4o": "input_tokens * 0.01 + output_tokens * 0.03", "_default": "0"},
@@ -132,7 +142,7 @@ def test_store_facade_from_many_threads(
         def work(n: int) -> int:
             user = users[n % len(users)]
             hold = store.reserve_credits(user, 5, "chat", min_balance=0)
-            return store.deduct_credits(user, hold.reservation_id, 3).amount
+            return store.deduct_credits(user, hold.reservation_id, 3).charged
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             charged = list(pool.map(work, range(200)))
@@ -169,7 +179,7 @@ def test_manager_facade_prices_and_charges(
         price = billing.calculate(CALL).credits
         history = billing.store.get_pricing_history()
 
-    assert (40, True, 5) == (charged.amount, replayed.idempotent, settled.amount)
+    assert (40, True, 5) == (charged.charged, replayed.idempotent, settled.charged)
     assert (55, 0) == (balance.balance, balance.reserved)
     assert 40 == price
     assert ["sync"] == [item.label for item in history]
@@ -229,3 +239,172 @@ def test_shared_store_facade_cannot_be_opened_alone() -> None:
     with pytest.raises(InvalidArgumentError, match="shares"):
         billing.store.open()
     billing.store.close()  # a no-op for a shared facade
+
+
+# -- the generated methods ---------------------------------------------------------------------
+
+
+def test_generated_methods_are_in_step_with_what_they_wrap() -> None:
+    """Regenerating sync.py from the current signatures changes nothing (else: make sync)."""
+    path = sync_module_path()
+    text = path.read_text(encoding="utf-8")
+
+    assert same_code(generate(text), text), "src/ducto/sync.py is stale: run 'make sync'"
+
+
+def test_a_changed_signature_makes_the_facade_stale(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new keyword on a store method, or a new store method, shows up as drift."""
+    text = sync_module_path().read_text(encoding="utf-8")
+
+    async def add_credits(
+        self: CreditStore,
+        user_id: str,
+        amount: int,
+        type: str = "adjustment",
+        metadata: CreditMetadata | None = None,
+        expires_at: datetime | None = None,
+        *,
+        idempotency_key: str | None = None,
+        note: str | None = None,
+    ) -> AddCreditsResult:
+        raise NotImplementedError
+
+    async def reserve_later(self: CreditStore, user_id: str, *, days: int = 1) -> ReserveResult:
+        raise NotImplementedError
+
+    async def get_plan_definition(self: CreditStore, plan_id: str) -> PlanDefinition:
+        raise NotImplementedError
+
+    monkeypatch.setattr(CreditStore, "add_credits", add_credits)
+    monkeypatch.setattr(CreditStore, "reserve_later", reserve_later, raising=False)
+    monkeypatch.setattr(CreditStore, "get_plan_definition", get_plan_definition, raising=False)
+    fresh = generate(text)
+    imports = fresh[: fresh.index("__all__")]
+
+    assert not same_code(fresh, text)
+    assert "*, idempotency_key: str | None = None, note: str | None = None)" in fresh
+    assert "expires_at, idempotency_key=idempotency_key, note=note)" in fresh
+    assert "def reserve_later(self, user_id: str, *, days: int = 1) -> ReserveResult:" in fresh
+    assert "return self._call(self._store.reserve_later, user_id, days=days)" in fresh
+    assert "PlanDefinition" in imports  # a type the annotations did not need before
+    assert "PlanDefinition" not in text[: text.index("__all__")]
+
+
+def test_every_public_method_has_a_blocking_twin() -> None:
+    """The facades offer every public method of the store, the manager and the hold."""
+
+    def public(cls: type[Any]) -> set[str]:
+        return {n for n, v in vars(cls).items() if not n.startswith("_") and callable(v)}
+
+    assert public(CreditStore) - {"aclose"} <= public(SyncCreditStore)
+    assert public(CreditManager) - {"aclose"} <= public(SyncCreditManager)
+    assert public(Hold) <= public(SyncHold)
+
+
+def test_the_generator_check_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m ducto._syncgen --check`` exits 0 on an up-to-date file."""
+    assert 0 == syncgen_main(["--check"])
+    assert "" == capsys.readouterr().err
+
+
+# -- closing while other threads use the facade ------------------------------------------------
+
+
+def _open_billing(make_store: Callable[[], CreditStore], backend: Any) -> SyncCreditManager:
+    billing = SyncCreditManager(
+        CreditManager(make_store()), backend=backend, close_timeout=5
+    ).open()
+    billing.setup()
+    billing.publish_pricing(PRICING)
+    billing.add_credits("alice", 100, "purchase")
+    return billing
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "nothing-recorded"])
+def test_close_resolves_a_hold_open_in_another_thread(
+    make_store: Callable[[], CreditStore], backend: Any, recorded: bool
+) -> None:
+    """close() is bounded: it settles (or releases) a hold another thread still holds."""
+    billing = _open_billing(make_store, backend)
+    entered, leave = threading.Event(), threading.Event()
+    outcome: list[object] = []
+
+    def worker() -> None:
+        try:
+            with billing.hold("alice", 30) as hold:
+                if recorded:
+                    hold.record(UsageMetrics(model="gpt-4o", input_tokens=500))  # 5 credits
+                entered.set()
+                leave.wait(10)
+            outcome.append((hold.settled, hold.released, hold.result))
+        except BaseException as exc:  # the test reports whatever the thread got
+            outcome.append(exc)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert entered.wait(10)
+    closer = threading.Thread(target=billing.close)
+    closer.start()
+    closer.join(10)
+    closed_in_time = not closer.is_alive()
+    leave.set()
+    thread.join(10)
+
+    assert closed_in_time
+    [(settled, released, result)] = outcome  # type: ignore[misc]
+    assert (recorded, not recorded) == (settled, released)
+    assert (5 if recorded else None) == (result.charged if result is not None else None)
+
+
+def test_calls_while_closing_get_ducto_errors(
+    make_store: Callable[[], CreditStore], backend: Any
+) -> None:
+    """Threads calling while the facade closes get StoreError, never an anyio error."""
+    billing = _open_billing(make_store, backend)
+    started = threading.Barrier(5)
+    errors: list[BaseException] = []
+
+    def caller() -> None:
+        started.wait(10)
+        for _ in range(10_000):
+            try:
+                billing.get_balance("alice")
+                with billing.hold("alice", 1):
+                    pass
+            except BaseException as exc:  # the test checks what kind of error it is
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=caller) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    started.wait(10)
+    billing.close()
+    for thread in threads:
+        thread.join(10)
+
+    assert not any(thread.is_alive() for thread in threads)
+    assert 4 == len(errors)
+    assert all(isinstance(error, StoreError) for error in errors), errors
+
+
+def test_a_facade_cannot_be_called_from_its_own_loop(backend: Any) -> None:
+    """A call made on the facade's loop thread is refused with InvalidArgumentError."""
+    with SyncCreditStore(MemoryStore(), backend=backend) as store:
+        with pytest.raises(InvalidArgumentError, match="own event loop"):
+            store._runner.portal.call(lambda: store.get_balance("alice"))
+        balance = store.get_balance("alice")
+
+    assert 0 == balance.balance
+
+
+def test_bad_facade_arguments_are_refused() -> None:
+    """A bad close_timeout or a manager that is not one raises InvalidArgumentError."""
+    with pytest.raises(InvalidArgumentError, match="close_timeout"):
+        SyncCreditStore(MemoryStore(), close_timeout=-1)
+    with pytest.raises(InvalidArgumentError, match="manager"):
+        SyncCreditManager(MemoryStore())  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="store"):
+        SyncCreditStore("memory://")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="backend_options"):
+        SyncCreditStore(MemoryStore(), backend_options=5)  # type: ignore[arg-type]

@@ -4,7 +4,10 @@ Every exception ducto raises, as one tree, and the stable business error codes.
 ```
 DuctoError
 ├── InvalidArgumentError(ValueError)   bad amount, empty id, bad config
-│   └── ExpressionError                a pricing expression that cannot be parsed or evaluated
+│   ├── ExpressionError                a pricing expression that cannot be parsed or evaluated
+│   ├── ConfigError                    a pricing config the engine refuses (ducto 1.x's name)
+│   │   └── ConfigExpressionError      ... because of an expression (also an ExpressionError)
+│   └── PricingNotLoadedError          the manager has no pricing yet
 ├── CreditError                        a business rule refused the operation (one per ErrorCode)
 └── StoreError                         the backend failed; ``__cause__`` is the driver's exception
     ├── StoreUnavailableError
@@ -25,6 +28,8 @@ from typing import ClassVar
 
 __all__ = [
     "AlreadyRefundedError",
+    "ConfigError",
+    "ConfigExpressionError",
     "CreditError",
     "DuctoError",
     "ErrorCode",
@@ -35,6 +40,7 @@ __all__ = [
     "InvalidArgumentError",
     "NotRefundableError",
     "OverRefundError",
+    "PricingNotLoadedError",
     "PricingVersionNotFoundError",
     "ReservationAlreadySettledError",
     "ReservationNotFoundError",
@@ -134,23 +140,61 @@ def _i(fields: Mapping[str, object], name: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def _requested(fields: Mapping[str, object]) -> int:
+    """The amount a refused call asked for (``requested``; ``amount`` on older results)."""
+    requested = _i(fields, "requested")
+    return requested if requested else abs(_i(fields, "amount"))
+
+
 class InsufficientCreditsError(CreditError):
-    """The user's available balance cannot cover the requested amount."""
+    """
+    The user's available balance cannot cover the requested amount.
+
+    Attributes:
+        user_id: The account.
+        needed: The credits asked for.
+        available: What the account could spend.
+        min_balance: The floor the request had to leave untouched (0 when none).
+    """
 
     code = ErrorCode.INSUFFICIENT_CREDITS
 
-    def __init__(self, user_id: str, needed: int, available: int) -> None:
-        super().__init__(f"user {user_id!r} needs {needed} credits but has {available}")
+    def __init__(self, user_id: str, needed: int, available: int, min_balance: int = 0) -> None:
+        if min_balance and available >= needed:
+            message = (
+                f"user {user_id!r} has {available} credits available, but holding {needed} "
+                f"would leave {available - needed}, below the minimum balance of {min_balance}"
+            )
+        else:
+            message = f"user {user_id!r} needs {needed} credits but has {available} available"
+        super().__init__(message)
         self.user_id, self.needed, self.available = user_id, needed, available
+        self.min_balance = min_balance
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, object]) -> CreditError:
         """Build the error from a result's fields."""
-        return cls(_s(fields, "user_id"), _i(fields, "amount"), _i(fields, "available"))
+        return cls(
+            _s(fields, "user_id"),
+            _requested(fields),
+            _i(fields, "available"),
+            _i(fields, "min_balance"),
+        )
 
 
 class SpendCapExceededError(CreditError):
-    """A deny spend cap would be exceeded by the requested amount."""
+    """
+    A deny spend cap would be exceeded by the requested amount.
+
+    Attributes:
+        user_id: The account.
+        amount: The credits asked for.
+        limit: The cap's limit.
+        current_spend: The window's spend so far.
+        model: The model the cap is for (None: every model).
+        reserved: Active holds already counted against the cap.
+        cap_type: ``daily`` or ``monthly``.
+    """
 
     code = ErrorCode.SPEND_CAP_EXCEEDED
 
@@ -161,12 +205,25 @@ class SpendCapExceededError(CreditError):
         limit: int | None = None,
         current_spend: int | None = None,
         model: str | None = None,
+        reserved: int = 0,
+        cap_type: str | None = None,
     ) -> None:
         scope = f" for model {model!r}" if model else ""
-        detail = f" (limit {limit}, spent {current_spend})" if limit is not None else ""
-        super().__init__(f"user {user_id!r} would exceed a spend cap{scope} by {amount}{detail}")
+        kind = f"{cap_type} " if cap_type else ""
+        if limit is None:
+            message = f"user {user_id!r} would exceed a {kind}spend cap{scope} with {amount} more"
+        else:
+            spent = current_spend or 0
+            over = spent + reserved + amount - limit
+            held = f", {reserved} held" if reserved else ""
+            message = (
+                f"user {user_id!r} would exceed the {kind}spend cap{scope} of {limit} by {over}"
+                f" ({spent} spent{held}, {amount} more requested)"
+            )
+        super().__init__(message)
         self.user_id, self.amount, self.limit = user_id, amount, limit
         self.current_spend, self.model = current_spend, model
+        self.reserved, self.cap_type = reserved, cap_type
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, object]) -> CreditError:
@@ -174,12 +231,15 @@ class SpendCapExceededError(CreditError):
         limit = fields.get("cap_limit")
         spend = fields.get("cap_spend")
         model = fields.get("cap_model")
+        cap_type = fields.get("cap_type")
         return cls(
             _s(fields, "user_id"),
-            _i(fields, "amount"),
+            _requested(fields),
             limit if isinstance(limit, int) else None,
             spend if isinstance(spend, int) else None,
             model if isinstance(model, str) else None,
+            _i(fields, "cap_reserved"),
+            cap_type if isinstance(cap_type, str) else None,
         )
 
 
@@ -303,7 +363,7 @@ class OverRefundError(CreditError):
     def from_fields(cls, fields: Mapping[str, object]) -> CreditError:
         """Build the error from a result's fields."""
         return cls(
-            _s(fields, "original_transaction_id"), _i(fields, "amount"), _i(fields, "refundable")
+            _s(fields, "original_transaction_id"), _requested(fields), _i(fields, "refundable")
         )
 
 
@@ -349,7 +409,7 @@ class InsufficientTeamBalanceError(CreditError):
     @classmethod
     def from_fields(cls, fields: Mapping[str, object]) -> CreditError:
         """Build the error from a result's fields."""
-        return cls(_s(fields, "team_id"), _i(fields, "amount"), _i(fields, "available"))
+        return cls(_s(fields, "team_id"), _requested(fields), _i(fields, "available"))
 
 
 _BY_CODE: dict[ErrorCode, type[CreditError]] = {
@@ -384,3 +444,32 @@ def error_from_fields(code: ErrorCode | str, fields: Mapping[str, object]) -> Cr
         The matching exception, ready to raise.
     """
     return _BY_CODE[ErrorCode(code)].from_fields(fields)
+
+
+class ConfigError(InvalidArgumentError):
+    """
+    A pricing config is invalid: a missing or unknown key, a wrong type, a bad expression.
+
+    ducto 1.x's name. Every config the pricing engine refuses raises a `ConfigError`;
+    an expression it cannot compile raises `ConfigExpressionError`, which is both.
+    """
+
+
+class ConfigExpressionError(ExpressionError, ConfigError):
+    """A config expression cannot be compiled; both an `ExpressionError` and a `ConfigError`."""
+
+
+class PricingNotLoadedError(InvalidArgumentError):
+    """
+    No pricing is loaded: `CreditManager` cannot price usage yet.
+
+    Raised by ``CreditManager.engine`` and every call that prices usage before
+    ``publish_pricing`` or ``load_pricing_from_store`` succeeded, and by
+    ``load_pricing_from_store`` when the store has no pricing version (as in ducto 1.x).
+    """
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(
+            message
+            or "no pricing loaded: call publish_pricing() or load_pricing_from_store() first"
+        )

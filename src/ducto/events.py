@@ -17,11 +17,29 @@ events.on(None, lambda event: log.info("billing event %s", event.type))
 manager = CreditManager(store, events=events, low_balance_thresholds=[1000, 100])
 ```
 
-Handlers run in registration order, one after the other, in the task that made the change;
-async handlers are awaited. A handler that raises is logged on the ``ducto.events`` logger
-with its traceback and the next handler runs: an event handler never breaks billing. Keep
-handlers quick (hand slow work to a queue): the manager waits for them, shielded from
-cancellation, before its call returns.
+ducto 1.x's event names are accepted wherever a type is: ``credits.added``,
+``credits.deducted``, ``credits.refunded``, ``credits.expired``, ``credits.cap_warning``, and
+``credits.cap_reached``, which is `CreditEventType.CAP_REACHED` (a deny spend cap refused a
+hold or a charge).
+
+`CreditEventEmitter.emit` calls the handlers in registration order and awaits async ones.
+`CreditManager` delivers its events so that handlers never hold billing up:
+
+- Sync handlers run at once, in registration order, in the task that made the change.
+  (A sync handler blocks the event loop while it runs, wherever it runs: keep it quick.)
+- Async handlers (and awaitables a sync handler returns) run in the manager's own
+  background task while the manager is open (``async with CreditManager(...)``, or any
+  `ducto.sync` facade): the billing call returns, and can be cancelled, without waiting
+  for them. Events reach them in the order they happened; each handler call may take up
+  to the manager's ``handler_timeout`` before it is cancelled and logged. Events that
+  arrive while ``event_buffer`` events are already waiting are dropped and logged.
+  Closing the manager gives waiting events up to ``handler_timeout`` to be delivered.
+- Outside ``async with`` the manager has no task to run them in, so async handlers are
+  awaited in the calling task, for at most ``handler_timeout`` per event, and a
+  cancellation of the caller cancels them.
+
+A handler that raises is logged on the ``ducto.events`` logger with its traceback and the
+next handler runs: an event handler never breaks billing.
 """
 
 from __future__ import annotations
@@ -31,7 +49,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -65,6 +83,26 @@ class CreditEventType(StrEnum):
     """A charge failed after its hold was placed; the hold was released."""
     REFUND_FAILED = "refund_failed"
     """A refund was refused or failed."""
+    CAP_REACHED = "cap_reached"
+    """A deny spend cap refused a hold or a charge (ducto 1.x's ``credits.cap_reached``)."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> CreditEventType | None:
+        """Accept ducto 1.x's dotted names (``credits.added``, ...) as aliases."""
+        if isinstance(value, str):
+            return _ALIASES.get(value)
+        return None
+
+
+_ALIASES: Final[dict[str, CreditEventType]] = {
+    "credits.added": CreditEventType.CREDITS_ADDED,
+    "credits.deducted": CreditEventType.CREDITS_DEDUCTED,
+    "credits.refunded": CreditEventType.CREDITS_REFUNDED,
+    "credits.expired": CreditEventType.CREDITS_EXPIRED,
+    "credits.cap_warning": CreditEventType.CAP_WARNING,
+    "credits.cap_reached": CreditEventType.CAP_REACHED,
+}
+"""ducto 1.x's event names, by the type each now names."""
 
 
 def _utc_now() -> datetime:
@@ -93,7 +131,8 @@ class CreditEvent(BaseModel):
             ``refund_failed``.
         metadata: Details: the model and token counts of a charge, the cap action of a
             ``cap_warning``, the number of lots of an expiry.
-        timestamp: When the manager observed the change (aware UTC).
+        timestamp: When the manager observed the change (aware UTC; a naive value given
+            is read as local time, as `datetime.astimezone` reads it).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -115,9 +154,7 @@ class CreditEvent(BaseModel):
     @field_validator("timestamp")
     @classmethod
     def _aware_utc(cls, value: datetime) -> datetime:
-        """Naive timestamps are taken as UTC; aware ones are converted to UTC."""
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
+        """Naive timestamps are local time (as everywhere in ducto); all become aware UTC."""
         return value.astimezone(UTC)
 
 
@@ -153,7 +190,8 @@ class CreditEventEmitter:
         Registering the same handler for the same type again changes nothing.
 
         Args:
-            event_type: A `CreditEventType` (or its string value), or None for all events.
+            event_type: A `CreditEventType` (or its string value, or its ducto 1.x name
+                such as ``credits.added``), or None for all events.
             handler: A function or coroutine function taking the `CreditEvent`.
 
         Returns:
@@ -221,12 +259,51 @@ class CreditEventEmitter:
                 if outcome is not None and (is_async or inspect.isawaitable(outcome)):
                     await outcome
             except Exception:
-                _log.exception(
-                    "event handler %r failed on %s event for user %r",
-                    handler,
-                    event.type.value,
-                    event.user_id,
-                )
+                _log_failure(handler, event)
+
+    def _start(self, event: CreditEvent) -> list[tuple[EventHandler, Awaitable[object]]]:
+        """
+        Run the sync handlers for `event` now; return the awaitables left to await.
+
+        Calling an async handler only creates its coroutine, so nothing of it runs here.
+        The caller must await (or close) every awaitable returned, each with
+        `_finish`. Failures of sync handlers are logged.
+        """
+        pending: list[tuple[EventHandler, Awaitable[object]]] = []
+        for kind, handler, is_async in tuple(self._handlers):
+            if kind is not None and kind != event.type:
+                continue
+            try:
+                outcome = handler(event)
+            except Exception:
+                _log_failure(handler, event)
+                continue
+            if outcome is not None and (is_async or inspect.isawaitable(outcome)):
+                pending.append((handler, outcome))
+        return pending
+
+
+async def _finish(handler: EventHandler, event: CreditEvent, outcome: Awaitable[object]) -> None:
+    """Await what a handler returned; log its failure. Cancellation propagates."""
+    try:
+        await outcome
+    except Exception:
+        _log_failure(handler, event)
+
+
+def _discard(outcome: Awaitable[object]) -> None:
+    """Drop an awaitable that will never be awaited (closing a coroutine, so it never warns)."""
+    if inspect.iscoroutine(outcome):
+        outcome.close()
+
+
+def _log_failure(handler: EventHandler, event: CreditEvent) -> None:
+    _log.exception(
+        "event handler %r failed on %s event for user %r",
+        handler,
+        event.type.value,
+        event.user_id,
+    )
 
 
 def _event_type(value: object) -> CreditEventType | None:

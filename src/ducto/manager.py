@@ -7,7 +7,7 @@ results, and reports what happened as `CreditEvent`s.
 
 ```python
 async with CreditManager(MemoryStore()) as manager:
-    await manager.store.setup()
+    await manager.setup()
     await manager.publish_pricing({"models": {"_default": "input_tokens * 0.001"}})
     await manager.add_credits("alice", 10_000, "purchase")
 
@@ -21,31 +21,44 @@ async with CreditManager(MemoryStore()) as manager:
             hold.record(chunk.usage)
         await hold.settle()
 ```
+
+ducto 1.x's spellings work too: ``CreditManager(store, engine, emitter)``,
+``add_credits(..., tx_type=...)``, ``deduct_fixed(..., job_name=...)``,
+``publish_pricing_from_dict``; passing both spellings of one argument is refused. The
+charging core lives in ``ducto._charging`` and `Hold` in ``ducto._hold``; both are used
+through this module.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Final, Self, TypeVar
 
-import anyio
-from anyio.lowlevel import checkpoint_if_cancelled
-from pydantic import ValidationError
-
-from ducto.errors import (
-    CreditError,
-    ErrorCode,
-    InvalidArgumentError,
-    ReservationAlreadySettledError,
-    ReservationReleasedError,
+from ducto._charging import (
+    DEFAULT_OPERATION,
+    Charger,
+    MetadataInput,
+    Priced,
+    charge_metadata,
+    check_credits,
+    check_ttl,
+    checked_usage,
+    error_name,
+    usage_details,
 )
-from ducto.events import CreditEvent, CreditEventEmitter, CreditEventType
+from ducto._hold import Hold
+from ducto._reporting import Reporter, check_thresholds
+from ducto.errors import (
+    ErrorCode,
+    InsufficientCreditsError,
+    InvalidArgumentError,
+    PricingNotLoadedError,
+)
+from ducto.events import CreditEventEmitter, CreditEventType
 from ducto.interface.base import CreditStore
 from ducto.interface.models import (
     AddCreditsResult,
@@ -60,6 +73,7 @@ from ducto.interface.models import (
     PricingConfigData,
     RefundResult,
     ReserveResult,
+    SetupResult,
     SetUserPlanResult,
     SpendByModelRow,
     SpendByUserRow,
@@ -69,194 +83,33 @@ from ducto.interface.models import (
 )
 from ducto.pricing import CostBreakdown, PricingEngine, UsageMetrics
 
-__all__ = ["CreditManager", "Hold"]
+__all__ = ["CreditManager", "Hold", "InsufficientCreditsError", "PricingNotLoadedError"]
 
 _log = logging.getLogger("ducto.manager")
 
-_DEFAULT_OPERATION: Final = "llm_call"
-"""The operation type of holds placed for model usage."""
-_DEFAULT_MIN_BALANCE: Final = 5
-"""The floor used before any pricing is loaded (the 1.x default of `reserve_credits`)."""
-_MAX_LINKS: Final = 32
-"""Most replacement holds one idempotency key may walk through (see `_Held`)."""
-_LOW_BALANCE_USERS: Final = 100_000
-"""Most users whose last-known available balance the low-balance alerts remember."""
-_MAX_TTL_SECONDS: Final = 366 * 86400
-_RELINK_ERRORS: Final = frozenset({ErrorCode.RESERVATION_RELEASED, ErrorCode.IDEMPOTENCY_CONFLICT})
+_T = TypeVar("_T")
 
-_Metadata = CreditMetadata | Mapping[str, object] | None
+_DEFAULT_HANDLER_TIMEOUT: Final = 10.0
+_DEFAULT_EVENT_BUFFER: Final = 10_000
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-# -- helpers -----------------------------------------------------------------------------------
+def _either(name: str, value: _T | None, alias: str, alias_value: _T | None) -> _T | None:
+    """The one of two spellings of an argument that was passed; both is an error."""
+    if value is not None and alias_value is not None:
+        raise InvalidArgumentError(f"pass {name}= or its ducto 1.x spelling {alias}=, not both")
+    return value if value is not None else alias_value
 
 
-def _check_credits(name: str, value: object, *, minimum: int) -> int:
-    if type(value) is not int:
-        raise InvalidArgumentError(
-            f"{name} must be UsageMetrics or an int number of credits, "
-            f"got {type(value).__name__} {value!r}"
-        )
-    if value < minimum:
-        raise InvalidArgumentError(f"{name} must be at least {minimum} credits, got {value}")
-    return value
-
-
-def _check_ttl(value: object, name: str = "hold_ttl") -> float | timedelta:
-    seconds: float
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise InvalidArgumentError(f"{name} must be seconds or a timedelta, got {value!r}")
-    if not 0 < seconds <= _MAX_TTL_SECONDS:
-        raise InvalidArgumentError(
-            f"{name} must be more than 0 and at most {_MAX_TTL_SECONDS} seconds, got {value!r}"
-        )
-    return value
-
-
-def _check_metrics(name: str, value: object) -> UsageMetrics:
-    if not isinstance(value, UsageMetrics):
-        raise InvalidArgumentError(f"{name} must be UsageMetrics, got {type(value).__name__}")
-    return value
-
-
-def _charge_metadata(
-    caller: object,
-    usage: UsageMetrics | None = None,
-    cost: CostBreakdown | None = None,
-    **extra: object,
-) -> CreditMetadata | None:
-    """
-    The caller's metadata with the manager's system keys on top.
-
-    System keys win: ``model``, ``input_tokens`` and ``output_tokens`` of the usage,
-    ``cost_total`` (the exact price before rounding, as a string) and ``pricing_model``
-    (the pricing key the model resolved to), plus `extra`.
-    """
-    data: dict[str, Any]
-    if caller is None:
-        data = {}
-    elif isinstance(caller, CreditMetadata):
-        data = caller.model_dump(exclude_none=True)
-    elif isinstance(caller, Mapping):
-        data = dict(caller)
-    else:
-        raise InvalidArgumentError(
-            f"metadata must be CreditMetadata, a dict or None, got {type(caller).__name__}"
-        )
-    if usage is not None:
-        if usage.model is not None:
-            data["model"] = usage.model
-        data["input_tokens"] = usage.input_tokens
-        data["output_tokens"] = usage.output_tokens
-    if cost is not None:
-        data["cost_total"] = str(cost.total)
-        if cost.model is not None:
-            data["pricing_model"] = cost.model
-    data.update((key, value) for key, value in extra.items() if value is not None)
-    if not data:
-        return None
-    try:
-        return CreditMetadata.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidArgumentError(f"metadata is not valid CreditMetadata: {exc}") from exc
-
-
-def _usage_details(
-    usage: UsageMetrics | None, cost: CostBreakdown | None, metadata: CreditMetadata | None
-) -> dict[str, Any]:
-    details: dict[str, Any] = {}
-    model = usage.model if usage is not None else None
-    if model is None and metadata is not None:
-        model = metadata.model
-    if model is not None:
-        details["model"] = model
-    if usage is not None:
-        details["input_tokens"] = usage.input_tokens
-        details["output_tokens"] = usage.output_tokens
-    if cost is not None:
-        details["cost_total"] = str(cost.total)
-    return details
-
-
-def _link_key(key: str, reservation_id: str) -> str:
-    """The reserve key of the hold that replaces `reservation_id` for request `key`."""
-    digest = hashlib.sha256(f"{key}\x00{reservation_id}".encode()).hexdigest()[:40]
-    return f"ducto-relink:{digest}"
-
-
-def _error_name(exc: BaseException) -> str:
-    if isinstance(exc, CreditError):
-        return str(exc.code)
-    return type(exc).__name__
-
-
-class _LowBalance:
-    """
-    Edge-triggered low-balance detection over a bounded map of last-known balances.
-
-    An alert fires for threshold ``t`` when a user's available balance goes from ``>= t`` to
-    ``< t``; it fires again only after a later observation shows ``>= t`` once more. The
-    previous value is the last one this manager observed for the user; for a user it has
-    not seen (or has forgotten), the value just before the operation when the caller knows
-    it, else nothing fires.
-    """
-
-    __slots__ = ("_capacity", "_last", "thresholds")
-
-    def __init__(self, thresholds: Sequence[int], capacity: int = _LOW_BALANCE_USERS) -> None:
-        self.thresholds = tuple(sorted(set(thresholds), reverse=True))
-        self._capacity = capacity
-        self._last: OrderedDict[str, int] = OrderedDict()
-
-    def observe(self, user_id: str, available: int, before: int | None = None) -> list[int]:
-        """Record `available` for the user; return the thresholds it crossed down through."""
-        last = self._last
-        previous = last.pop(user_id, None)
-        if previous is None:
-            previous = before
-        last[user_id] = available
-        if len(last) > self._capacity:
-            last.popitem(last=False)
-        if previous is None:
-            return []
-        return [t for t in self.thresholds if previous >= t > available]
-
-
-@dataclass(slots=True)
-class _Held:
-    """
-    A hold the manager placed and must settle or release.
-
-    With an idempotency key, the key names the request: the hold is reserved and settled
-    under it. When a retry finds (by replay) a hold that an earlier, failed attempt
-    released, nothing was charged under the key, so the charge moves to a replacement hold
-    reserved under a key derived from the released hold's id (`_link_key`). Later retries
-    walk the same chain and replay the settlement, so a request is charged at most once.
-    """
-
-    user_id: str
-    reservation: ReserveResult
-    amount: int
-    operation_type: str
-    metadata: CreditMetadata | None
-    key: str | None
-    ttl: float | timedelta
-
-    @property
-    def before(self) -> int | None:
-        """The available balance just before this hold was placed, when it was placed now."""
-        first = self.reservation
-        return None if first.idempotent else first.available + first.amount
-
-
-# -- the manager -------------------------------------------------------------------------------
+def _check_timeout(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 86400:
+        return float(value)
+    raise InvalidArgumentError(
+        f"handler_timeout must be seconds, more than 0 and at most 86400, got {value!r}"
+    )
 
 
 class CreditManager:
@@ -264,11 +117,13 @@ class CreditManager:
     Prices usage and charges it through a store; the high-level API of ducto.
 
     The manager holds the pricing engine in use, the event emitter and the low-balance
-    state; the store holds everything else, so several managers (in several processes)
-    can share one store. Its calls raise the typed errors (`InsufficientCreditsError`,
-    `SpendCapExceededError`, ...) where the store returns error results.
+    thresholds; the store holds everything else, so several managers (in several
+    processes) can share one store. Its calls raise the typed errors
+    (`InsufficientCreditsError`, `SpendCapExceededError`, ...) where the store returns
+    error results.
 
-    Use it as an async context manager to open and close the store with it.
+    Use it as an async context manager: that opens and closes the store, and runs event
+    handlers in a background task so that they never hold billing up (see `ducto.events`).
 
     Pricing is loaded once, by `publish_pricing` or `load_pricing_from_store`; a version
     another process publishes is picked up on the next `load_pricing_from_store`.
@@ -277,12 +132,15 @@ class CreditManager:
     def __init__(
         self,
         store: CreditStore,
-        *,
         engine: PricingEngine | None = None,
+        emitter: CreditEventEmitter | None = None,
+        *,
         events: CreditEventEmitter | None = None,
         hold_ttl: float | timedelta = 600,
-        low_balance_thresholds: Sequence[int] = (),
+        low_balance_thresholds: Iterable[int] = (),
         clock: Callable[[], datetime] | None = None,
+        handler_timeout: float = _DEFAULT_HANDLER_TIMEOUT,
+        event_buffer: int = _DEFAULT_EVENT_BUFFER,
     ) -> None:
         """
         Create a manager over `store`; does no I/O.
@@ -291,41 +149,74 @@ class CreditManager:
             store: Any `CreditStore`.
             engine: The pricing engine to use at once; else call `publish_pricing` or
                 `load_pricing_from_store` before pricing anything.
+            emitter: ducto 1.x's name for `events`.
             events: Where events go; a new, empty emitter when None (see `events`).
             hold_ttl: Seconds (or a timedelta) the manager's holds live before they stop
                 counting, unless `hold` is given its own ``ttl``.
             low_balance_thresholds: Available-balance levels that raise a ``low_balance``
-                event when a user's available credits cross down through them.
+                event each time a user's available credits cross down through them.
             clock: Returns the aware UTC time events are stamped with.
+            handler_timeout: Seconds an async event handler may take on one event before
+                it is cancelled and logged (see `ducto.events`).
+            event_buffer: Most events waiting for async handlers while the manager is
+                open; more are dropped and logged.
 
         Raises:
-            InvalidArgumentError: `hold_ttl`, a threshold or `engine` is invalid.
+            InvalidArgumentError: An argument is invalid (the message names it), or both
+                `events` and `emitter` were passed.
         """
+        if not callable(getattr(store, "reserve_credits", None)):
+            raise InvalidArgumentError(f"store must be a CreditStore, got {store!r}")
         if engine is not None and not isinstance(engine, PricingEngine):
             raise InvalidArgumentError(f"engine must be a PricingEngine, got {engine!r}")
-        if events is not None and not isinstance(events, CreditEventEmitter):
-            raise InvalidArgumentError(f"events must be a CreditEventEmitter, got {events!r}")
-        thresholds = list(low_balance_thresholds)
-        for threshold in thresholds:
-            if type(threshold) is not int:
-                raise InvalidArgumentError(
-                    f"low_balance_thresholds must hold ints, got {threshold!r}"
-                )
-        self._store = store
-        self._engine: PricingEngine | None = None
-        self._priced_plans: frozenset[str] = frozenset()
+        chosen: object = _either("events", events, "emitter", emitter)
+        if chosen is None:
+            chosen = CreditEventEmitter()
+        elif not isinstance(chosen, CreditEventEmitter):
+            name = "events" if events is not None else "emitter"
+            raise InvalidArgumentError(f"{name} must be a CreditEventEmitter, got {chosen!r}")
+        given_clock: object = clock
+        if given_clock is not None and not callable(given_clock):
+            raise InvalidArgumentError(
+                f"clock must be a callable returning a datetime, got {clock!r}"
+            )
+        if type(event_buffer) is not int or not 1 <= event_buffer <= 10_000_000:
+            raise InvalidArgumentError(
+                f"event_buffer must be an int from 1 to 10_000_000, got {event_buffer!r}"
+            )
+        self._events = chosen
+        self._reporter = Reporter(
+            self._events,
+            check_thresholds(low_balance_thresholds),
+            clock or _utc_now,
+            _check_timeout(handler_timeout),
+            event_buffer,
+        )
+        self._charger = Charger(store, self._reporter, check_ttl(hold_ttl, "hold_ttl"))
         if engine is not None:
-            self._use(engine)
-        self._events = events if events is not None else CreditEventEmitter()
-        self._hold_ttl = _check_ttl(hold_ttl)
-        self._low = _LowBalance(thresholds) if thresholds else None
-        self._clock = clock or _utc_now
+            self._charger.use(engine)
+        self._store = store
+        self._stack: AsyncExitStack | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        """Open the store."""
-        await self._store.__aenter__()
+        """
+        Open the store and start delivering events to async handlers in the background.
+
+        Raises:
+            InvalidArgumentError: The manager is open already.
+        """
+        if self._stack is not None:
+            raise InvalidArgumentError("the manager is open already")
+        stack = AsyncExitStack()
+        await stack.enter_async_context(self._store)
+        try:
+            await stack.enter_async_context(self._reporter.background())
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
         return self
 
     async def __aexit__(
@@ -334,12 +225,26 @@ class CreditManager:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Close the store."""
-        await self._store.__aexit__(exc_type, exc, tb)
+        """Deliver the events still waiting (within ``handler_timeout``), close the store."""
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.__aexit__(exc_type, exc, tb)
 
     async def aclose(self) -> None:
         """Close the store; closing twice is harmless."""
         await self._store.aclose()
+
+    async def setup(self, database_url: str | None = None) -> SetupResult:
+        """
+        Create or migrate the store's schema (the store's `setup`); safe on every deploy.
+
+        Args:
+            database_url: Passed to the store, as in ducto 1.x.
+
+        Returns:
+            What was created or migrated.
+        """
+        return await self._store.setup(database_url)
 
     @property
     def store(self) -> CreditStore:
@@ -351,15 +256,12 @@ class CreditManager:
         """The emitter the manager reports to; register handlers with ``events.on``."""
         return self._events
 
-    # -- pricing -----------------------------------------------------------------------------
+    @property
+    def emitter(self) -> CreditEventEmitter:
+        """ducto 1.x's name for `events`."""
+        return self._events
 
-    def _use(self, engine: PricingEngine) -> None:
-        names: set[str] = set()
-        for key, plan in (engine.config.plans or {}).items():
-            if plan.rate_overrides:
-                names.update((key, plan.id))
-        self._engine = engine
-        self._priced_plans = frozenset(names)
+    # -- pricing -----------------------------------------------------------------------------
 
     @property
     def engine(self) -> PricingEngine:
@@ -367,14 +269,9 @@ class CreditManager:
         The pricing engine in use.
 
         Raises:
-            InvalidArgumentError: No pricing is loaded yet.
+            PricingNotLoadedError: No pricing is loaded yet.
         """
-        engine = self._engine
-        if engine is None:
-            raise InvalidArgumentError(
-                "no pricing loaded: call publish_pricing() or load_pricing_from_store() first"
-            )
-        return engine
+        return self._charger.engine
 
     async def publish_pricing(
         self, config: PricingConfigData | Mapping[str, object], label: str | None = None
@@ -387,15 +284,15 @@ class CreditManager:
         before anything reaches the store.
 
         Args:
-            config: The config, validated or in the dict form ducto 1.x used.
+            config: The config (`PricingConfig`), or its dict form as ducto 1.x wrote it.
             label: A name for the version, for people reading the history.
 
         Returns:
             The id of the new version.
 
         Raises:
-            InvalidArgumentError: The config is invalid or cannot be priced
-                (`ExpressionError` names the section and key).
+            ConfigError: The config is invalid or cannot be priced (a
+                `ConfigExpressionError` names the section and key).
         """
         if isinstance(config, PricingConfigData):
             engine = PricingEngine(config)
@@ -406,22 +303,47 @@ class CreditManager:
                 f"config must be PricingConfigData or a dict, got {type(config).__name__}"
             )
         version_id = await self._store.set_active_pricing(engine.config, label)
-        self._use(engine)
+        self._charger.use(engine)
         return version_id
 
-    async def load_pricing_from_store(self) -> PricingEngine | None:
+    async def publish_pricing_from_dict(
+        self, data: Mapping[str, object], label: str | None = None
+    ) -> str:
+        """
+        Publish a pricing config given in its dict form (ducto 1.x's name).
+
+        Args:
+            data: The config as a dict.
+            label: A name for the version.
+
+        Returns:
+            The id of the new version.
+
+        Raises:
+            ConfigError: `data` is not a dict, or not a valid config.
+        """
+        if not isinstance(data, Mapping):
+            raise InvalidArgumentError(f"data must be a dict, got {type(data).__name__}")
+        return await self.publish_pricing(data, label)
+
+    async def load_pricing_from_store(self) -> PricingEngine:
         """
         Price with the store's active pricing version from now on.
 
         Returns:
-            The new engine, or None when the store has no pricing yet (the manager then
-            keeps the engine it had).
+            The new engine.
+
+        Raises:
+            PricingNotLoadedError: The store has no pricing version yet (the manager keeps
+                the engine it had), as in ducto 1.x.
         """
         active = await self._store.get_active_pricing()
         if active is None:
-            return None
+            raise PricingNotLoadedError(
+                "the store has no pricing version: publish one with publish_pricing()"
+            )
         engine = PricingEngine(active.config)
-        self._use(engine)
+        self._charger.use(engine)
         return engine
 
     def calculate(self, metrics: UsageMetrics, *, plan: str | None = None) -> CostBreakdown:
@@ -436,47 +358,10 @@ class CreditManager:
             The cost breakdown; ``credits`` is what a charge would take.
 
         Raises:
-            InvalidArgumentError: No pricing is loaded, or the usage cannot be priced.
+            PricingNotLoadedError: No pricing is loaded.
+            InvalidArgumentError: The usage is invalid or cannot be priced.
         """
-        return self.engine.calculate(metrics, plan=plan)
-
-    async def _plan_for(self, user_id: str) -> str | None:
-        """The user's plan id when it has rate overrides in the engine in use, else None."""
-        if not self._priced_plans:
-            return None
-        plan = await self._store.get_user_plan(user_id)
-        if plan.plan_id is None or plan.plan_name is None:
-            return None  # no plan, or one the active version no longer defines
-        return plan.plan_id if plan.plan_id in self._priced_plans else None
-
-    # -- events ------------------------------------------------------------------------------
-
-    async def _emit(self, kind: CreditEventType, **fields: Any) -> None:
-        if self._events.has_handlers(kind):
-            await self._events.emit(CreditEvent(type=kind, timestamp=self._clock(), **fields))
-
-    async def _observe(
-        self,
-        user_id: str,
-        available: int | None = None,
-        before: int | None = None,
-        balance: int | None = None,
-    ) -> None:
-        """Feed the low-balance detector; reads the balance when `available` is unknown."""
-        low = self._low
-        if low is None:
-            return
-        if available is None:
-            current = await self._store.get_balance(user_id)
-            available, balance = current.available, current.balance
-        for threshold in low.observe(user_id, available, before):
-            await self._emit(
-                CreditEventType.LOW_BALANCE,
-                user_id=user_id,
-                available=available,
-                balance_after=balance,
-                threshold=threshold,
-            )
+        return self.engine.calculate(checked_usage("metrics", metrics), plan=plan)
 
     # -- balances, grants, refunds, expiry ---------------------------------------------------
 
@@ -496,11 +381,12 @@ class CreditManager:
         self,
         user_id: str,
         amount: int,
-        type: str = "adjustment",
+        type: str | None = None,
         metadata: CreditMetadata | None = None,
         expires_at: datetime | None = None,
         *,
         idempotency_key: str | None = None,
+        tx_type: str | None = None,
     ) -> AddCreditsResult:
         """
         Grant credits (or, with a negative ``adjustment``, take them back).
@@ -511,10 +397,12 @@ class CreditManager:
         Args:
             user_id: The account.
             amount: Credits, > 0 (an ``adjustment`` may be negative).
-            type: ``purchase``, ``subscription``, ``signup_bonus`` or ``adjustment``.
+            type: ``purchase``, ``subscription``, ``signup_bonus`` or ``adjustment`` (the
+                default).
             metadata: Stored on the ledger row.
             expires_at: When the credits stop being spendable, or None.
             idempotency_key: A repeated key grants once and returns the original result.
+            tx_type: ducto 1.x's name for `type`.
 
         Returns:
             The grant.
@@ -522,41 +410,43 @@ class CreditManager:
         Raises:
             InsufficientCreditsError: A negative adjustment would take available below 0.
             IdempotencyConflictError: The key was used for a different grant.
+            InvalidArgumentError: An argument is invalid, or both `type` and `tx_type`
+                were passed.
         """
+        kind: object = _either("type", type, "tx_type", tx_type)
+        if kind is None:
+            kind = "adjustment"
+        elif not isinstance(kind, str):
+            name = "type" if type is not None else "tx_type"
+            raise InvalidArgumentError(f"{name} must be a transaction type str, got {kind!r}")
         result = await self._store.add_credits(
-            user_id, amount, type, metadata, expires_at, idempotency_key=idempotency_key
+            user_id, amount, kind, metadata, expires_at, idempotency_key=idempotency_key
         )
         result.raise_for_error()
         if not result.idempotent:
-            with anyio.CancelScope(shield=True):
-                await self._after_grant(result, type)
+            await self._after_grant(result, kind)
         return result
 
-    async def _after_grant(self, result: AddCreditsResult, type_: str) -> None:
-        try:
-            kind = (
-                CreditEventType.CREDITS_ADDED
-                if result.amount > 0
-                else CreditEventType.CREDITS_DEDUCTED
-            )
-            await self._emit(
-                kind,
-                user_id=result.user_id,
-                amount=abs(result.amount),
-                balance_after=result.new_balance,
-                available=result.available,
-                transaction_id=result.transaction_id,
-                idempotency_key=result.idempotency_key,
-                metadata={"transaction_type": type_},
-            )
-            await self._observe(
+    async def _after_grant(self, result: AddCreditsResult, kind: str) -> None:
+        reporter = self._reporter
+        added = result.amount > 0
+        await reporter.emit(
+            CreditEventType.CREDITS_ADDED if added else CreditEventType.CREDITS_DEDUCTED,
+            user_id=result.user_id,
+            amount=abs(result.amount),
+            balance_after=result.new_balance,
+            available=result.available,
+            transaction_id=result.transaction_id,
+            idempotency_key=result.idempotency_key,
+            metadata={"transaction_type": kind},
+        )
+        if not added:
+            await reporter.moved(
                 result.user_id,
+                result.available - result.amount,
                 result.available,
-                before=result.available - result.amount,
-                balance=result.new_balance,
+                result.new_balance,
             )
-        except Exception:
-            _log.exception("reporting the grant %s failed", result.transaction_id)
 
     async def refund_credits(
         self,
@@ -594,35 +484,15 @@ class CreditManager:
         except InvalidArgumentError:
             raise
         except Exception as exc:
-            with anyio.CancelScope(shield=True):
-                await self._refund_failed(transaction_id, amount, _error_name(exc))
+            await self._refund_failed(transaction_id, amount, error_name(exc))
             raise
         if not result.ok:
-            with anyio.CancelScope(shield=True):
-                await self._refund_failed(transaction_id, amount, str(result.error))
+            await self._refund_failed(transaction_id, amount, str(result.error))
             result.raise_for_error()
         if not result.idempotent:
-            with anyio.CancelScope(shield=True):
-                await self._after_refund(result)
-        return result
-
-    async def _refund_failed(self, transaction_id: str, amount: int | None, error: str) -> None:
-        try:
-            await self._emit(
-                CreditEventType.REFUND_FAILED,
-                transaction_id=transaction_id,
-                amount=amount or 0,
-                error=error,
-            )
-        except Exception:
-            _log.exception("reporting the failed refund of %s failed", transaction_id)
-
-    async def _after_refund(self, result: RefundResult) -> None:
-        try:
-            user_id = result.user_id or None
-            await self._emit(
+            await self._reporter.emit(
                 CreditEventType.CREDITS_REFUNDED,
-                user_id=user_id,
+                user_id=result.user_id or None,
                 team_id=result.team_id,
                 amount=result.amount,
                 balance_after=result.new_balance,
@@ -630,10 +500,15 @@ class CreditManager:
                 idempotency_key=result.idempotency_key,
                 metadata={"original_transaction_id": result.original_transaction_id},
             )
-            if user_id is not None and result.team_id is None:
-                await self._observe(user_id)
-        except Exception:
-            _log.exception("reporting the refund %s failed", result.refund_transaction_id)
+        return result
+
+    async def _refund_failed(self, transaction_id: str, amount: int | None, error: str) -> None:
+        await self._reporter.emit(
+            CreditEventType.REFUND_FAILED,
+            transaction_id=transaction_id,
+            amount=amount if type(amount) is int else 0,
+            error=error,
+        )
 
     async def sweep_expired_credits(self, dry_run: bool = False) -> SweepResult:
         """
@@ -650,15 +525,11 @@ class CreditManager:
         """
         result = await self._store.sweep_expired_credits(dry_run)
         if not dry_run and result.expired_count:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._emit(
-                        CreditEventType.CREDITS_EXPIRED,
-                        amount=result.expired_amount,
-                        metadata={"expired_count": result.expired_count},
-                    )
-                except Exception:
-                    _log.exception("reporting the expiry sweep failed")
+            await self._reporter.emit(
+                CreditEventType.CREDITS_EXPIRED,
+                amount=result.expired_amount,
+                metadata={"expired_count": result.expired_count},
+            )
         return result
 
     # -- plans -------------------------------------------------------------------------------
@@ -791,9 +662,9 @@ class CreditManager:
         user_id: str,
         metrics: UsageMetrics,
         idempotency_key: str | None = None,
-        metadata: _Metadata = None,
+        metadata: MetadataInput = None,
         *,
-        operation_type: str = _DEFAULT_OPERATION,
+        operation_type: str = DEFAULT_OPERATION,
     ) -> DeductionResult:
         """
         Price usage that happened and charge it: a hold for the cost, then its settlement.
@@ -812,8 +683,8 @@ class CreditManager:
         the hold are shielded too (a nonconforming store may commit a call yet report it
         cancelled), so a cancellation that arrives during them takes effect once `deduct` has
         finished; one that arrives before (while the plan is looked up) charges nothing. Emits
-        ``credits_deducted`` (and ``cap_warning``, ``low_balance`` where they apply), or
-        ``deduct_failed``.
+        ``credits_deducted`` (and ``cap_warning``, ``low_balance`` where they apply),
+        ``cap_reached`` when a deny cap refuses, or ``deduct_failed``.
 
         Args:
             user_id: The account.
@@ -825,39 +696,34 @@ class CreditManager:
             operation_type: Stored with the hold.
 
         Returns:
-            The settlement: ``amount`` paid by the balance, ``allowance_consumed``,
-            ``balance_after``, ``transaction_id``.
+            The settlement: ``charged`` (what the balance paid), ``allowance_consumed``,
+            ``balance_after``, ``available``, ``transaction_id``.
 
         Raises:
             InsufficientCreditsError: The user cannot cover the cost above the floor.
             SpendCapExceededError: A deny spend cap would be exceeded.
             IdempotencyConflictError: The key was used for a different request.
-            InvalidArgumentError: No pricing is loaded, the usage cannot be priced, or an
-                argument is invalid.
+            PricingNotLoadedError: No pricing is loaded.
+            InvalidArgumentError: The usage is invalid or cannot be priced, costs more than
+                a store can charge (2**62 credits), or an argument is invalid.
             StoreError: The store failed.
         """
-        metrics = _check_metrics("metrics", metrics)
-        engine = self.engine
-        plan = await self._plan_for(user_id)
-        cost = engine.calculate(metrics, plan=plan)
-        meta = _charge_metadata(metadata, metrics, cost)
-        return await self._charge(
-            user_id,
-            cost.credits,
-            operation_type,
-            meta,
-            idempotency_key,
-            engine.min_balance,
-            metrics,
-            cost,
-        )
+        charger = self._charger
+        metrics = checked_usage("metrics", metrics)
+        charger.engine  # noqa: B018 - raises PricingNotLoadedError before any I/O
+        plan = await charger.plan_for(user_id)
+        priced = charger.price_checked(metrics, plan)
+        meta = charge_metadata(metadata, priced.usage, priced.cost)
+        return await charger.charge(user_id, priced, operation_type, meta, idempotency_key)
 
     async def deduct_fixed(
         self,
         user_id: str,
-        job: str,
+        job: str | None = None,
         idempotency_key: str | None = None,
-        metadata: _Metadata = None,
+        metadata: MetadataInput = None,
+        *,
+        job_name: str | None = None,
     ) -> DeductionResult:
         """
         Charge the fixed cost of a named job from the pricing config's ``fixed`` section.
@@ -870,188 +736,98 @@ class CreditManager:
             job: A key of the config's ``fixed`` section.
             idempotency_key: The request's id; retries with the same id charge once.
             metadata: Stored on the usage row.
+            job_name: ducto 1.x's name for `job`.
 
         Returns:
             The settlement.
 
         Raises:
             InvalidArgumentError: The job is not in the config (an unknown job is never
-                free), or no pricing is loaded.
+                free), neither or both of `job` and `job_name` were passed.
+            PricingNotLoadedError: No pricing is loaded.
             InsufficientCreditsError, SpendCapExceededError, IdempotencyConflictError:
                 As for `deduct`.
         """
-        if not isinstance(job, str) or not job:
-            raise InvalidArgumentError(f"job must be a non-empty str, got {job!r}")
-        engine = self.engine
-        amount = engine.get_fixed_cost(job)
-        meta = _charge_metadata(metadata, fixed_job=job)
-        return await self._charge(
-            user_id, amount, "fixed_job", meta, idempotency_key, engine.min_balance, None, None
-        )
+        name = _either("job", job, "job_name", job_name)
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError(f"job must be a non-empty str, got {name!r}")
+        priced = Priced(self.engine.get_fixed_cost(name))
+        meta = charge_metadata(metadata, fixed_job=name)
+        return await self._charger.charge(user_id, priced, "fixed_job", meta, idempotency_key)
 
-    async def _charge(
+    async def reserve_credits(
         self,
         user_id: str,
-        amount: int,
-        operation_type: str,
-        meta: CreditMetadata | None,
-        key: str | None,
-        min_balance: int,
-        usage: UsageMetrics | None,
-        cost: CostBreakdown | None,
-    ) -> DeductionResult:
-        """Hold `amount` (at least 1), settle it for `amount`; release on any failure."""
-        # Shielded: a nonconforming store may commit a call yet report it cancelled, and the
-        # manager must know whether it placed (or settled) a hold.
-        with anyio.CancelScope(shield=True):
-            reservation = await self._store.reserve_credits(
-                user_id,
-                max(amount, 1),
-                operation_type,
-                meta,
-                min_balance,
-                ttl=self._hold_ttl,
-                use_allowance=True,
-                idempotency_key=key,
-            )
-        reservation.raise_for_error()
-        held = _Held(
-            user_id, reservation, max(amount, 1), operation_type, meta, key, self._hold_ttl
-        )
-        try:
-            with anyio.CancelScope(shield=True):
-                result = await self._settle(held, amount, meta)
-            result.raise_for_error()
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await self._abandon(held, amount, exc, usage, cost)
-            raise
-        if not result.idempotent:
-            with anyio.CancelScope(shield=True):
-                await self._after_deduct(held, result, usage, cost)
-        return result
-
-    async def _settle(
-        self, held: _Held, amount: int, meta: CreditMetadata | None
-    ) -> DeductionResult:
+        amount: int | UsageMetrics,
+        operation_type: str = DEFAULT_OPERATION,
+        metadata: MetadataInput = None,
+        min_balance: int | None = None,
+        *,
+        ttl: float | timedelta | None = None,
+        use_allowance: bool = False,
+        idempotency_key: str | None = None,
+    ) -> ReserveResult:
         """
-        Settle `held` for `amount`, walking replacement holds for a retried key.
+        Hold credits, as the store's `reserve_credits` does, with the manager's defaults.
 
-        Returns the store's result; error results are the caller's to raise.
-        """
-        store = self._store
-        result: DeductionResult | None = None
-        for _ in range(_MAX_LINKS):
-            current = held.reservation
-            result = await store.deduct_credits(
-                held.user_id, current.reservation_id, amount, held.key, meta
-            )
-            if (
-                result.ok
-                or held.key is None
-                or not current.idempotent
-                or result.error not in _RELINK_ERRORS
-            ):
-                return result
-            # A replayed hold that is released (or whose key settled a later link): the
-            # request was not charged on this hold, so move to its replacement.
-            replacement = await store.reserve_credits(
-                held.user_id,
-                held.amount,
-                held.operation_type,
-                held.metadata,
-                0,
-                ttl=held.ttl,
-                use_allowance=True,
-                idempotency_key=_link_key(held.key, current.reservation_id),
-            )
-            replacement.raise_for_error()
-            held.reservation = replacement
-        assert result is not None
-        return result
+        ducto 1.x's manager call. The floor defaults to the pricing config's
+        ``min_balance`` (5 before any pricing is loaded), usage is priced with the user's
+        plan, and a refusal raises. Settle or release the hold through `store`, or prefer
+        `hold`, which never leaves one behind. Emits ``reserved`` (and ``low_balance``),
+        or ``cap_reached`` when a deny cap refuses.
 
-    async def _abandon(
-        self,
-        held: _Held,
-        amount: int,
-        exc: BaseException,
-        usage: UsageMetrics | None,
-        cost: CostBreakdown | None,
-    ) -> ErrorCode | None:
-        """
-        Release a hold whose settlement failed; report ``deduct_failed``. Never raises.
+        Args:
+            user_id: The account.
+            amount: Credits to hold (>= 1), or the expected usage.
+            operation_type: Stored with the hold.
+            metadata: Stored with the hold; its ``model`` (or the usage's) makes per-model
+                caps apply.
+            min_balance: The floor the hold must leave; the config's when None.
+            ttl: Seconds (or a timedelta) the hold counts for; the manager's ``hold_ttl``
+                when None.
+            use_allowance: Let the hold (and its settlement) use the plan allowance first.
+            idempotency_key: A repeated key replays the original hold.
 
         Returns:
-            None when the hold is now released; else why not: ``reservation_already_settled``
-            (the failed call had committed after all), ``reservation_not_found``, or
-            ``reservation_released`` standing for "the release failed too" (noted on `exc`
-            and logged).
-        """
-        outcome: ErrorCode | None = ErrorCode.RESERVATION_RELEASED
-        reservation_id = held.reservation.reservation_id
-        try:
-            if held.reservation.idempotent:
-                outcome = None  # a replayed hold is the placing request's to resolve
-            else:
-                released = await self._store.release_reservation(held.user_id, reservation_id)
-                outcome = released.error
-        except Exception as release_error:
-            _log.exception("releasing hold %s after a failed charge failed", reservation_id)
-            exc.add_note(f"ducto: releasing hold {reservation_id!r} failed: {release_error!r}")
-        try:
-            await self._emit(
-                CreditEventType.DEDUCT_FAILED,
-                user_id=held.user_id,
-                amount=amount,
-                reservation_id=reservation_id,
-                idempotency_key=held.key,
-                error=_error_name(exc),
-                metadata=_usage_details(usage, cost, held.metadata),
-            )
-        except Exception:
-            _log.exception("reporting the failed charge on hold %s failed", reservation_id)
-        return outcome
+            The hold.
 
-    async def _after_deduct(
-        self,
-        held: _Held,
-        result: DeductionResult,
-        usage: UsageMetrics | None,
-        cost: CostBreakdown | None,
-    ) -> None:
-        """Report a settlement: events and low-balance alerts. Never raises."""
-        try:
-            details = _usage_details(usage, cost, held.metadata)
-            await self._emit(
-                CreditEventType.CREDITS_DEDUCTED,
-                user_id=result.user_id,
-                amount=result.amount,
-                balance_after=result.balance_after,
-                transaction_id=result.transaction_id,
-                reservation_id=result.reservation_id,
-                idempotency_key=result.idempotency_key,
-                metadata={**details, "allowance_consumed": result.allowance_consumed},
-            )
-            if result.cap_warning is not None:
-                await self._emit(
-                    CreditEventType.CAP_WARNING,
-                    user_id=result.user_id,
-                    amount=result.amount,
-                    balance_after=result.balance_after,
-                    transaction_id=result.transaction_id,
-                    reservation_id=result.reservation_id,
-                    metadata={**details, "action": result.cap_warning},
-                )
-            await self._observe(result.user_id, before=held.before)
-        except Exception:
-            _log.exception("reporting the charge %s failed", result.transaction_id)
+        Raises:
+            InsufficientCreditsError, SpendCapExceededError, IdempotencyConflictError:
+                The store refused the hold.
+            InvalidArgumentError: An argument is invalid, or the usage cannot be priced.
+        """
+        charger = self._charger
+        model: str | None = None
+        if isinstance(amount, UsageMetrics):
+            priced = charger.price("amount", amount, await charger.plan_for(user_id))
+            credits = max(charger.chargeable("amount", priced).credits, 1)
+            model = priced.usage.model if priced.usage is not None else None
+        else:
+            credits = check_credits("amount", amount, minimum=1)
+        floor = charger.min_balance if min_balance is None else min_balance
+        hold_ttl = charger.hold_ttl if ttl is None else check_ttl(ttl, "ttl")
+        if type(use_allowance) is not bool:
+            raise InvalidArgumentError(f"use_allowance must be a bool, got {use_allowance!r}")
+        meta = charge_metadata(metadata, model=model)
+        held = await charger.place(
+            user_id,
+            credits,
+            operation_type,
+            meta,
+            idempotency_key,
+            hold_ttl,
+            floor,
+            use_allowance=use_allowance,
+        )
+        await charger.placed(held)
+        return held.reservation
 
     async def deduct_team(
         self,
         team_id: str,
         user_id: str,
         usage: UsageMetrics | int,
-        metadata: _Metadata = None,
+        metadata: MetadataInput = None,
         *,
         idempotency_key: str | None = None,
     ) -> TeamDeductionResult:
@@ -1059,7 +835,7 @@ class CreditManager:
         Charge a team pool on behalf of a member, for usage or a number of credits.
 
         Usage is priced like `deduct` (with the member's plan rate overrides). A usage that
-        prices to 0 credits charges nothing and writes nothing: the result has ``amount``
+        prices to 0 credits charges nothing and writes nothing: the result has ``charged``
         0 and no transaction id. Emits ``credits_deducted`` with ``team_id`` set.
 
         Args:
@@ -1077,40 +853,57 @@ class CreditManager:
             SpendCapExceededError, IdempotencyConflictError: The store refused the charge.
             InvalidArgumentError: The usage cannot be priced, or an argument is invalid.
         """
-        metrics: UsageMetrics | None = None
-        cost: CostBreakdown | None = None
+        charger = self._charger
         if isinstance(usage, UsageMetrics):
-            metrics = usage
-            cost = self.engine.calculate(metrics, plan=await self._plan_for(user_id))
-            amount = cost.credits
-            if amount == 0:
+            usage = checked_usage("usage", usage)
+            charger.engine  # noqa: B018 - raises PricingNotLoadedError before any I/O
+            priced = charger.chargeable(
+                "usage", charger.price_checked(usage, await charger.plan_for(user_id))
+            )
+            if priced.credits == 0:
                 return TeamDeductionResult(
                     team_id=team_id, user_id=user_id, idempotency_key=idempotency_key
                 )
         else:
-            amount = _check_credits("usage", usage, minimum=1)
-        meta = _charge_metadata(metadata, metrics, cost)
+            priced = Priced(check_credits("usage", usage, minimum=1))
+        meta = charge_metadata(metadata, priced.usage, priced.cost)
         result = await self._store.deduct_team(
-            team_id, user_id, amount, meta, idempotency_key=idempotency_key
+            team_id, user_id, priced.credits, meta, idempotency_key=idempotency_key
         )
-        result.raise_for_error()
+        if result.error is not None:
+            await self._team_refused(result, priced.credits, meta)
+            result.raise_for_error()
         if not result.idempotent:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._emit(
-                        CreditEventType.CREDITS_DEDUCTED,
-                        user_id=user_id,
-                        team_id=team_id,
-                        amount=result.amount,
-                        balance_after=result.team_balance_after,
-                        available=result.available,
-                        transaction_id=result.transaction_id,
-                        idempotency_key=result.idempotency_key,
-                        metadata=_usage_details(metrics, cost, meta),
-                    )
-                except Exception:
-                    _log.exception("reporting the team charge %s failed", result.transaction_id)
+            await self._reporter.emit(
+                CreditEventType.CREDITS_DEDUCTED,
+                user_id=user_id,
+                team_id=team_id,
+                amount=result.charged,
+                balance_after=result.team_balance_after,
+                available=result.available,
+                transaction_id=result.transaction_id,
+                idempotency_key=result.idempotency_key,
+                metadata=usage_details(priced.usage, priced.cost, meta),
+            )
         return result
+
+    async def _team_refused(
+        self, result: TeamDeductionResult, amount: int, meta: CreditMetadata | None
+    ) -> None:
+        if result.error is not ErrorCode.SPEND_CAP_EXCEEDED:
+            return
+        details = {"limit": result.cap_limit, "current_spend": result.cap_spend, "action": "deny"}
+        if meta is not None and meta.model is not None:
+            details["model"] = meta.model
+        await self._reporter.emit(
+            CreditEventType.CAP_REACHED,
+            user_id=result.user_id or None,
+            team_id=result.team_id or None,
+            amount=amount,
+            idempotency_key=result.idempotency_key,
+            error=str(result.error),
+            metadata={k: v for k, v in details.items() if v is not None},
+        )
 
     # -- holds -------------------------------------------------------------------------------
 
@@ -1119,10 +912,11 @@ class CreditManager:
         user_id: str,
         estimate: UsageMetrics | int,
         *,
-        operation_type: str = _DEFAULT_OPERATION,
+        operation_type: str = DEFAULT_OPERATION,
         idempotency_key: str | None = None,
-        metadata: _Metadata = None,
+        metadata: MetadataInput = None,
         ttl: float | timedelta | None = None,
+        team_id: str | None = None,
     ) -> Hold:
         """
         Hold credits for a call about to run; settle them when it is done.
@@ -1141,6 +935,10 @@ class CreditManager:
         for what happens when the block is left without settling, or by an exception or a
         cancellation.
 
+        With `team_id`, the hold is on the team pool, attributed to member `user_id`
+        (`CreditStore.reserve_team_credits`): the pool must cover it and the member's
+        monthly cap is enforced when it is placed; it settles into a ``team_usage`` row.
+
         Args:
             user_id: The account.
             estimate: The expected usage, or credits to hold (>= 1). Usage that prices to
@@ -1151,370 +949,27 @@ class CreditManager:
             metadata: Stored with the hold and on the usage row (system keys win).
             ttl: Seconds (or a timedelta) the hold counts for; the manager's ``hold_ttl``
                 when None.
+            team_id: Hold (and charge) this team's pool instead of the user's credits.
 
         Returns:
             The hold, an async context manager.
 
         Raises:
-            InvalidArgumentError: `estimate` is neither usage nor an int.
+            InvalidArgumentError: `estimate` is neither usage nor an int of credits, or
+                `ttl` is invalid.
         """
-        if not isinstance(estimate, UsageMetrics):
-            _check_credits("estimate", estimate, minimum=1)
+        if isinstance(estimate, UsageMetrics):
+            estimate = checked_usage("estimate", estimate)
+        else:
+            check_credits("estimate", estimate, minimum=1)
+        charger = self._charger
         return Hold(
-            self,
+            charger,
             user_id,
             estimate,
             operation_type=operation_type,
             idempotency_key=idempotency_key,
             metadata=metadata,
-            ttl=self._hold_ttl if ttl is None else _check_ttl(ttl, "ttl"),
+            ttl=charger.hold_ttl if ttl is None else check_ttl(ttl, "ttl"),
+            team_id=team_id,
         )
-
-
-class Hold:
-    """
-    A hold on a user's credits for one call, settled once (made by `CreditManager.hold`).
-
-    Inside the ``async with`` block, `record` adds partial usage as it arrives and `settle`
-    charges the actual cost once. The hold never outlives the block:
-
-    - **Settled inside the block**: nothing more happens on exit.
-    - **Left normally without settling**: settled at the recorded usage when something was
-      recorded, else released. This is the safe default: the hold never dangles, and the
-      user is never charged for nothing.
-    - **Left by an exception or a cancellation**: resolved the same way, shielded from
-      cancellation, and the exception propagates. So a stream cut after the provider billed
-      some tokens is still charged for what was recorded. If `settle` failed (the store
-      refused or broke), the hold was released there.
-    - Usage recorded for a model the pricing cannot price is charged at the held estimate
-      rather than not at all.
-
-    A hold whose idempotency key replayed one placed by an earlier or concurrent attempt
-    of the same request is never released by this attempt: the attempt that placed it
-    settles or releases it (or its TTL ends it).
-
-    If resolving the hold on the way out fails, the original exception still propagates,
-    with a note describing the failure (which is also logged).
-
-    The store calls that place and settle the hold are shielded from cancellation, because
-    a nonconforming store may commit a call yet report it cancelled, and a hold the manager
-    does not know about could never be released. A cancellation that arrives while the hold is being
-    placed releases it before the block runs; one that arrives during `settle` lets the
-    settlement finish and takes effect right after.
-
-    Attributes are meaningful once the block is entered.
-    """
-
-    def __init__(
-        self,
-        manager: CreditManager,
-        user_id: str,
-        estimate: UsageMetrics | int,
-        *,
-        operation_type: str,
-        idempotency_key: str | None,
-        metadata: _Metadata,
-        ttl: float | timedelta,
-    ) -> None:
-        """Prepare a hold; use `CreditManager.hold` rather than this constructor."""
-        self._manager = manager
-        self._user_id = user_id
-        self._estimate = estimate
-        self._operation_type = operation_type
-        self._key = idempotency_key
-        self._metadata = metadata
-        self._ttl = ttl
-        self._plan: str | None = None
-        self._held: _Held | None = None
-        self._entered = False
-        self._recorded: UsageMetrics | None = None
-        self._result: DeductionResult | None = None
-        self._pending: tuple[int, UsageMetrics | None, CostBreakdown | None] | None = None
-        self._settling = False
-        self._failed = False
-        self._settled = False
-        self._released = False
-
-    # -- state -------------------------------------------------------------------------------
-
-    @property
-    def user_id(self) -> str:
-        """The account the hold is on."""
-        return self._user_id
-
-    @property
-    def reservation_id(self) -> str:
-        """The store's id of the hold ("" before the block is entered)."""
-        return self._held.reservation.reservation_id if self._held is not None else ""
-
-    @property
-    def estimate_credits(self) -> int:
-        """The credits held (0 before the block is entered)."""
-        return self._held.amount if self._held is not None else 0
-
-    @property
-    def recorded(self) -> UsageMetrics | None:
-        """The sum of the usage recorded so far, or None when nothing was recorded."""
-        return self._recorded
-
-    @property
-    def result(self) -> DeductionResult | None:
-        """The settlement, once the hold is settled; else None."""
-        return self._result
-
-    @property
-    def settled(self) -> bool:
-        """Whether the hold was settled (charged)."""
-        return self._settled
-
-    @property
-    def released(self) -> bool:
-        """Whether the hold was released without a charge."""
-        return self._released
-
-    # -- the block ---------------------------------------------------------------------------
-
-    async def __aenter__(self) -> Self:
-        """
-        Reserve the estimate.
-
-        Raises:
-            InsufficientCreditsError, SpendCapExceededError, IdempotencyConflictError:
-                The store refused the hold.
-            InvalidArgumentError: The estimate cannot be priced, or the hold was entered
-                before.
-        """
-        if self._entered:
-            raise InvalidArgumentError("a hold can be entered once; make a new one")
-        self._entered = True
-        manager = self._manager
-        engine = manager._engine
-        self._plan = await manager._plan_for(self._user_id)
-        model: str | None = None
-        if isinstance(self._estimate, UsageMetrics):
-            amount = max(manager.engine.calculate(self._estimate, plan=self._plan).credits, 1)
-            model = self._estimate.model
-        else:
-            amount = self._estimate
-        meta = _charge_metadata(self._metadata, model=model)
-        min_balance = engine.min_balance if engine is not None else _DEFAULT_MIN_BALANCE
-        # Shielded: a nonconforming store may commit a call yet report it cancelled, and a hold
-        # the manager does not know about could never be released.
-        with anyio.CancelScope(shield=True):
-            reservation = await manager._store.reserve_credits(
-                self._user_id,
-                amount,
-                self._operation_type,
-                meta,
-                min_balance,
-                ttl=self._ttl,
-                use_allowance=True,
-                idempotency_key=self._key,
-            )
-        reservation.raise_for_error()
-        self._held = _Held(
-            self._user_id, reservation, amount, self._operation_type, meta, self._key, self._ttl
-        )
-        try:
-            if not reservation.idempotent:
-                with anyio.CancelScope(shield=True):
-                    await manager._emit(
-                        CreditEventType.RESERVED,
-                        user_id=self._user_id,
-                        amount=amount,
-                        available=reservation.available,
-                        balance_after=reservation.balance,
-                        reservation_id=reservation.reservation_id,
-                        idempotency_key=self._key,
-                        metadata=_usage_details(None, None, meta),
-                    )
-            # Cancelled while reserving: free the hold and never start the call.
-            await checkpoint_if_cancelled()
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._release()
-                except Exception as error:
-                    _log.exception("releasing hold %s failed", reservation.reservation_id)
-                    exc.add_note(
-                        f"ducto: releasing hold {reservation.reservation_id!r} failed: {error!r}"
-                    )
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Settle or release the hold unless that already happened (see `Hold`)."""
-        if self._held is None or self._settled or self._released:
-            return
-        with anyio.CancelScope(shield=True):
-            try:
-                await self._resolve()
-            except Exception as error:
-                if exc is None:
-                    raise
-                _log.exception("resolving hold %s after %r failed", self.reservation_id, exc_type)
-                exc.add_note(
-                    f"ducto: resolving hold {self.reservation_id!r} on the way out "
-                    f"failed: {error!r}"
-                )
-
-    async def _resolve(self) -> None:
-        """Settle at the pending or recorded usage, or release when there is none."""
-        held = self._held
-        assert held is not None
-        charge = self._pending if not self._failed else None
-        if charge is None and not self._failed and self._recorded is not None:
-            try:
-                charge = self._price(self._recorded)
-            except InvalidArgumentError:
-                _log.warning(
-                    "usage recorded on hold %s cannot be priced; charging the estimate",
-                    held.reservation.reservation_id,
-                    exc_info=True,
-                )
-                charge = (held.amount, self._recorded, None)
-        if charge is None:
-            await self._release()
-        else:
-            await self._charge(*charge)
-
-    async def _release(self) -> None:
-        held = self._held
-        assert held is not None
-        if held.reservation.idempotent:
-            # The key replayed a hold another attempt placed; that attempt (still running,
-            # or finished) resolves it, so releasing it here could undo its charge.
-            self._released = True
-            return
-        manager = self._manager
-        result = await manager._store.release_reservation(
-            held.user_id, held.reservation.reservation_id
-        )
-        if result.error is ErrorCode.RESERVATION_ALREADY_SETTLED:
-            self._settled = True
-            return
-        result.raise_for_error()
-        self._released = True
-        try:
-            await manager._emit(
-                CreditEventType.RELEASED,
-                user_id=held.user_id,
-                amount=result.amount,
-                available=result.available,
-                reservation_id=result.reservation_id,
-                idempotency_key=held.key,
-            )
-            await manager._observe(held.user_id, result.available)
-        except Exception:
-            _log.exception("reporting the release of %s failed", result.reservation_id)
-
-    # -- usage and settlement ----------------------------------------------------------------
-
-    def _check_open(self, action: str) -> _Held:
-        if self._held is None:
-            raise InvalidArgumentError(f"enter the hold (async with) before you {action}")
-        if self._settled:
-            raise ReservationAlreadySettledError(self.reservation_id)
-        if self._released:
-            raise ReservationReleasedError(self.reservation_id)
-        if self._settling:
-            raise InvalidArgumentError(f"hold {self.reservation_id!r} is being settled")
-        return self._held
-
-    def record(self, usage: UsageMetrics) -> UsageMetrics:
-        """
-        Add partial usage, for example a streamed chunk's.
-
-        Args:
-            usage: What this part used; counters add up and tool calls concatenate.
-
-        Returns:
-            The total recorded so far.
-
-        Raises:
-            InvalidArgumentError: `usage` is not UsageMetrics, names a different model than
-                earlier records, or the hold is not open.
-            ReservationAlreadySettledError: The hold was settled.
-            ReservationReleasedError: The hold was released.
-        """
-        self._check_open("record usage")
-        usage = _check_metrics("usage", usage)
-        total = usage if self._recorded is None else self._recorded + usage
-        self._recorded = total
-        return total
-
-    def _price(
-        self, actual: UsageMetrics | int
-    ) -> tuple[int, UsageMetrics | None, CostBreakdown | None]:
-        if isinstance(actual, UsageMetrics):
-            cost = self._manager.engine.calculate(actual, plan=self._plan)
-            return cost.credits, actual, cost
-        return _check_credits("actual", actual, minimum=0), None, None
-
-    async def settle(self, actual: UsageMetrics | int | None = None) -> DeductionResult:
-        """
-        Charge the call's actual cost, once.
-
-        The actual cost may exceed the hold: it is charged in full (the balance may go
-        negative and the result reports ``shortfall``).
-
-        Args:
-            actual: The call's total usage, or its cost in credits; None charges the usage
-                recorded so far (0 credits when nothing was recorded).
-
-        Returns:
-            The settlement (also kept as `result`).
-
-        Raises:
-            ReservationAlreadySettledError: The hold was settled already.
-            ReservationReleasedError: The hold was released.
-            InvalidArgumentError: The usage cannot be priced (the hold stays open, so
-                `settle` can be called again), or the hold was not entered.
-            CreditError, StoreError: The store refused or failed the settlement; the hold
-                has been released.
-        """
-        self._check_open("settle")
-        if actual is None:
-            usage = self._recorded
-            charge = self._price(usage) if usage is not None else (0, None, None)
-        else:
-            charge = self._price(actual)
-        return await self._charge(*charge)
-
-    async def _charge(
-        self, amount: int, usage: UsageMetrics | None, cost: CostBreakdown | None
-    ) -> DeductionResult:
-        held = self._held
-        assert held is not None
-        manager = self._manager
-        # The store names the hold's model on the row when the usage names none.
-        meta = _charge_metadata(self._metadata, usage, cost)
-        self._pending = (amount, usage, cost)
-        self._settling = True
-        try:
-            # Shielded for the same reason as the reserve: whether it happened must be known.
-            with anyio.CancelScope(shield=True):
-                result = await manager._settle(held, amount, meta)
-            result.raise_for_error()
-        except Exception as exc:
-            self._failed = True
-            with anyio.CancelScope(shield=True):
-                outcome = await manager._abandon(held, amount, exc, usage, cost)
-            if outcome is None or outcome is ErrorCode.RESERVATION_NOT_FOUND:
-                self._released = True
-            elif outcome is ErrorCode.RESERVATION_ALREADY_SETTLED:
-                self._settled = True
-            raise
-        finally:
-            self._settling = False
-        self._settled = True
-        self._result = result
-        if not result.idempotent:
-            with anyio.CancelScope(shield=True):
-                await manager._after_deduct(held, result, usage, cost)
-        return result

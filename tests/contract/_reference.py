@@ -172,7 +172,7 @@ class Reference:
             return None
         stored_print, outcome = acct.keys[(kind, key)]
         if stored_print != print_:
-            return {"error": ErrorCode.IDEMPOTENCY_CONFLICT}
+            return {"error": ErrorCode.IDEMPOTENCY_CONFLICT, "amount": 0}
         return {**outcome, "idempotent": True}
 
     def _find_row(self, transaction_id: str) -> Row | None:
@@ -251,7 +251,11 @@ class Reference:
             # checked only for a new grant: a redelivery replays even after the expiry
             raise InvalidArgumentError(f"expires_at must be in the future, got {expires_at}")
         if amount < 0 and self.available(acct) + amount < 0:
-            return {"error": ErrorCode.INSUFFICIENT_CREDITS, "available": self.available(acct)}
+            return {
+                "error": ErrorCode.INSUFFICIENT_CREDITS,
+                "amount": 0,
+                "available": self.available(acct),
+            }
         if amount > 0:
             self._credit(acct, amount, expires_at)
         else:
@@ -290,7 +294,7 @@ class Reference:
             return replay
         spendable = self.available(acct)
         if spendable - amount < min_balance:
-            return {"error": ErrorCode.INSUFFICIENT_CREDITS, "available": spendable}
+            return {"error": ErrorCode.INSUFFICIENT_CREDITS, "amount": 0, "available": spendable}
         hold = Hold(self._next("R"), user_id, amount, self.now + timedelta(seconds=ttl_seconds))
         acct.holds.append(hold)
         outcome = {
@@ -324,11 +328,11 @@ class Reference:
             return replay
         hold = self._hold(user_id, reservation_id)
         if hold is None:
-            return {"error": ErrorCode.RESERVATION_NOT_FOUND}
+            return {"error": ErrorCode.RESERVATION_NOT_FOUND, "amount": 0}
         if hold.state == "settled":
-            return {"error": ErrorCode.RESERVATION_ALREADY_SETTLED}
+            return {"error": ErrorCode.RESERVATION_ALREADY_SETTLED, "amount": 0}
         if hold.state == "released":
-            return {"error": ErrorCode.RESERVATION_RELEASED}
+            return {"error": ErrorCode.RESERVATION_RELEASED, "amount": 0}
         before = acct.balance
         hold.state = "settled"
         draws = self._debit(acct, amount)
@@ -344,7 +348,8 @@ class Reference:
             "error": None,
             "transaction_id": row.id,
             "reservation_id": reservation_id,
-            "amount": amount,
+            "amount": -amount,
+            "charged": amount,
             "balance_after": acct.balance,
             "allowance_consumed": 0,
             "shortfall": max(0, amount - max(before, 0)),
@@ -360,9 +365,13 @@ class Reference:
         acct = self.account(user_id)
         hold = self._hold(user_id, reservation_id)
         if hold is None:
-            return {"error": ErrorCode.RESERVATION_NOT_FOUND, "released": False}
+            return {"error": ErrorCode.RESERVATION_NOT_FOUND, "amount": 0, "released": False}
         if hold.state == "settled":
-            return {"error": ErrorCode.RESERVATION_ALREADY_SETTLED, "released": False}
+            return {
+                "error": ErrorCode.RESERVATION_ALREADY_SETTLED,
+                "amount": 0,
+                "released": False,
+            }
         hold.state = "released"
         return {
             "error": None,
@@ -375,18 +384,18 @@ class Reference:
         """`refund_credits`: debt first, then the lots the debit drew from, newest-drawn first."""
         original = self._find_row(transaction_id)
         if original is None:
-            return {"error": ErrorCode.TRANSACTION_NOT_FOUND}
+            return {"error": ErrorCode.TRANSACTION_NOT_FOUND, "amount": 0}
         acct = self.account(original.user_id)
         replay = self._replay(acct, "refund", key, (transaction_id, amount))
         if replay is not None:
             return replay
         if original.type not in REFUNDABLE:
-            return {"error": ErrorCode.NOT_REFUNDABLE}
+            return {"error": ErrorCode.NOT_REFUNDABLE, "amount": 0}
         refundable = -original.amount - original.refunded
         if refundable == 0:
-            return {"error": ErrorCode.ALREADY_REFUNDED}
+            return {"error": ErrorCode.ALREADY_REFUNDED, "amount": 0}
         if amount is not None and amount > refundable:
-            return {"error": ErrorCode.OVER_REFUND, "refundable": refundable}
+            return {"error": ErrorCode.OVER_REFUND, "amount": 0, "refundable": refundable}
         give = refundable if amount is None else amount
         left = give
         if acct.balance < 0:

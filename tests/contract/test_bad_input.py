@@ -6,7 +6,7 @@ import math
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -40,6 +40,11 @@ pytestmark = pytest.mark.anyio
 
 TOO_BIG = 2**62 + 1
 LONG_ID = "x" * 257
+_EXTREME_MAX = datetime.max.replace(tzinfo=timezone(timedelta(hours=-5)))
+"""An aware instant past the end of UTC's datetime range."""
+_EXTREME_MIN = datetime.min.replace(tzinfo=timezone(timedelta(hours=5)))
+"""An aware instant before the start of UTC's datetime range."""
+_BIG = "c1." + "f" * 20
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,97 @@ def _window(w: World) -> tuple[datetime, datetime]:
 
 
 BAD_CALLS = [
+    # values that used to leak Python errors: huge ints, unhashables, extreme instants
+    bad("reserve-ttl-huge-int", "ttl", lambda s, w: s.reserve_credits(w.user, 5, "c", ttl=10**400)),
+    bad("list-types-unhashable", "types", lambda s, w: s.list_transactions(w.user, types=[[1]])),
+    bad("add_credits-type-unhashable", "type", lambda s, w: s.add_credits(w.user, 5, ["x"])),
+    bad(
+        "add_credits-expires-max-west",
+        "expires_at",
+        lambda s, w: s.add_credits(w.user, 5, "purchase", expires_at=_EXTREME_MAX),
+    ),
+    bad(
+        "add_credits-expires-min-east",
+        "expires_at",
+        lambda s, w: s.add_credits(w.user, 5, "purchase", expires_at=_EXTREME_MIN),
+    ),
+    bad(
+        "add_team_credits-expires-max-west",
+        "expires_at",
+        lambda s, w: s.add_team_credits(w.team, 5, expires_at=_EXTREME_MAX),
+    ),
+    bad("spend_by_user-end-max-west", "end", lambda s, w: s.spend_by_user(w.now, _EXTREME_MAX)),
+    bad("daily_spend-start-min-east", "start", lambda s, w: s.daily_spend(_EXTREME_MIN, w.now)),
+    bad("aggregate_stats-end-max-west", "end", lambda s, w: s.aggregate_stats(w.now, _EXTREME_MAX)),
+    bad(
+        "list_transactions-start-max-west",
+        "start",
+        lambda s, w: s.list_transactions(w.user, start=_EXTREME_MAX),
+    ),
+    bad("activate_pricing-beyond-64-bits", "version", lambda s, w: s.activate_pricing(2**63)),
+    bad("get_pricing_config-beyond-64-bits", "version", lambda s, w: s.get_pricing_config(2**63)),
+    bad("cursor-beyond-64-bits", "cursor", lambda s, w: s.list_transactions(w.user, cursor=_BIG)),
+    bad("cursor-leading-space", "cursor", lambda s, w: s.list_transactions(w.user, cursor="c1. 1")),
+    bad(
+        "cursor-trailing-newline",
+        "cursor",
+        lambda s, w: s.list_transactions(w.user, cursor="c1.1\n"),
+    ),
+    bad("cursor-plus-sign", "cursor", lambda s, w: s.list_transactions(w.user, cursor="c1.+1")),
+    bad("cursor-underscore", "cursor", lambda s, w: s.list_transactions(w.user, cursor="c1.1_0")),
+    bad(
+        "add_credits-metadata-nan",
+        "metadata",
+        lambda s, w: s.add_credits(w.user, 5, "purchase", {"score": math.nan}),
+    ),
+    bad(
+        "reserve-metadata-infinity",
+        "metadata",
+        lambda s, w: s.reserve_credits(w.user, 5, "chat", {"score": math.inf}),
+    ),
+    bad(
+        "deduct-metadata-nested-nan",
+        "metadata",
+        lambda s, w: s.deduct_credits(w.user, w.hold, 5, None, {"x": [1.0, -math.inf]}),
+    ),
+    bad(
+        "set_active_pricing-unparseable-expression",
+        "models",
+        lambda s, w: s.set_active_pricing(PricingConfigData(models={"_default": "input_tokens *"})),
+    ),
+    bad(
+        "set_active_pricing-unknown-variable",
+        "models",
+        lambda s, w: s.set_active_pricing(PricingConfigData(models={"_default": "tokenz * 2"})),
+    ),
+    bad("charge-negative", "amount", lambda s, w: s.charge_credits(w.user, -1, "chat")),
+    bad("charge-float", "amount", lambda s, w: s.charge_credits(w.user, 1.0, "chat")),
+    bad("charge-empty-operation", "operation_type", lambda s, w: s.charge_credits(w.user, 1, "")),
+    bad(
+        "charge-min-balance", "min_balance", lambda s, w: s.charge_credits(w.user, 1, "c", None, -1)
+    ),
+    bad(
+        "charge-use-allowance",
+        "use_allowance",
+        lambda s, w: s.charge_credits(w.user, 1, "c", use_allowance=1),
+    ),
+    bad(
+        "charge-key",
+        "idempotency_key",
+        lambda s, w: s.charge_credits(w.user, 1, "c", idempotency_key=""),
+    ),
+    bad("reserve_team-zero", "amount", lambda s, w: s.reserve_team_credits(w.team, w.user, 0, "c")),
+    bad("reserve_team-team-id", "team_id", lambda s, w: s.reserve_team_credits("", w.user, 1, "c")),
+    bad("reserve_team-user-id", "user_id", lambda s, w: s.reserve_team_credits(w.team, 7, 1, "c")),
+    bad(
+        "reserve_team-ttl",
+        "ttl",
+        lambda s, w: s.reserve_team_credits(w.team, w.user, 1, "c", ttl=0),
+    ),
+    bad("deduct-team-id", "team_id", lambda s, w: s.deduct_credits(w.user, w.hold, 1, team_id="")),
+    bad(
+        "release-team-id", "team_id", lambda s, w: s.release_reservation(w.user, w.hold, team_id=3)
+    ),
     # get_balance / list_lots: ids
     bad("get_balance-int-id", "user_id", lambda s, w: s.get_balance(123)),
     bad("get_balance-none-id", "user_id", lambda s, w: s.get_balance(None)),
@@ -611,64 +707,6 @@ async def test_ids_of_256_characters_are_accepted(store: CreditStore) -> None:
     assert 10 == (await store.get_balance(user_id)).balance
 
 
-# -- datetimes ----------------------------------------------------------------------------------
-
-
-async def test_naive_expires_at_is_taken_as_utc(
-    store: CreditStore, user_id: str, clock: FakeClock
-) -> None:
-    """A naive expires_at means that wall time in UTC, and comes back aware."""
-    naive = datetime(2026, 3, 20, 8, 30)
-
-    result = await store.add_credits(user_id, 10, "purchase", expires_at=naive)
-    (lot,) = await store.list_lots(user_id)
-
-    assert datetime(2026, 3, 20, 8, 30, tzinfo=UTC) == result.expires_at
-    assert datetime(2026, 3, 20, 8, 30, tzinfo=UTC) == lot.expires_at
-    assert lot.expires_at is not None
-    assert timedelta(0) == lot.expires_at.utcoffset()
-    clock.set(datetime(2026, 3, 20, 8, 30, tzinfo=UTC))
-    assert 0 == (await store.get_balance(user_id)).available
-
-
-async def test_naive_past_expires_at_is_refused(
-    store: CreditStore, user_id: str, clock: FakeClock
-) -> None:
-    """A naive expires_at one hour before the UTC clock is in the past."""
-    with pytest.raises(InvalidArgumentError, match="expires_at"):
-        await store.add_credits(user_id, 10, "purchase", expires_at=datetime(2026, 3, 15, 11, 0))
-
-    assert 0 == (await store.get_balance(user_id)).balance
-
-
-async def test_naive_team_expires_at_is_taken_as_utc(store: CreditStore, clock: FakeClock) -> None:
-    """A naive team top-up expiry is UTC: the credits stop being available at that UTC time."""
-    team = await store.create_team("research")
-    await store.add_team_credits(team.team_id, 10, expires_at=datetime(2026, 3, 15, 13, 0))
-    clock.set(datetime(2026, 3, 15, 12, 59, 59, tzinfo=UTC))
-    before = await store.get_team_balance(team.team_id)
-    clock.set(datetime(2026, 3, 15, 13, 0, tzinfo=UTC))
-    after = await store.get_team_balance(team.team_id)
-
-    assert (10, 10) == (before.balance, before.available)
-    assert (10, 0) == (after.balance, after.available)
-
-
-async def test_naive_ledger_window_is_taken_as_utc(
-    store: CreditStore, user_id: str, clock: FakeClock
-) -> None:
-    """Naive start and end of list_transactions are UTC instants."""
-    await store.add_credits(user_id, 10, "purchase")
-
-    inside = await store.list_transactions(
-        user_id, start=datetime(2026, 3, 15, 12, 0), end=datetime(2026, 3, 15, 12, 0, 1)
-    )
-    before = await store.list_transactions(user_id, end=datetime(2026, 3, 15, 12, 0))
-
-    assert 1 == len(inside.items)
-    assert [] == before.items
-
-
 # -- error results ------------------------------------------------------------------------------
 
 
@@ -683,14 +721,58 @@ ERROR_RESULTS = [
     pytest.param(
         lambda s, w: s.reserve_credits(w.user, 1000, "chat"),
         InsufficientCreditsError,
-        lambda w: {"user_id": w.user, "needed": 1000, "available": 70},
+        lambda w: {"user_id": w.user, "needed": 1000, "available": 70, "min_balance": 5},
         id="insufficient_credits",
+    ),
+    pytest.param(
+        lambda s, w: s.charge_credits(w.user, 1000, "chat"),
+        InsufficientCreditsError,
+        lambda w: {"user_id": w.user, "needed": 1000, "available": 70, "min_balance": 5},
+        id="charge_insufficient_credits",
     ),
     pytest.param(
         lambda s, w: s.reserve_credits(w.user, 6, "chat", {"model": "m1"}, min_balance=0),
         SpendCapExceededError,
-        lambda w: {"user_id": w.user, "amount": 6, "limit": 25, "current_spend": 20, "model": "m1"},
+        lambda w: {
+            "user_id": w.user,
+            "amount": 6,
+            "limit": 25,
+            "current_spend": 20,
+            "model": "m1",
+            "reserved": 0,
+            "cap_type": "daily",
+        },
         id="spend_cap_exceeded",
+    ),
+    pytest.param(
+        lambda s, w: s.charge_credits(w.user, 6, "chat", {"model": "m1"}, min_balance=0),
+        SpendCapExceededError,
+        lambda w: {"user_id": w.user, "amount": 6, "limit": 25, "current_spend": 20},
+        id="charge_spend_cap_exceeded",
+    ),
+    pytest.param(
+        lambda s, w: s.reserve_team_credits(w.team, w.user, 51, "chat"),
+        SpendCapExceededError,
+        lambda w: {"user_id": w.user, "amount": 51, "limit": 50, "current_spend": 0},
+        id="team_hold_member_cap",
+    ),
+    pytest.param(
+        lambda s, w: s.reserve_team_credits(w.team, w.user, 101, "chat"),
+        InsufficientTeamBalanceError,
+        lambda w: {"team_id": w.team, "needed": 101, "available": 100},
+        id="team_hold_insufficient_team_balance",
+    ),
+    pytest.param(
+        lambda s, w: s.reserve_team_credits(w.team, "stranger", 5, "chat"),
+        UserNotInTeamError,
+        lambda w: {"team_id": w.team, "user_id": "stranger"},
+        id="team_hold_user_not_in_team",
+    ),
+    pytest.param(
+        lambda s, w: s.reserve_team_credits("team-nope", w.user, 5, "chat"),
+        TeamNotFoundError,
+        lambda w: {"team_id": "team-nope"},
+        id="team_hold_team_not_found",
     ),
     pytest.param(
         lambda s, w: s.deduct_credits(w.user, "res-nope", 5),
@@ -820,6 +902,7 @@ async def test_raise_for_error_raises_the_matching_credit_error(
         result.raise_for_error()
 
     assert not result.ok
+    assert 0 == getattr(result, "amount", 0)  # a refused call wrote no row
     assert ErrorCode(result.error) == error.code
     assert error.code == caught.value.code
     assert isinstance(caught.value, DuctoError)
@@ -832,3 +915,37 @@ async def test_raise_for_error_returns_an_ok_result(store: CreditStore, user_id:
 
     assert result.ok
     assert result is result.raise_for_error()
+
+
+async def test_floor_refusal_names_the_minimum_balance(store: CreditStore, user_id: str) -> None:
+    """A hold refused only by the floor says which minimum balance it would break."""
+    await store.add_credits(user_id, 10, "purchase")
+    result = await store.reserve_credits(user_id, 6, "chat")
+
+    with pytest.raises(InsufficientCreditsError) as caught:
+        result.raise_for_error()
+
+    assert (0, 6, 10, 5) == (result.amount, result.requested, result.available, result.min_balance)
+    assert "minimum balance of 5" in str(caught.value)
+    assert "leave 4" in str(caught.value)
+
+
+async def test_cap_refusal_reports_the_real_overage(store: CreditStore, user_id: str) -> None:
+    """The message says by how much the cap would be passed: spend + holds + amount - limit."""
+    await store.add_credits(user_id, 100, "purchase")
+    await store.set_spend_cap(SpendCap(user_id=user_id, cap_type="daily", limit=10))
+    spent = await store.reserve_credits(user_id, 8, "chat", min_balance=0)
+    await store.deduct_credits(user_id, spent.reservation_id, 6)
+    await store.reserve_credits(user_id, 2, "chat", min_balance=0)
+
+    result = await store.reserve_credits(user_id, 8, "chat", min_balance=0)
+    with pytest.raises(SpendCapExceededError) as caught:
+        result.raise_for_error()
+
+    assert (10, 6, 2, "daily") == (
+        result.cap_limit,
+        result.cap_spend,
+        result.cap_reserved,
+        result.cap_type,
+    )
+    assert "daily spend cap of 10 by 6 (6 spent, 2 held, 8 more requested)" in str(caught.value)

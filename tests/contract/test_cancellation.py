@@ -212,8 +212,8 @@ class _Storm:
             hold=amount,
         )
         settled = await self._send(tg, rng, deduct)
-        if settled is not None and settled.ok and settled.amount and rng.random() < 0.4:
-            await self._refund(tg, rng, user, settled.transaction_id, settled.amount, key)
+        if settled is not None and settled.ok and settled.charged and rng.random() < 0.4:
+            await self._refund(tg, rng, user, settled.transaction_id, settled.charged, key)
 
     async def _team_script(self, tg: TaskGroup, rng: random.Random, user: str, key: str) -> None:
         store, team_id = self.store, self.team_id
@@ -316,12 +316,12 @@ async def _storm(store: CreditStore, user_id: str, seed: int, accounts: int) -> 
     for user in users:
         mine = [op for op in ok if op.account == user]
         credited = sum(op.result.amount for op in mine if op.kind in ("grant", "adjust", "refund"))
-        charged = sum(op.result.amount for op in mine if op.kind == "deduct")
+        charged = sum(op.result.charged for op in mine if op.kind == "deduct")
         holds = {op.result.reservation_id: op.amount for op in mine if op.kind == "reserve"}
         settled = Counter(op.reservation_id for op in mine if op.kind == "deduct")
         released = {op.reservation_id for op in mine if op.kind == "release"}
         active = {rid: a for rid, a in holds.items() if rid not in settled and rid not in released}
-        overruns = sum(max(0, op.result.amount - op.hold) for op in mine if op.kind == "deduct")
+        overruns = sum(max(0, op.result.charged - op.hold) for op in mine if op.kind == "deduct")
 
         balance = await store.get_balance(user)
         assert (300 + credited - charged, sum(active.values())) == (
@@ -356,7 +356,7 @@ async def _storm(store: CreditStore, user_id: str, seed: int, accounts: int) -> 
 
     team_ops = [op for op in ok if op.account == team.team_id]
     topped = sum(op.result.amount for op in team_ops if op.kind == "topup")
-    spent = sum(op.result.amount for op in team_ops if op.kind == "team")
+    spent = sum(op.result.charged for op in team_ops if op.kind == "team")
     refunded = sum(op.result.amount for op in team_ops if op.kind == "refund")
     pool = await store.get_team_balance(team.team_id)
     assert (1000 + topped - spent + refunded, pool.balance) == (pool.balance, pool.available)
@@ -376,7 +376,7 @@ async def _storm(store: CreditStore, user_id: str, seed: int, accounts: int) -> 
     net: Counter[str] = Counter()
     for op in team_ops:
         if op.kind in ("team", "refund"):
-            net[op.member] += op.result.amount * (1 if op.kind == "team" else -1)
+            net[op.member] += -op.result.amount
     members = {m.user_id: m.total_spent for m in await store.get_team_members(team.team_id)}
     assert {user: net[user] for user in users} == members
     assert members[capped] <= 100

@@ -352,7 +352,7 @@ async def test_deny_caps_never_set_cap_warning(store: CreditStore, user_id: str)
     settled = await store.deduct_credits(user_id, hold.reservation_id, 30)
 
     assert settled.ok
-    assert 30 == settled.amount
+    assert (-30, 30) == (settled.amount, settled.charged)
     assert settled.cap_warning is None
 
 
@@ -423,7 +423,12 @@ async def test_check_spend_cap_reports_a_tripped_warn_cap_next(
 
     result = await store.check_spend_cap(user_id, amount=8)
 
-    assert (True, "notify", "monthly") == (result.capped, result.action, result.cap_type)
+    assert (False, True, "notify", "monthly") == (
+        result.capped,
+        result.exceeded,
+        result.action,
+        result.cap_type,
+    )
 
 
 async def test_check_spend_cap_reports_least_headroom_when_nothing_trips(

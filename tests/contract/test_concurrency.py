@@ -200,7 +200,7 @@ async def _mixed_traffic(store: CreditStore, users: list[str], tasks: int, seed:
         assert 1 == len(wins) + len(released), f"hold {rid} resolved {wins} {released}"
         if wins:
             key, charge, win = wins[0]
-            assert (charge, rid, key) == (win.amount, win.reservation_id, win.idempotency_key)
+            assert (charge, rid, key) == (win.charged, win.reservation_id, win.idempotency_key)
             settled[plan.user].append((rid, plan.amount, charge, key))
         for key, charge, r in out.deducts:
             if r.ok and r.idempotent:  # a replay: same key, same stored result
@@ -208,7 +208,7 @@ async def _mixed_traffic(store: CreditStore, users: list[str], tasks: int, seed:
                 assert (wins[0][0], wins[0][2].transaction_id, charge) == (
                     key,
                     r.transaction_id,
-                    r.amount,
+                    r.charged,
                 )
             elif not r.ok:
                 expected = {ErrorCode.RESERVATION_ALREADY_SETTLED, ErrorCode.RESERVATION_RELEASED}
@@ -360,7 +360,7 @@ async def test_concurrent_deduct_retries_apply_a_key_once(store: CreditStore, us
     assert all(r.ok for r in results)
     assert 1 == sum(not r.idempotent for r in results)
     assert 1 == len({r.transaction_id for r in results})
-    assert {12} == {r.amount for r in results}
+    assert {(-12, 12)} == {(r.amount, r.charged) for r in results}
     usage = [r for r in await all_rows(store, user_id) if r.type == "usage"]
     assert [("settle-1", -12)] == [(r.idempotency_key, r.amount) for r in usage]
     assert 88 == (await store.get_balance(user_id)).balance

@@ -280,8 +280,10 @@ async def test_deduct_settles_the_hold_and_charges(store: CreditStore, user_id: 
     rows = await all_rows(store, user_id)
 
     assert result.ok
-    assert (25, 75, 0, 0) == (
+    assert (-25, 25, 25, 75, 0, 0) == (
         result.amount,
+        result.charged,
+        result.requested,
         result.balance_after,
         result.shortfall,
         result.allowance_consumed,
@@ -298,7 +300,12 @@ async def test_deduct_more_than_held_charges_in_full(store: CreditStore, user_id
     reservation_id = await _funded_hold(store, user_id, 100, 10)
     result = await store.deduct_credits(user_id, reservation_id, 40)
 
-    assert (40, 60, 0) == (result.amount, result.balance_after, result.shortfall)
+    assert (-40, 40, 60, 0) == (
+        result.amount,
+        result.charged,
+        result.balance_after,
+        result.shortfall,
+    )
     await assert_invariants(store, user_id)
 
 
@@ -309,7 +316,12 @@ async def test_deduct_beyond_the_balance_goes_negative(store: CreditStore, user_
     balance = await store.get_balance(user_id)
 
     assert result.ok
-    assert (50, -30, 30) == (result.amount, result.balance_after, result.shortfall)
+    assert (-50, 50, -30, 30) == (
+        result.amount,
+        result.charged,
+        result.balance_after,
+        result.shortfall,
+    )
     assert (-30, -30) == (balance.balance, balance.available)
     assert [] == await store.list_lots(user_id)
     await assert_invariants(store, user_id)
@@ -436,7 +448,7 @@ async def test_idempotent_deduct_replays_the_settlement(store: CreditStore, user
     assert not first.idempotent
     assert second.idempotent
     assert first.transaction_id == second.transaction_id
-    assert (25, 75) == (second.amount, second.balance_after)
+    assert (-25, 25, 75) == (second.amount, second.charged, second.balance_after)
     assert 85 == (await store.get_balance(user_id)).balance
     assert 1 == sum(r.type == "usage" for r in await all_rows(store, user_id))
     await assert_invariants(store, user_id)
@@ -509,7 +521,7 @@ async def test_lapsed_hold_can_still_be_settled_in_full(
     result = await store.deduct_credits(user_id, hold.reservation_id, 45)
 
     assert result.ok
-    assert (45, 55) == (result.amount, result.balance_after)
+    assert (-45, 45, 55) == (result.amount, result.charged, result.balance_after)
     balance = await store.get_balance(user_id)
     assert (55, 0, 55) == (balance.balance, balance.reserved, balance.available)
     await assert_invariants(store, user_id)

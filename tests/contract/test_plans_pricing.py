@@ -429,7 +429,12 @@ async def test_deduct_past_the_allowance_charges_the_balance(
     result = await store.deduct_credits(user_id, hold.reservation_id, 50)
     allowance = await store.check_allowance(user_id)
 
-    assert (30, 20, 20) == (result.amount, result.allowance_consumed, result.balance_after)
+    assert (-30, 30, 20, 20) == (
+        result.amount,
+        result.charged,
+        result.allowance_consumed,
+        result.balance_after,
+    )
     assert (100, 0) == (allowance.allowance_used, allowance.allowance_remaining)
     assert 20 == (await store.get_balance(user_id)).balance
     await assert_invariants(store, user_id)
@@ -442,7 +447,7 @@ async def test_deduct_without_allowance_leaves_it_alone(store: CreditStore, user
 
     result = await store.deduct_credits(user_id, hold.reservation_id, 30)
 
-    assert (30, 0, 20) == (result.amount, result.allowance_consumed, result.balance_after)
+    assert (-30, 0, 20) == (result.amount, result.allowance_consumed, result.balance_after)
     assert 100 == (await store.check_allowance(user_id)).allowance_remaining
     await assert_invariants(store, user_id)
 
@@ -460,7 +465,7 @@ async def test_allowance_covered_usage_is_neither_spend_nor_refundable(
     )
     refund = await store.refund_credits(usage.transaction_id)
 
-    assert (20, 100) == (usage.amount, usage.allowance_consumed)
+    assert (-20, 20, 100) == (usage.amount, usage.charged, usage.allowance_consumed)
     assert [(user_id, 20)] == [(r.user_id, r.total_spend) for r in by_user]
     assert 20 == refund.amount
     assert 50 == (await store.get_balance(user_id)).balance

@@ -145,8 +145,8 @@ def _add(r: AddCreditsResult) -> Outcome:
             "idempotency_key": r.idempotency_key,
         }
     if r.error == ErrorCode.INSUFFICIENT_CREDITS:
-        return {"error": r.error, "available": r.available}
-    return {"error": r.error}
+        return {"error": r.error, "amount": r.amount, "available": r.available}
+    return {"error": r.error, "amount": r.amount}
 
 
 def _reserve(r: ReserveResult) -> Outcome:
@@ -163,8 +163,8 @@ def _reserve(r: ReserveResult) -> Outcome:
             "idempotency_key": r.idempotency_key,
         }
     if r.error == ErrorCode.INSUFFICIENT_CREDITS:
-        return {"error": r.error, "available": r.available}
-    return {"error": r.error}
+        return {"error": r.error, "amount": r.amount, "available": r.available}
+    return {"error": r.error, "amount": r.amount}
 
 
 def _deduct(r: DeductionResult) -> Outcome:
@@ -174,19 +174,20 @@ def _deduct(r: DeductionResult) -> Outcome:
             "transaction_id": r.transaction_id,
             "reservation_id": r.reservation_id,
             "amount": r.amount,
+            "charged": r.charged,
             "balance_after": r.balance_after,
             "allowance_consumed": r.allowance_consumed,
             "shortfall": r.shortfall,
             "idempotent": r.idempotent,
             "idempotency_key": r.idempotency_key,
         }
-    return {"error": r.error}
+    return {"error": r.error, "amount": r.amount}
 
 
 def _release(r: ReleaseResult) -> Outcome:
     if r.error is None:
         return {"error": None, "released": r.released, "amount": r.amount, "available": r.available}
-    return {"error": r.error, "released": r.released}
+    return {"error": r.error, "amount": r.amount, "released": r.released}
 
 
 def _refund(r: RefundResult) -> Outcome:
@@ -202,8 +203,8 @@ def _refund(r: RefundResult) -> Outcome:
             "idempotency_key": r.idempotency_key,
         }
     if r.error == ErrorCode.OVER_REFUND:
-        return {"error": r.error, "refundable": r.refundable}
-    return {"error": r.error}
+        return {"error": r.error, "amount": r.amount, "refundable": r.refundable}
+    return {"error": r.error, "amount": r.amount}
 
 
 def _sweep(r: SweepResult) -> Outcome:

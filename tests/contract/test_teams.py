@@ -222,10 +222,11 @@ async def test_deduct_team_charges_the_pool_not_the_user(store: CreditStore, use
 
     assert result.ok
     assert "" != result.transaction_id
-    assert (team_id, user_id, 30, 70, 70) == (
+    assert (team_id, user_id, -30, 30, 70, 70) == (
         result.team_id,
         result.user_id,
         result.amount,
+        result.charged,
         result.team_balance_after,
         result.available,
     )

@@ -113,7 +113,7 @@ async def _churn_task(store: SQLiteStore, cfg: dict[str, Any], task: int, seen: 
             seen.expect(done.ok and not done.idempotent, f"settle: {done}")
         if not done.ok:
             continue
-        seen.expect(charge == done.amount, f"charged {done.amount}, not {charge}")
+        seen.expect(charge == done.charged, f"charged {done.charged}, not {charge}")
         seen.settled.append(
             {"user": user, "rid": rid, "tx": done.transaction_id, "charged": charge, "key": key}
         )
@@ -196,7 +196,7 @@ async def _finish(store: SQLiteStore, fd: int, intent: dict[str, Any], retried: 
             "key": key,
             "rid": rid,
             "tx": done.transaction_id,
-            "amount": done.amount,
+            "amount": done.charged,
             "balance_after": done.balance_after,
             "retried": retried,
             "idempotent": done.idempotent,

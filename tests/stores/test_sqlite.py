@@ -58,7 +58,7 @@ from ducto.interface.models import (
     RefundResult,
     TransactionRow,
 )
-from ducto.interface.sqlite import SQLiteStore
+from ducto.interface.sqlite import SCHEMA_VERSION, SQLiteStore
 
 pytestmark = [pytest.mark.anyio, pytest.mark.sqlite]
 
@@ -473,9 +473,11 @@ def tables_in(script: str) -> list[str]:
     ]
 
 
-EVERY_TABLE = tables_in(migration("0001_ledger.sql")) + tables_in(
-    migration("0002_plans_caps_teams.sql")
-)
+EVERY_TABLE = [
+    table
+    for name in ("0001_ledger.sql", "0002_plans_caps_teams.sql", "0003_team_holds.sql")
+    for table in tables_in(migration(name))
+]
 
 
 def tables_of(path: Path) -> set[str]:
@@ -566,9 +568,9 @@ async def test_version_1_file_migrates_with_its_data(
         again = await store.deduct_credits(LEGACY_USER, "res_legacy_1", 50)
         await assert_invariants(store, LEGACY_USER)
 
-    assert 2 == result.schema_version
+    assert SCHEMA_VERSION == result.schema_version
     assert set(EVERY_TABLE) == tables_of(path)
-    assert 2 == user_version(path)
+    assert SCHEMA_VERSION == user_version(path)
     assert (150, 200, 150, 0) == (
         balance.balance,
         balance.lifetime_purchased,
@@ -624,7 +626,7 @@ async def test_migrated_file_keeps_working(
         await assert_invariants(store, LEGACY_USER)
 
     assert (True, 170, 30) == (refund.ok, refund.new_balance, refund.refundable)
-    assert (True, 145, 25) == (settled.ok, settled.balance_after, settled.amount)
+    assert (True, 145, -25) == (settled.ok, settled.balance_after, settled.amount)
     assert ("pro", 10) == (user_plan.plan_id, user_plan.free_allowance)
     assert [("lot_legacy_1", 145)] == [(lot.id, lot.remaining) for lot in lots]
     assert (145, 200, 155) == (balance.balance, balance.lifetime_purchased, balance.available)
@@ -641,11 +643,11 @@ async def test_setup_twice_is_idempotent(anyio_backend: str, tmp_path: Path) -> 
     async with SQLiteStore(path, synchronous="NORMAL") as store:
         third = await store.setup()
 
-    assert 2 == first.schema_version
-    assert ([], 2) == (second.tables_created, second.schema_version)
-    assert ([], 2) == (third.tables_created, third.schema_version)
+    assert SCHEMA_VERSION == first.schema_version
+    assert ([], SCHEMA_VERSION) == (second.tables_created, second.schema_version)
+    assert ([], SCHEMA_VERSION) == (third.tables_created, third.schema_version)
     assert 40 == balance.balance
-    assert 2 == user_version(path)
+    assert SCHEMA_VERSION == user_version(path)
     assert set(EVERY_TABLE) == tables_of(path)
 
 
@@ -660,7 +662,10 @@ async def test_setup_reports_every_table_it_creates(anyio_backend: str, tmp_path
         migrated = await store.setup()
 
     assert EVERY_TABLE == created.tables_created
-    assert tables_in(migration("0002_plans_caps_teams.sql")) == migrated.tables_created
+    assert [
+        *tables_in(migration("0002_plans_caps_teams.sql")),
+        *tables_in(migration("0003_team_holds.sql")),
+    ] == migrated.tables_created
 
 
 @pytest.mark.slow
@@ -701,10 +706,10 @@ def test_setup_from_two_processes_at_once(tmp_path: Path) -> None:
             for b in ("asyncio", "trio")
         ]
 
-        assert [2, 2] == [r["schema_version"] for r in results]
+        assert [SCHEMA_VERSION] * 2 == [r["schema_version"] for r in results]
         # One of them found the schema already there; the other created it.
         assert [False, True] == sorted(bool(r["tables_created"]) for r in results)
-        assert 2 == user_version(path)
+        assert SCHEMA_VERSION == user_version(path)
         assert set(EVERY_TABLE) == tables_of(path)
 
 
@@ -713,13 +718,13 @@ async def test_newer_schema_is_refused(anyio_backend: str, tmp_path: Path) -> No
     path = tmp_path / "future.db"
     with raw(path) as conn:
         conn.execute("CREATE TABLE from_the_future (x INTEGER)")
-        conn.execute("PRAGMA user_version = 3")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
 
     async with SQLiteStore(path, synchronous="NORMAL") as store:
-        with pytest.raises(StoreError, match="version 3"):
+        with pytest.raises(StoreError, match=f"version {SCHEMA_VERSION + 1}"):
             await store.setup()
 
-    assert 3 == user_version(path)
+    assert SCHEMA_VERSION + 1 == user_version(path)
     with raw(path) as conn:
         assert [("from_the_future",)] == conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'"
@@ -1215,3 +1220,105 @@ def test_failed_open_leaves_no_thread_behind(
         thread.join(5)
 
     assert [] == crashed
+
+
+# -- paths, URLs and the schema ------------------------------------------------------------------
+
+
+async def test_a_file_uri_name_is_a_path_not_a_uri(
+    anyio_backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name SQLite would read as a URI (in-memory, shared cache) is a file, and keeps data."""
+    monkeypatch.chdir(tmp_path)
+    name = "file:billing.db?mode=memory&cache=shared"
+    for _ in range(2):
+        async with opened(name) as store:
+            await store.add_credits("alice", 5, "purchase", idempotency_key="evt")
+        async with opened(name) as store:
+            balance = await store.get_balance("alice")
+
+    assert 5 == balance.balance
+    assert (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///billing.db?mode=memory",
+        "sqlite:///file:billing.db?mode=memory&cache=shared",
+        "sqlite:///billing.db#x",
+        "sqlite:///\x00.db",
+        "memory://\x00",
+    ],
+)
+def test_open_store_refuses_query_options_and_nul(url: str) -> None:
+    """A sqlite URL names a file: no query string, no fragment, no NUL; nothing is created."""
+    with pytest.raises(InvalidArgumentError, match="url"):
+        open_store(url)
+
+
+def test_a_nul_in_the_path_is_refused(tmp_path: Path) -> None:
+    """SQLiteStore refuses a path with a NUL before anything is opened."""
+    with pytest.raises(InvalidArgumentError, match="path"):
+        SQLiteStore(str(tmp_path / "bad\x00.db"))
+
+
+async def test_a_store_used_before_setup_says_to_call_setup(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """Before setup(), a call fails with a StoreError that says to call setup(), not SQL."""
+    async with SQLiteStore(tmp_path / "new.db") as store:
+        with pytest.raises(StoreError, match=r"call `await store.setup\(\)`"):
+            await store.get_balance("alice")
+        await store.setup()
+        assert 0 == (await store.get_balance("alice")).balance
+
+
+async def test_setup_by_another_process_is_seen(anyio_backend: str, tmp_path: Path) -> None:
+    """A store opened before another one set the schema up works once it has."""
+    path = tmp_path / "shared.db"
+    async with SQLiteStore(path) as early:
+        with pytest.raises(StoreError, match="setup"):
+            await early.get_balance("alice")
+        async with opened(path) as other:
+            await other.add_credits("alice", 3, "purchase")
+        assert 3 == (await early.get_balance("alice")).balance
+
+
+def test_the_private_aiosqlite_hooks_still_exist() -> None:
+    """The supported aiosqlite versions still queue a callable onto the connection thread
+    through ``Connection._execute`` and keep the thread in ``_thread``.
+
+    The store relies on both (one thread hop per transaction); this fails loudly when an
+    aiosqlite release changes them.
+    """
+    aiosqlite = pytest.importorskip("aiosqlite")
+
+    async def main() -> None:
+        conn = aiosqlite.Connection(lambda: sqlite3.connect(":memory:"), iter_chunk_size=64)
+        await conn
+        try:
+            assert isinstance(conn._thread, threading.Thread)
+            assert threading.get_ident() != await conn._execute(threading.get_ident)
+            assert 7 == await conn._execute(lambda a, b: a + b, 3, 4)
+        finally:
+            await conn.close()
+
+    anyio.run(main, backend="asyncio")
+
+
+@pytest.mark.parametrize(
+    ("code", "unavailable"),
+    [(sqlite3.SQLITE_BUSY, True), (sqlite3.SQLITE_CANTOPEN, True), (sqlite3.SQLITE_ERROR, False)],
+)
+def test_driver_errors_are_translated_by_result_code(code: int, unavailable: bool) -> None:
+    """SQLite's result code (not the message text) decides StoreUnavailableError vs StoreError."""
+    from ducto.interface.sqlite import _translate
+
+    error = sqlite3.OperationalError("a message that mentions nothing useful")
+    error.sqlite_errorcode = code
+    translated = _translate(error)
+
+    assert unavailable == isinstance(translated, StoreUnavailableError)
+    assert isinstance(translated, StoreError)
+    assert error is translated.__cause__

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -141,15 +142,27 @@ def to_utc(name: str, value: object) -> datetime:
     """
     Return `value` as an aware UTC datetime.
 
-    An aware datetime in any zone is converted; a naive one is taken as UTC.
+    An aware datetime in any zone is converted; a naive one is local time, as
+    `datetime.astimezone` reads it (so ``datetime.now() + timedelta(hours=1)`` means what it
+    says).
+
+    Raises:
+        InvalidArgumentError: `value` is not a datetime, or is not a representable instant in
+            UTC (``datetime.max`` with a negative offset, say).
     """
+    if type(value) is datetime and value.tzinfo is UTC:
+        return value
     if not isinstance(value, datetime):
         raise InvalidArgumentError(
             f"{name} must be a datetime, got {type(value).__name__} {value!r}"
         )
-    if value.tzinfo is None or value.tzinfo.utcoffset(value) is None:
-        return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except (OverflowError, ValueError, OSError) as exc:
+        kind = "naive (local time)" if value.tzinfo is None else "aware"
+        raise InvalidArgumentError(
+            f"{name} must be an instant representable in UTC, got the {kind} datetime {value!r}"
+        ) from exc
 
 
 def to_optional_utc(name: str, value: object) -> datetime | None:
@@ -166,8 +179,11 @@ def check_ttl(value: object) -> timedelta:
         return _DEFAULT_TTL
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
-    elif type(value) in (int, float):
-        seconds = float(value)  # type: ignore[arg-type]
+    elif type(value) is int:
+        # Compared as an int first: a huge int cannot become a float.
+        seconds = float(value) if -MAX_TTL_SECONDS <= value <= MAX_TTL_SECONDS else math.inf
+    elif type(value) is float:
+        seconds = value
     else:
         raise InvalidArgumentError(
             f"ttl must be seconds (int or float) or a timedelta, got {value!r}"
@@ -198,17 +214,19 @@ def check_metadata(value: object, name: str = "metadata") -> CreditMetadata | No
             f"{name} must be CreditMetadata, a dict or None, got {type(value).__name__}"
         )
     try:
-        json.dumps(value.model_dump(exclude_none=True))
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgumentError(f"{name} must be JSON-serialisable: {exc}") from exc
+        json.dumps(value.model_dump(exclude_none=True), allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidArgumentError(
+            f"{name} must be JSON-serialisable (no NaN or infinity): {exc}"
+        ) from exc
     return value
 
 
 def check_grant_type(value: object) -> str:
     """Return a grant type (``purchase``, ``subscription``, ``signup_bonus``, ``adjustment``)."""
-    if value not in GRANT_TYPES:
+    if type(value) is not str or value not in GRANT_TYPES:
         raise InvalidArgumentError(f"type must be one of {sorted(GRANT_TYPES)}, got {value!r}")
-    return str(value)
+    return value
 
 
 def check_types_filter(value: object) -> frozenset[str] | None:
@@ -217,14 +235,12 @@ def check_types_filter(value: object) -> frozenset[str] | None:
         return None
     if isinstance(value, str) or not isinstance(value, Iterable):
         raise InvalidArgumentError(f"types must be a list of transaction types, got {value!r}")
-    types = frozenset(value)
-    unknown = types - TRANSACTION_TYPES
-    if unknown or not types:
+    items = list(value)
+    if not items or any(type(item) is not str or item not in TRANSACTION_TYPES for item in items):
         raise InvalidArgumentError(
-            f"types must be a non-empty list drawn from {sorted(TRANSACTION_TYPES)}, "
-            f"got {sorted(map(str, types))!r}"
+            f"types must be a non-empty list drawn from {sorted(TRANSACTION_TYPES)}, got {items!r}"
         )
-    return types
+    return frozenset(items)
 
 
 def check_limit(value: object, *, name: str = "limit", maximum: int = MAX_PAGE) -> int:
@@ -271,8 +287,8 @@ def check_cap_type(value: object, name: str = "cap_type") -> Literal["daily", "m
 
 def check_version(value: object) -> int:
     """Return a pricing version number (an int >= 1)."""
-    if type(value) is not int or value < 1:
-        raise InvalidArgumentError(f"version must be an int >= 1, got {value!r}")
+    if type(value) is not int or not 1 <= value <= MAX_AMOUNT:
+        raise InvalidArgumentError(f"version must be an int from 1 to {MAX_AMOUNT}, got {value!r}")
     return value
 
 
@@ -339,6 +355,44 @@ def check_reserve(
     check_min_balance(min_balance)
     lifetime = check_ttl(ttl)
     check_bool("use_allowance", use_allowance)
+    return meta, lifetime, check_optional_key("idempotency_key", idempotency_key)
+
+
+def check_charge(
+    user_id: object,
+    amount: object,
+    operation_type: object,
+    metadata: object,
+    min_balance: object,
+    use_allowance: object,
+    idempotency_key: object,
+) -> tuple[CreditMetadata | None, str | None]:
+    """Check `charge_credits` arguments; return metadata and key."""
+    check_id("user_id", user_id)
+    check_amount("amount", amount, minimum=0)
+    check_id("operation_type", operation_type)
+    meta = check_metadata(metadata)
+    check_min_balance(min_balance)
+    check_bool("use_allowance", use_allowance)
+    return meta, check_optional_key("idempotency_key", idempotency_key)
+
+
+def check_team_reserve(
+    team_id: object,
+    user_id: object,
+    amount: object,
+    operation_type: object,
+    metadata: object,
+    ttl: object,
+    idempotency_key: object,
+) -> tuple[CreditMetadata | None, timedelta, str | None]:
+    """Check `reserve_team_credits` arguments; return metadata, TTL and key."""
+    check_id("team_id", team_id)
+    check_id("user_id", user_id)
+    check_amount("amount", amount)
+    check_id("operation_type", operation_type)
+    meta = check_metadata(metadata)
+    lifetime = check_ttl(ttl)
     return meta, lifetime, check_optional_key("idempotency_key", idempotency_key)
 
 
@@ -417,15 +471,29 @@ def check_page(
 
 
 def check_pricing(config: object) -> PricingConfigData:
-    """Accept `PricingConfigData` or a dict validated into one."""
+    """
+    Accept `PricingConfigData` or a dict validated into one, if the engine can price it.
+
+    Every expression is parsed and checked by building the pricing engine, so a version no
+    manager could load is never published.
+
+    Raises:
+        InvalidArgumentError: The config is invalid (`ExpressionError` names the section,
+            key and position of a bad expression).
+    """
     if isinstance(config, PricingConfigData):
-        return config
-    if isinstance(config, dict):
+        data = config
+    elif isinstance(config, dict):
         try:
-            return PricingConfigData.model_validate(config)
+            data = PricingConfigData.model_validate(config)
         except ValueError as exc:
             raise InvalidArgumentError(f"config is not a valid pricing config: {exc}") from exc
-    raise InvalidArgumentError(f"config must be PricingConfigData, got {type(config).__name__}")
+    else:
+        raise InvalidArgumentError(f"config must be PricingConfigData, got {type(config).__name__}")
+    from ducto.pricing.engine import validate_pricing_config  # the engine imports this module
+
+    validate_pricing_config(data)
+    return data
 
 
 # -- Ids, time and windows ---------------------------------------------------------------------
@@ -628,56 +696,92 @@ HeldOf = Callable[[str | None], int]
 """Active holds counting toward a cap on a model (None: every hold)."""
 
 
+def cap_sort_key(cap: SpendCap) -> tuple[int, bool, str]:
+    """The fixed order of a user's caps: daily before monthly, the all-model cap first, then
+    by model name."""
+    return (0 if cap.cap_type == "daily" else 1, cap.model is not None, cap.model or "")
+
+
 def hold_cap_refusal(
     caps: Iterable[SpendCap], model: str | None, amount: int, spend_of: SpendOf, held_of: HeldOf
 ) -> dict[str, Any] | None:
-    """The first deny cap covering a hold on `model` that `amount` more would trip, if any."""
+    """
+    The deny cap covering a hold on `model` that `amount` more would trip, if any.
+
+    When several would, the one with the least headroom (limit minus window spend minus
+    active holds) is reported, ties broken by `cap_sort_key`, so every store names the same.
+    """
+    best: tuple[tuple[int, tuple[int, bool, str]], SpendCap, int, int] | None = None
     for cap in caps:
         if cap.action != "deny" or not cap_applies(cap.model, model):
             continue
         spend = spend_of(cap)
-        if cap_trips(spend, held_of(cap.model), amount, cap.limit):
-            return {
-                "error": ErrorCode.SPEND_CAP_EXCEEDED,
-                "cap_limit": cap.limit,
-                "cap_spend": spend,
-                "cap_model": cap.model,
-            }
-    return None
+        held = held_of(cap.model)
+        if cap_trips(spend, held, amount, cap.limit):
+            rank = (cap.limit - spend - held, cap_sort_key(cap))
+            if best is None or rank < best[0]:
+                best = (rank, cap, spend, held)
+    if best is None:
+        return None
+    _, cap, spend, held = best
+    return {
+        "error": ErrorCode.SPEND_CAP_EXCEEDED,
+        "cap_limit": cap.limit,
+        "cap_spend": spend,
+        "cap_model": cap.model,
+        "cap_type": cap.cap_type,
+        "cap_reserved": held,
+    }
 
 
 def cap_warning(caps: Iterable[SpendCap], model: str | None, spend_of: SpendOf) -> str | None:
-    """The action of a warn/notify cap whose window spend is now over its limit, if any."""
+    """
+    The action of a warn/notify cap whose window spend is now over its limit, if any.
+
+    When several are, the most exceeded one wins, ties broken by `cap_sort_key`.
+    """
+    best: tuple[tuple[int, tuple[int, bool, str]], str] | None = None
     for cap in caps:
-        if cap.action != "deny" and cap_applies(cap.model, model) and spend_of(cap) > cap.limit:
-            return cap.action
-    return None
+        if cap.action == "deny" or not cap_applies(cap.model, model):
+            continue
+        spend = spend_of(cap)
+        if spend > cap.limit:
+            rank = (cap.limit - spend, cap_sort_key(cap))
+            if best is None or rank < best[0]:
+                best = (rank, cap.action)
+    return best[1] if best is not None else None
 
 
 def check_caps(
     caps: Iterable[SpendCap], model: str | None, amount: int, spend_of: SpendOf, held_of: HeldOf
 ) -> CapCheckResult:
     """
-    The advisory cap check: a tripped deny cap first, then a tripped warn/notify cap, else the
-    matching cap with the least headroom (window spend plus active holds plus `amount`).
+    The advisory cap check of the most pressing matching cap.
+
+    A tripped deny cap comes first, then a tripped warn/notify cap, else the cap with the
+    least headroom (window spend plus active holds plus `amount` against the limit); ties
+    are broken by `cap_sort_key`. ``capped`` is True only for a tripped deny cap (the call
+    would be refused, as in ducto 1.x); ``exceeded`` for any tripped cap.
     """
-    best: tuple[tuple[int, int], CapCheckResult] | None = None
+    best: tuple[tuple[int, int, tuple[int, bool, str]], CapCheckResult] | None = None
     for cap in caps:
         if not cap_applies(cap.model, model):
             continue
         spend = spend_of(cap)
         held = held_of(cap.model)
-        capped = cap_trips(spend, held, amount, cap.limit)
+        exceeded = cap_trips(spend, held, amount, cap.limit)
+        deny = cap.action == "deny"
         rank = (
-            0 if capped and cap.action == "deny" else 1 if capped else 2,
+            0 if exceeded and deny else 1 if exceeded else 2,
             cap.limit - spend - held,
+            cap_sort_key(cap),
         )
         if best is None or rank < best[0]:
             best = (
                 rank,
                 CapCheckResult(
-                    capped=capped,
-                    exceeded=capped,
+                    capped=exceeded and deny,
+                    exceeded=exceeded,
                     current_spend=spend,
                     cap_limit=cap.limit,
                     action=cap.action,
@@ -790,18 +894,20 @@ def encode_cursor(seq: int) -> str:
     return f"{_CURSOR_PREFIX}{seq:x}"
 
 
+_CURSOR_BODY: Final = re.compile(r"[0-9a-f]{1,15}")
+"""At most 15 hex digits: every sequence number fits a signed 64-bit column."""
+
+
 def decode_cursor(cursor: object) -> int | None:
     """Return the sequence number inside a cursor (None for the first page)."""
     if cursor is None:
         return None
-    if isinstance(cursor, str) and cursor.startswith(_CURSOR_PREFIX):
-        try:
-            seq = int(cursor[len(_CURSOR_PREFIX) :], 16)
-        except ValueError:
-            pass
-        else:
-            if seq >= 0:
-                return seq
+    if (
+        type(cursor) is str
+        and cursor.startswith(_CURSOR_PREFIX)
+        and _CURSOR_BODY.fullmatch(cursor, len(_CURSOR_PREFIX))
+    ):
+        return int(cursor[len(_CURSOR_PREFIX) :], 16)
     raise InvalidArgumentError(f"cursor is not a cursor this store returned: {cursor!r}")
 
 

@@ -1,9 +1,25 @@
 """
 The store contract as a `typing.Protocol`, and the store-level exceptions.
 
-A store does not need to subclass `CreditStore`: matching it is enough. The meaning of every
-method is in the project documentation (``docs/contract.md``) and is proven for each store by
-the shared contract test suite.
+A store does not need to subclass `CreditStore`: matching it is enough. Every method's meaning
+is documented here, once; ``docs/contract.md`` states the rules and the decisions behind them,
+and the shared contract test suite proves them for every store on asyncio and trio.
+
+Conventions every method follows:
+
+- Credits are `int` minor units; amounts are checked (an `int`, not a `bool`, within
+  ``1 ..= 2**62`` unless zero is meaningful) before anything changes.
+- Expected business outcomes come back on the result (``result.error``, an `ErrorCode`;
+  ``result.ok``; ``result.raise_for_error()``), and a refused call changes nothing. A
+  result's ``amount`` is the signed amount of the ledger row the call wrote (0 when it wrote
+  none); ``requested`` is what was asked for.
+- Misuse raises `InvalidArgumentError` naming the parameter; a backend failure raises
+  `StoreError` with the driver's exception chained.
+- Every datetime returned is aware UTC. Aware inputs in any zone are converted; naive inputs
+  are local time, as `datetime.astimezone` reads them.
+- Idempotency keys are scoped per account and per kind of operation; a key replays its
+  original result (``idempotent=True``), and a key reused for a different request is
+  refused with ``idempotency_conflict``.
 """
 
 from __future__ import annotations
@@ -21,6 +37,7 @@ from ducto.interface.models import (
     AllowanceResult,
     BalanceResult,
     CapCheckResult,
+    ChargeResult,
     CheckFeatureResult,
     CreateTeamResult,
     CreditLot,
@@ -75,13 +92,38 @@ class CreditStore(Protocol):
         ...
 
     async def setup(self, database_url: str | None = None) -> SetupResult:
-        """Create or migrate the schema. Idempotent and safe on every deploy."""
+        """
+        Create or migrate the schema to this version of ducto.
+
+        Idempotent and safe to run from every process at every deploy.
+
+        Args:
+            database_url: Accepted for ducto 1.x compatibility; the store's own location is
+                used.
+
+        Returns:
+            SetupResult listing what was created (nothing when the schema was current).
+
+        Raises:
+            StoreError: The schema is newer than this ducto understands.
+        """
         ...
 
     # -- balances and grants ---------------------------------------------------------------
 
     async def get_balance(self, user_id: str) -> BalanceResult:
-        """Report the ledger balance, holds, unswept expired credits and what is available."""
+        """
+        Report a user's balance.
+
+        Args:
+            user_id: The account; unknown users read as zeros.
+
+        Returns:
+            BalanceResult with ``balance`` (the ledger sum), ``reserved`` (active holds),
+            ``expired_unswept``, ``allowance_remaining`` (the plan allowance left this UTC
+            month) and ``available`` (balance minus holds minus expired credits, plus the
+            allowance left).
+        """
         ...
 
     async def add_credits(
@@ -94,7 +136,26 @@ class CreditStore(Protocol):
         *,
         idempotency_key: str | None = None,
     ) -> AddCreditsResult:
-        """Grant credits as a new lot (or, for a negative ``adjustment``, take them)."""
+        """
+        Grant credits as a new lot, or take them back with a negative ``adjustment``.
+
+        A credit first pays a negative balance; the rest becomes a lot with its own expiry.
+        A negative adjustment consumes lots like a debit.
+
+        Args:
+            user_id: The account.
+            amount: Credits (> 0; an ``adjustment`` may be negative).
+            type: ``purchase`` (counts toward ``lifetime_purchased``), ``subscription``,
+                ``signup_bonus`` or ``adjustment``.
+            metadata: Stored on the ledger row (a `CreditMetadata` or a dict).
+            expires_at: When the lot stops being spendable; must be in the future.
+            idempotency_key: A repeated key returns the original result and grants once (a
+                webhook delivered twice grants once).
+
+        Returns:
+            AddCreditsResult; ``error`` is ``insufficient_credits`` when a negative
+            adjustment would take available below zero, or ``idempotency_conflict``.
+        """
         ...
 
     # -- holds -----------------------------------------------------------------------------
@@ -111,7 +172,32 @@ class CreditStore(Protocol):
         use_allowance: bool = False,
         idempotency_key: str | None = None,
     ) -> ReserveResult:
-        """Hold credits for an upcoming operation, enforcing the floor and deny caps."""
+        """
+        Hold credits for an upcoming operation.
+
+        Refused with ``insufficient_credits`` when spendable minus `amount` would fall below
+        `min_balance`, then with ``spend_cap_exceeded`` when a deny cap covering the hold
+        (a cap without a model, or the model ``metadata.model`` names) would see window
+        spend plus active holds plus `amount` over its limit; when several would, the one
+        with the least headroom is reported.
+
+        Args:
+            user_id: The account.
+            amount: Credits to hold (>= 1).
+            operation_type: What the hold is for (stored on the usage row it settles into).
+            metadata: ``metadata.model`` makes the hold count toward that model's caps.
+            min_balance: The floor spendable credits must stay at or above after the hold
+                (ducto 1.x's default of 5).
+            ttl: Seconds (or a timedelta, at most 366 days) until the hold stops counting.
+                A hold past its TTL can still be settled or released.
+            use_allowance: Count (and later consume) the remaining plan allowance first.
+            idempotency_key: A repeated key returns the original hold.
+
+        Returns:
+            ReserveResult with the hold (``amount`` held, ``expires_at``, ``available``
+            after it), or ``error`` ``insufficient_credits`` (with ``min_balance``),
+            ``spend_cap_exceeded`` (with the cap's figures) or ``idempotency_conflict``.
+        """
         ...
 
     async def deduct_credits(
@@ -121,12 +207,90 @@ class CreditStore(Protocol):
         amount: int,
         idempotency_key: str | None = None,
         metadata: CreditMetadata | None = None,
+        *,
+        team_id: str | None = None,
     ) -> DeductionResult:
-        """Settle a hold, charging the actual amount in full."""
+        """
+        Settle a hold, charging `amount` in full.
+
+        The plan allowance pays first when the hold was made with ``use_allowance``, then the
+        lots in burn-down order. A charge larger than the account can cover takes the balance
+        negative and is reported as ``shortfall``; nothing is forgiven. A hold whose TTL
+        passed can still be settled (the work happened).
+
+        Args:
+            user_id: The account that owns the hold (for a team hold, the member it is
+                attributed to).
+            reservation_id: The id the hold was placed with.
+            amount: The actual cost (>= 0; 0 settles and charges nothing).
+            idempotency_key: A repeated key with the same hold and amount returns the
+                original result; with anything else, ``idempotency_conflict``.
+            metadata: Stored on the usage row; ``model`` attributes the spend. The system
+                keys (model, operation type, reservation id, idempotency key, allowance
+                consumed) win over the caller's.
+            team_id: The team pool, for a hold placed by `reserve_team_credits`.
+
+        Returns:
+            DeductionResult (``amount`` is the usage row's signed amount, ``charged`` what the
+            balance paid, ``available`` what is left to spend), or ``error``
+            ``reservation_not_found``, ``reservation_already_settled``,
+            ``reservation_released`` or ``idempotency_conflict``.
+        """
         ...
 
-    async def release_reservation(self, user_id: str, reservation_id: str) -> ReleaseResult:
-        """Free a hold; releasing twice is harmless."""
+    async def charge_credits(
+        self,
+        user_id: str,
+        amount: int,
+        operation_type: str,
+        metadata: CreditMetadata | None = None,
+        min_balance: int = 5,
+        *,
+        use_allowance: bool = False,
+        idempotency_key: str | None = None,
+    ) -> ChargeResult:
+        """
+        Hold `amount` and settle it for `amount`, in one atomic step.
+
+        Exactly `reserve_credits` followed by `deduct_credits` with the same key, in one
+        transaction: the same refusals (the floor, then deny caps), the same allowance use,
+        the same usage row, and the same idempotency keys (the key is recorded for both the
+        hold and its settlement, so a request first made either way replays, and one whose
+        hold was placed but never settled is settled now).
+
+        Args:
+            user_id: The account.
+            amount: The cost (>= 0).
+            operation_type: What the charge is for.
+            metadata: Stored on the usage row; ``model`` applies per-model caps.
+            min_balance: The floor spendable credits must stay at or above.
+            use_allowance: Spend the remaining plan allowance first.
+            idempotency_key: The request's id; a retry is charged once.
+
+        Returns:
+            ChargeResult: the settlement, or a refusal (``insufficient_credits``,
+            ``spend_cap_exceeded``, ``idempotency_conflict``, or the settlement errors of a
+            hold the key placed earlier) carrying ``available`` and the cap's figures.
+        """
+        ...
+
+    async def release_reservation(
+        self, user_id: str, reservation_id: str, *, team_id: str | None = None
+    ) -> ReleaseResult:
+        """
+        Free a hold so its credits count as available again.
+
+        Releasing twice is harmless; a hold that was already settled cannot be released.
+
+        Args:
+            user_id: The account that owns the hold (for a team hold, its member).
+            reservation_id: The id the hold was placed with.
+            team_id: The team pool, for a hold placed by `reserve_team_credits`.
+
+        Returns:
+            ReleaseResult with ``error`` set to ``reservation_not_found`` or
+            ``reservation_already_settled`` when nothing was released.
+        """
         ...
 
     async def refund_credits(
@@ -138,11 +302,40 @@ class CreditStore(Protocol):
         *,
         idempotency_key: str | None = None,
     ) -> RefundResult:
-        """Refund (part of) a usage or team usage debit into the lots it drew from."""
+        """
+        Refund (part of) a usage or team usage debit.
+
+        Credits go back to the debited account: first paying any negative balance, then into
+        the lots the debit drew from (newest-drawn first, keeping their expiry); what no lot
+        can take becomes a non-expiring lot. Refunds are cumulative and count against the
+        spend windows of the usage they refund.
+
+        Args:
+            transaction_id: The usage row to refund.
+            amount: Credits to refund (>= 1); None refunds whatever is left.
+            reason: Stored on the refund row.
+            metadata: Stored on the refund row.
+            idempotency_key: A repeated key returns the original refund.
+
+        Returns:
+            RefundResult, or ``error`` ``transaction_not_found``, ``not_refundable``,
+            ``already_refunded``, ``over_refund`` or ``idempotency_conflict``.
+        """
         ...
 
     async def sweep_expired_credits(self, dry_run: bool = False) -> SweepResult:
-        """Write off the unspent remainder of every expired lot."""
+        """
+        Write off the unspent remainder of every expired lot, one ``expiry`` row per lot.
+
+        Expired credits were already unspendable; a sweep makes the ledger say so. A second
+        sweep finds nothing.
+
+        Args:
+            dry_run: Report what would be written off without changing anything.
+
+        Returns:
+            SweepResult: ``expired_count`` lots, ``expired_amount`` credits.
+        """
         ...
 
     async def list_transactions(
@@ -155,7 +348,21 @@ class CreditStore(Protocol):
         start: datetime | None = None,
         end: datetime | None = None,
     ) -> TransactionPage:
-        """Page a user's ledger, newest first."""
+        """
+        Page a user's ledger, newest first.
+
+        Args:
+            user_id: The account.
+            limit: Rows per page (1 to 1000).
+            cursor: ``next_cursor`` of the previous page; rows added later never shift a
+                page.
+            types: Only rows of these transaction types.
+            start: Only rows created at or after this instant.
+            end: Only rows created before this instant.
+
+        Returns:
+            TransactionPage; ``next_cursor`` is None on the last page.
+        """
         ...
 
     async def list_team_transactions(
@@ -168,11 +375,16 @@ class CreditStore(Protocol):
         start: datetime | None = None,
         end: datetime | None = None,
     ) -> TransactionPage:
-        """Page a team pool's ledger, newest first."""
+        """Page a team pool's ledger, newest first; the arguments are `list_transactions`'s."""
         ...
 
     async def list_lots(self, user_id: str) -> list[CreditLot]:
-        """The user's lots that still hold credits, in the order debits consume them."""
+        """
+        The user's lots that still hold credits, in the order debits consume them.
+
+        Unexpired lots come first (soonest-expiring first, non-expiring last, oldest first
+        among equals), then expired lots not yet swept (``expired=True``).
+        """
         ...
 
     # -- pricing ---------------------------------------------------------------------------
@@ -182,15 +394,36 @@ class CreditStore(Protocol):
         ...
 
     async def set_active_pricing(self, config: PricingConfigData, label: str | None = None) -> str:
-        """Publish `config` as a new version (highest + 1), make it active, return its id."""
+        """
+        Publish `config` as version highest + 1 (never reusing a number) and make it active.
+
+        The config is refused unless the pricing engine can price it, so no manager ever
+        loads a version it cannot use.
+
+        Args:
+            config: The configuration (a dict is validated into `PricingConfigData`).
+            label: A free-text label.
+
+        Returns:
+            The new version's id.
+
+        Raises:
+            InvalidArgumentError: The config is invalid (`ExpressionError` names the
+                section, key and position of a bad expression).
+        """
         ...
 
     async def activate_pricing(self, version: int) -> str:
-        """Make an existing version active; return its id."""
+        """
+        Make an existing version active without creating a new one; return its id.
+
+        Raises:
+            PricingVersionNotFoundError: No such version.
+        """
         ...
 
     async def get_pricing_config(self, version: int) -> PricingConfigResult | None:
-        """One pricing version, or None."""
+        """One pricing version, or None if there is no such version."""
         ...
 
     async def get_pricing_history(self) -> list[PricingConfigHistoryItem]:
@@ -200,23 +433,28 @@ class CreditStore(Protocol):
     # -- plans -----------------------------------------------------------------------------
 
     async def get_user_plan(self, user_id: str) -> GetUserPlanResult:
-        """The user's plan as the active pricing version defines it."""
+        """The user's plan as the active pricing version defines it (empty if none)."""
         ...
 
     async def set_user_plan(self, user_id: str, plan_id: str) -> SetUserPlanResult:
-        """Record the user's plan."""
+        """
+        Record the user's plan.
+
+        Raises:
+            InvalidArgumentError: The active pricing version does not define `plan_id`.
+        """
         ...
 
     async def check_feature(self, user_id: str, feature: str) -> CheckFeatureResult:
-        """Whether the user's plan has `feature`."""
+        """Whether the user's plan has `feature` (present unless absent, None or False)."""
         ...
 
     async def check_allowance(self, user_id: str) -> AllowanceResult:
-        """The plan allowance left in the current UTC month."""
+        """The plan allowance of the current UTC month: total, used, left and the period."""
         ...
 
     async def increment_usage_window(self, user_id: str, plan_id: str, amount: int) -> None:
-        """Record allowance consumption in the current UTC month."""
+        """Record `amount` of allowance consumed in the current UTC month."""
         ...
 
     # -- spend caps ------------------------------------------------------------------------
@@ -224,15 +462,23 @@ class CreditStore(Protocol):
     async def check_spend_cap(
         self, user_id: str, model: str | None = None, amount: int | None = None
     ) -> CapCheckResult:
-        """Advisory: would `amount` more trip a cap?"""
+        """
+        Advisory: would `amount` more (on `model`) go over one of the user's caps?
+
+        Counts window spend plus active holds plus `amount`, as `reserve_credits` does, and
+        reports the most pressing matching cap: a tripped deny cap first, then a tripped
+        warn/notify cap, else the cap with the least headroom. ``capped`` is True only when
+        that cap would refuse the call (a deny cap), as in ducto 1.x; ``exceeded`` says the
+        limit would be passed whatever the action.
+        """
         ...
 
     async def set_spend_cap(self, cap: SpendCap) -> SpendCap:
-        """Create or replace the cap for (user, cap type, model)."""
+        """Create or replace the cap for (user, cap type, model); returns the stored cap."""
         ...
 
     async def list_spend_caps(self, user_id: str) -> list[SpendCap]:
-        """The user's caps."""
+        """The user's caps, daily before monthly, then the all-model cap, then by model."""
         ...
 
     async def remove_spend_cap(
@@ -241,13 +487,13 @@ class CreditStore(Protocol):
         cap_type: Literal["daily", "monthly"],
         model: str | None = None,
     ) -> RemoveSpendCapResult:
-        """Remove the cap for (user, cap type, model)."""
+        """Remove the cap for (user, cap type, model); ``removed`` says whether one existed."""
         ...
 
     # -- teams -----------------------------------------------------------------------------
 
     async def create_team(self, name: str, initial_balance: int = 0) -> CreateTeamResult:
-        """Create a team pool."""
+        """Create a team pool, optionally with an initial ``team_topup``."""
         ...
 
     async def add_team_member(
@@ -257,11 +503,11 @@ class CreditStore(Protocol):
         role: str = "member",
         spend_cap: int | None = None,
     ) -> AddTeamMemberResult:
-        """Add a member, or update its role and monthly cap."""
+        """Add a member, or update its role and monthly team spend cap."""
         ...
 
     async def remove_team_member(self, team_id: str, user_id: str) -> RemoveTeamMemberResult:
-        """Remove a member."""
+        """Remove a member; ``removed`` is False when the user was not a member."""
         ...
 
     async def add_team_credits(
@@ -273,15 +519,15 @@ class CreditStore(Protocol):
         expires_at: datetime | None = None,
         idempotency_key: str | None = None,
     ) -> TeamTopupResult:
-        """Top up a team pool."""
+        """Top up a team pool with a new lot (a ``team_topup`` row)."""
         ...
 
     async def get_team_balance(self, team_id: str) -> TeamBalanceResult:
-        """A team pool's balance."""
+        """A team pool's balance; ``error`` is ``team_not_found`` for an unknown team."""
         ...
 
     async def get_team_members(self, team_id: str) -> list[TeamMember]:
-        """A team's members with their spend this UTC month."""
+        """A team's members (by user id) with their net team spend this UTC month."""
         ...
 
     async def deduct_team(
@@ -293,27 +539,71 @@ class CreditStore(Protocol):
         *,
         idempotency_key: str | None = None,
     ) -> TeamDeductionResult:
-        """Charge the team pool on behalf of a member."""
+        """
+        Charge the team pool on behalf of a member (a ``team_usage`` row on the team).
+
+        Returns:
+            TeamDeductionResult, or ``error`` ``team_not_found``, ``idempotency_conflict``,
+            ``user_not_in_team``, ``insufficient_team_balance`` (a pool cannot go negative)
+            or ``spend_cap_exceeded`` (the member's net team spend this UTC month, plus its
+            active team holds, plus `amount`, over its cap), checked in that order.
+        """
+        ...
+
+    async def reserve_team_credits(
+        self,
+        team_id: str,
+        user_id: str,
+        amount: int,
+        operation_type: str,
+        metadata: CreditMetadata | None = None,
+        *,
+        ttl: float | timedelta = 600.0,
+        idempotency_key: str | None = None,
+    ) -> ReserveResult:
+        """
+        Hold credits on a team pool for a member's upcoming call.
+
+        Refused like `deduct_team` (``team_not_found``, ``idempotency_conflict``,
+        ``user_not_in_team``, ``insufficient_team_balance``, ``spend_cap_exceeded`` with the
+        member's cap counting its other active team holds), atomically. Settle it with
+        `deduct_credits` (a ``team_usage`` row) or free it with `release_reservation`, both
+        with ``team_id=``.
+
+        Args:
+            team_id: The pool.
+            user_id: The member the hold (and its spend) is attributed to.
+            amount: Credits to hold (>= 1).
+            operation_type: What the hold is for.
+            metadata: ``model`` is recorded on the usage row.
+            ttl: Seconds (or a timedelta) until the hold stops counting.
+            idempotency_key: A repeated key returns the original hold.
+
+        Returns:
+            ReserveResult with ``team_id`` set (``balance`` and ``available`` are the
+            pool's), or the refusal.
+        """
         ...
 
     # -- analytics -------------------------------------------------------------------------
 
     async def spend_by_user(self, start: datetime, end: datetime) -> list[SpendByUserRow]:
-        """Net paid usage per user in ``[start, end)``."""
+        """Net paid usage per user in ``[start, end)``, by spend descending then user id."""
         ...
 
     async def spend_by_model(self, start: datetime, end: datetime) -> list[SpendByModelRow]:
-        """Net paid usage per model in ``[start, end)``."""
+        """Net paid usage per model in ``[start, end)``, by spend descending then model."""
         ...
 
     async def daily_spend(self, start: datetime, end: datetime) -> list[DailySpendRow]:
-        """Net paid usage per UTC day in ``[start, end)``."""
+        """Net paid usage per UTC day in ``[start, end)``, oldest day first."""
         ...
 
     async def top_users(self, limit: int, start: datetime, end: datetime) -> list[TopUserRow]:
-        """The users who spent most in ``[start, end)``."""
+        """The `limit` users (1 to 1000) with most net paid usage in ``[start, end)``."""
         ...
 
     async def aggregate_stats(self, start: datetime, end: datetime) -> AggregateStatsRow:
-        """Totals over ``[start, end)``."""
+        """Totals over ``[start, end)``: spend, active users, average per UTC day, top model
+        and user."""
         ...

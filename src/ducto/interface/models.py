@@ -47,9 +47,9 @@ __all__ = [
     "SpendByUserRow",
     "SpendCap",
     "SweepResult",
+    "Team",
     "TeamBalanceResult",
     "TeamDeductionResult",
-    "Team",
     "TeamMember",
     "TeamTopupResult",
     "TopUserRow",
@@ -486,6 +486,7 @@ class TeamBalanceResult(_Result):
     balance: int = 0
     member_count: int = 0
     available: int = 0
+    reserved: int = 0
 
 
 class TeamMember(BaseModel):
@@ -564,6 +565,8 @@ class TeamDeductionResult(_Result):
     idempotency_key: str | None = None
     cap_limit: int | None = None
     cap_spend: int | None = None
+    cap_type: Literal["daily", "monthly"] | None = None
+    cap_reserved: int | None = None
 
 
 # -- Analytics ---------------------------------------------------------------------------------

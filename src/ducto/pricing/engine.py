@@ -34,7 +34,7 @@ import contextlib
 import importlib
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import (
     ROUND_HALF_EVEN,
@@ -49,12 +49,18 @@ from typing import Final, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ducto.errors import ExpressionError, InvalidArgumentError
+from ducto.errors import ConfigError, ConfigExpressionError, ExpressionError, InvalidArgumentError
 from ducto.interface.models import PlanDefinition, PricingConfigData, RoundingMode
 from ducto.pricing._expr import Expression, compile_expression
 from ducto.pricing.metrics import METRIC_VARIABLES, UsageMetrics, _describe
 
-__all__ = ["CostBreakdown", "PricingEngine", "validate_pricing_config"]
+__all__ = [
+    "CostBreakdown",
+    "PricingEngine",
+    "evaluate_expression",
+    "validate_expression",
+    "validate_pricing_config",
+]
 
 _DEFAULT: Final = "_default"
 _ZERO: Final = Decimal(0)
@@ -248,18 +254,16 @@ class _Item:
 
 def _compile(label: str, key: str, entry: str, source: object) -> _Item:
     if not isinstance(source, str):
-        raise InvalidArgumentError(
-            f"{label}: expression must be a str, not {type(source).__name__}"
-        )
+        raise ConfigError(f"{label}: expression must be a str, not {type(source).__name__}")
     try:
         expression = compile_expression(source, _VARIABLES)
     except ExpressionError as exc:
-        raise _located(label, exc) from exc
+        raise _refused(label, exc) from exc
     try:
         at_zero: Decimal | None = expression.evaluate(_ZEROS)
     except ExpressionError as exc:
         if not expression.variables:  # it fails whatever the usage: it can never price
-            raise _located(label, exc) from exc
+            raise _refused(label, exc) from exc
         at_zero = None
     return _Item(label, key, entry, expression, tuple(sorted(expression.variables)), at_zero)
 
@@ -267,6 +271,11 @@ def _compile(label: str, key: str, entry: str, source: object) -> _Item:
 def _located(label: str, exc: ExpressionError) -> ExpressionError:
     """The same error with the config location in front of its message."""
     return ExpressionError(f"{label}: {exc.reason}", exc.expression, exc.position)
+
+
+def _refused(label: str, exc: ExpressionError) -> ConfigExpressionError:
+    """`_located` for an expression that makes the config invalid (a `ConfigError` too)."""
+    return ConfigExpressionError(f"{label}: {exc.reason}", exc.expression, exc.position)
 
 
 def _evaluate(item: _Item, env: dict[str, Decimal | int]) -> Decimal:
@@ -332,7 +341,7 @@ class _Section:
 def _check_keys(section: str, keys: Iterable[object]) -> None:
     for key in keys:
         if not isinstance(key, str) or not key:
-            raise InvalidArgumentError(f"{section}: every key must be a non-empty str, got {key!r}")
+            raise ConfigError(f"{section}: every key must be a non-empty str, got {key!r}")
 
 
 class _Table:
@@ -426,14 +435,15 @@ class PricingEngine:
             config: The pricing configuration; the engine keeps its own copy.
 
         Raises:
-            ExpressionError: An expression cannot be compiled (bad syntax, an unknown
+            ConfigExpressionError: An expression cannot be compiled (bad syntax, an unknown
                 variable or function), or has no variables and fails to evaluate. The
                 message starts with the expression's place, e.g. ``models['gpt-4']: ``.
-            InvalidArgumentError: `config` is not a `PricingConfigData`, or a section has
-                an empty key.
+                It is both an `ExpressionError` and a `ConfigError`.
+            ConfigError: `config` is not a `PricingConfigData`, or a section has an empty
+                key.
         """
         if not isinstance(config, PricingConfigData):
-            raise InvalidArgumentError(
+            raise ConfigError(
                 f"config must be a PricingConfigData, not {type(config).__name__}; "
                 "use PricingEngine.from_dict for a dict"
             )
@@ -507,15 +517,15 @@ class PricingEngine:
             The engine.
 
         Raises:
-            InvalidArgumentError: The dict is not a valid config (unknown or missing keys,
-                wrong types), or an expression is refused (`ExpressionError`).
+            ConfigError: The dict is not a valid config (unknown or missing keys, wrong
+                types), or an expression is refused (`ConfigExpressionError`).
         """
         if not isinstance(data, Mapping):
-            raise InvalidArgumentError(f"config must be a mapping, not {type(data).__name__}")
+            raise ConfigError(f"config must be a mapping, not {type(data).__name__}")
         try:
             config = PricingConfigData.model_validate(dict(data))
         except ValidationError as exc:
-            raise InvalidArgumentError(_describe(exc)) from exc
+            raise ConfigError(_describe(exc)) from exc
         return cls(config)
 
     @classmethod
@@ -546,11 +556,9 @@ class PricingEngine:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise InvalidArgumentError(f"{os.fspath(path)!r} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"{os.fspath(path)!r} is not valid YAML: {exc}") from exc
         if not isinstance(data, Mapping):
-            raise InvalidArgumentError(
-                f"{os.fspath(path)!r} must hold a mapping, not {type(data).__name__}"
-            )
+            raise ConfigError(f"{os.fspath(path)!r} must hold a mapping, not {type(data).__name__}")
         return cls.from_dict(data)
 
     # -- the config --------------------------------------------------------------------------
@@ -824,10 +832,68 @@ def validate_pricing_config(config: PricingConfigData | Mapping[str, object]) ->
         config: The config, validated or in its dict form.
 
     Raises:
-        ExpressionError: An expression is refused; the message names its section and key.
-        InvalidArgumentError: The config is invalid.
+        ConfigExpressionError: An expression is refused; the message names its section
+            and key.
+        ConfigError: The config is invalid.
     """
     if isinstance(config, PricingConfigData):
         PricingEngine(config)
     else:
         PricingEngine.from_dict(config)
+
+
+def evaluate_expression(
+    expression: str, variables: Mapping[str, Decimal | int | float] | None = None
+) -> Decimal:
+    """
+    Compile and evaluate a pricing expression once (ducto 1.x's helper).
+
+    To evaluate one expression many times, compile it once with `compile_expression`.
+
+    Args:
+        expression: The expression text, e.g. ``"input_tokens * 0.005 + 2"``.
+        variables: The value of each variable the expression may use; the expression
+            may name no others. Ints and `Decimal`s are used as they are; a finite float
+            is read as the decimal it prints as (``0.1`` is ``Decimal("0.1")``).
+
+    Returns:
+        The exact result, a `Decimal`.
+
+    Raises:
+        ExpressionError: The expression is malformed, uses a variable not in `variables`,
+            or fails on these values (division by zero, a value out of range).
+    """
+    env: dict[str, Decimal | int] = {}
+    if variables is not None:
+        if not isinstance(variables, Mapping):
+            raise ExpressionError(
+                f"variables must be a mapping of names to numbers, not {type(variables).__name__}"
+            )
+        for name, value in variables.items():
+            if isinstance(value, float) and not isinstance(value, bool):
+                if value != value or value in (float("inf"), float("-inf")):
+                    raise ExpressionError(f"variable {name!r} is not a finite number")
+                env[name] = Decimal(repr(value))
+            else:
+                env[name] = value
+    compiled = compile_expression(expression, env.keys())
+    return compiled.evaluate(env)
+
+
+def validate_expression(
+    expression: str, allowed_names: Collection[str] | None = _VARIABLES
+) -> None:
+    """
+    Check that a pricing expression compiles (ducto 1.x's helper); raise if it does not.
+
+    Args:
+        expression: The expression text.
+        allowed_names: The only variable names it may use: by default the usage counters a
+            pricing config's expressions may read; None allows any name.
+
+    Raises:
+        ExpressionError: The expression is malformed, too long or too deep, calls an unknown
+            function or a function with the wrong number of arguments, or uses a variable
+            not in `allowed_names`. ``position`` is the offset of the problem.
+    """
+    compile_expression(expression, allowed_names)
