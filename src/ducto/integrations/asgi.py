@@ -1,0 +1,552 @@
+"""
+Billing for OpenAI- and Anthropic-style endpoints of any ASGI app, streamed or not.
+
+`BillingMiddleware` wraps an ASGI app (Starlette, FastAPI, or a bare ASGI callable; it
+imports neither). For each ``POST`` to a billed path it reads the request, resolves who
+pays, places a hold for the estimate and only then calls the app, watching the response
+as it passes:
+
+```python
+app = FastAPI()
+...  # the gateway's routes, unchanged: they call the upstream and return its response
+app.add_middleware(BillingMiddleware, manager=manager, payer=user_from_api_key)
+```
+
+The hold's whole life is inside the middleware's own ``await`` of the app: it is placed
+before the app runs, and when the app returns, raises or is cancelled (client gone,
+before or after the first byte) it is settled for the usage recorded so far, or released
+when nothing was recorded, shielded from cancellation. Nothing depends on a response body
+generator that may never start.
+
+What the client sees:
+
+- a refusal as an HTTP error in OpenAI's error JSON shape (``{"error": {"message", "type",
+  "param", "code"}}``, plus ``"type": "error"`` on Anthropic routes): 402 not enough
+  credits, 429 spend cap, 409 idempotency conflict, 400 invalid request, 401 no payer,
+  413 body too large; the upstream is never called;
+- ``x-ducto-credits-held`` on every billed response; on a plain (not streamed) response
+  also ``x-ducto-credits-charged`` and ``x-ducto-credits-remaining`` (the response start is
+  held back until the body is complete and settled); on a stream the same figures arrive
+  as a final SSE comment line, ``: ducto credits_charged=N credits_remaining=M``, which SSE
+  clients ignore;
+- an ``Idempotency-Key`` request header keys the hold and its settlement, so a retried
+  request is charged at most once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import anyio
+
+from ducto.errors import (
+    CreditError,
+    DuctoError,
+    ErrorCode,
+    InsufficientCreditsError,
+    InvalidArgumentError,
+)
+from ducto.integrations._estimate import RequestEstimator
+from ducto.integrations._payer import Payer, _as_payer
+from ducto.integrations._usage import Api, StreamUsage, _api, _provider_of
+from ducto.interface.models import DeductionResult
+from ducto.manager import CreditManager, Hold
+
+__all__ = [
+    "ASGIApp",
+    "BillingMiddleware",
+    "BillingRequest",
+    "DEFAULT_ROUTES",
+    "HEADER_CHARGED",
+    "HEADER_HELD",
+    "HEADER_REMAINING",
+    "PayerResolver",
+]
+
+_log = logging.getLogger("ducto.integrations.asgi")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+"""An ASGI 3 application."""
+
+HEADER_HELD: Final = "x-ducto-credits-held"
+"""Response header: the credits held for the request."""
+HEADER_CHARGED: Final = "x-ducto-credits-charged"
+"""Response header: the credits the request cost (paid by the balance plus the allowance)."""
+HEADER_REMAINING: Final = "x-ducto-credits-remaining"
+"""Response header: what the account can still spend."""
+
+DEFAULT_ROUTES: Final[Mapping[str, Api]] = {
+    "/v1/chat/completions": Api.OPENAI_CHAT,
+    "/chat/completions": Api.OPENAI_CHAT,
+    "/v1/completions": Api.OPENAI_COMPLETIONS,
+    "/v1/embeddings": Api.OPENAI_EMBEDDINGS,
+    "/v1/responses": Api.OPENAI_RESPONSES,
+    "/v1/messages": Api.ANTHROPIC_MESSAGES,
+}
+"""The paths billed by default and the API shape of each."""
+
+_MAX_EVENT_BYTES: Final = 16 * 1024 * 1024
+"""Largest SSE event parsed for usage; a bigger one is passed on and counted as nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class BillingRequest:
+    """
+    A billed request, as the payer resolver sees it.
+
+    Attributes:
+        api: The API shape of the endpoint.
+        path: The request path.
+        headers: The request headers, names in lower case (repeated headers joined by
+            ``", "``).
+        body: The parsed JSON body.
+        scope: The ASGI scope (for the client address, the app state, ...).
+    """
+
+    api: Api
+    path: str
+    headers: Mapping[str, str]
+    body: Mapping[str, Any]
+    scope: Scope
+
+
+PayerResolver = Callable[[BillingRequest], Awaitable[Payer | str | None] | Payer | str | None]
+"""Names who pays for a request: a user id, a `Payer`, or None to refuse it (401)."""
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _SSEParser:
+    """Splits a byte stream into the ``data`` payloads of its server-sent events."""
+
+    __slots__ = ("_buffer", "_overflow")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._overflow = False
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buffer = self._buffer + chunk
+        # Keep a trailing CR: it may be the first half of a CRLF split across chunks.
+        keep = b""
+        if buffer.endswith(b"\r"):
+            buffer, keep = buffer[:-1], b"\r"
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        events = buffer.split(b"\n\n")
+        rest = events.pop() + keep
+        if len(rest) > _MAX_EVENT_BYTES:
+            rest, self._overflow = b"", True
+        self._buffer = rest
+        payloads = []
+        for event in events:
+            data = [
+                line[5:].removeprefix(b" ")
+                for line in event.split(b"\n")
+                if line.startswith(b"data:")
+            ]
+            if data:
+                payloads.append(b"\n".join(data))
+        return payloads
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _error_body(api: Api, message: str, type_: str, code: str) -> bytes:
+    error: dict[str, Any] = {"message": message, "type": type_, "param": None, "code": code}
+    body: dict[str, Any] = {"error": error}
+    if _provider_of(api) == "anthropic":
+        body = {"type": "error", "error": error}
+    return json.dumps(body).encode()
+
+
+async def _send_json(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _refusal(exc: DuctoError) -> tuple[int, str, str]:
+    """HTTP status, error type and error code for an exception raised placing a hold."""
+    if isinstance(exc, InvalidArgumentError):
+        return 400, "invalid_request_error", "invalid_argument"
+    if isinstance(exc, CreditError):
+        code = exc.code
+        if code in (ErrorCode.INSUFFICIENT_CREDITS, ErrorCode.INSUFFICIENT_TEAM_BALANCE):
+            return 402, "insufficient_quota", str(code)
+        if code is ErrorCode.SPEND_CAP_EXCEEDED:
+            return 429, "spend_cap_exceeded", str(code)
+        if code in (ErrorCode.TEAM_NOT_FOUND, ErrorCode.USER_NOT_IN_TEAM):
+            return 403, "permission_error", str(code)
+        return 409, "invalid_request_error", str(code)
+    return 503, "api_error", "billing_unavailable"
+
+
+def _figures(result: DeductionResult) -> tuple[int, int]:
+    """The credits a settlement cost (balance plus allowance) and what remains spendable."""
+    return result.charged + result.allowance_consumed, result.available
+
+
+class BillingMiddleware:
+    """
+    ASGI middleware that bills OpenAI- and Anthropic-style endpoints (see the module).
+
+    Requests that are not ``POST`` to one of `routes` pass through untouched.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        manager: CreditManager,
+        payer: PayerResolver,
+        routes: Mapping[str, Api | str] | None = None,
+        estimator: RequestEstimator | None = None,
+        operation_type: str = "llm_call",
+        hold_ttl: float | None = None,
+        max_body_bytes: int = 32 * 1024 * 1024,
+    ) -> None:
+        """
+        Wrap `app`.
+
+        Args:
+            app: The ASGI app whose responses are billed.
+            manager: Prices usage and holds credits; its pricing must be loaded.
+            payer: Names who pays for a request (sync or async); None refuses it with 401.
+            routes: Billed paths and their API shape; `DEFAULT_ROUTES` when None.
+            estimator: Sizes holds; a default `RequestEstimator` when None.
+            operation_type: Stored with each hold.
+            hold_ttl: Seconds a hold counts for; the manager's ``hold_ttl`` when None.
+            max_body_bytes: Larger request bodies are refused with 413.
+
+        Raises:
+            InvalidArgumentError: An argument has the wrong type or a route an unknown API.
+        """
+        if not isinstance(manager, CreditManager):
+            raise InvalidArgumentError(f"manager must be a CreditManager, got {manager!r}")
+        if not callable(payer):
+            raise InvalidArgumentError(f"payer must be callable, got {payer!r}")
+        if type(max_body_bytes) is not int or max_body_bytes < 1:
+            raise InvalidArgumentError(
+                f"max_body_bytes must be a positive int, got {max_body_bytes!r}"
+            )
+        if estimator is not None and not isinstance(estimator, RequestEstimator):
+            raise InvalidArgumentError(f"estimator must be a RequestEstimator, got {estimator!r}")
+        self.app = app
+        self._manager = manager
+        self._payer = payer
+        source = DEFAULT_ROUTES if routes is None else routes
+        self._routes = {path.rstrip("/") or "/": _api(api) for path, api in source.items()}
+        self._estimator = estimator if estimator is not None else RequestEstimator()
+        self._operation_type = operation_type
+        self._ttl = hold_ttl
+        self._max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection, billing it when it is a billed request."""
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            path: str = scope.get("path", "")
+            api = self._routes.get(path.rstrip("/") or "/")
+            if api is not None:
+                await self._bill(api, path, scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    # -- one request ---------------------------------------------------------------------------
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole request body, or None when the client left before sending it."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _resolve(self, request: BillingRequest) -> Payer | None:
+        answer = self._payer(request)
+        if inspect.isawaitable(answer):
+            answer = await answer
+        return _as_payer(answer, "the payer resolver")
+
+    async def _bill(self, api: Api, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            raw = await self._read_body(receive)
+        except _BodyTooLarge:
+            message = f"request body is larger than {self._max_body} bytes"
+            body = _error_body(api, message, "invalid_request_error", "body_too_large")
+            await _send_json(send, 413, body)
+            return
+        if raw is None:
+            return  # the client left before its request was complete: nothing to bill
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            message = "request body must be a JSON object"
+            await _send_json(
+                send, 400, _error_body(api, message, "invalid_request_error", "invalid_json")
+            )
+            return
+        headers: dict[str, str] = {}
+        for key, value in scope.get("headers", ()):
+            name = key.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            headers[name] = f"{headers[name]}, {text}" if name in headers else text
+        request = BillingRequest(api, path, headers, parsed, scope)
+        payer = await self._resolve(request)
+        if payer is None:
+            body = _error_body(
+                api,
+                "no account to bill for this request",
+                "authentication_error",
+                "unauthenticated",
+            )
+            await _send_json(send, 401, body)
+            return
+        key = headers.get("idempotency-key") or None
+        try:
+            estimate = self._estimator.estimate(api, parsed)
+            metadata: dict[str, object] = dict(payer.metadata or {})
+            metadata["api"] = api.value
+            hold = self._manager.hold(
+                payer.user_id,
+                estimate,
+                operation_type=self._operation_type,
+                idempotency_key=key,
+                metadata=metadata,
+                ttl=self._ttl,
+            )
+            await hold.__aenter__()
+        except (CreditError, InvalidArgumentError) as exc:
+            await self._refuse(api, exc, send)
+            return
+        tracker = StreamUsage(
+            api,
+            model=estimate.model,
+            input_estimate=estimate.input_tokens,
+            counter=self._estimator.counter,
+        )
+        exchange = _Exchange(api, hold, tracker, send)
+        try:
+            await self.app(scope, _replay(raw, receive), exchange.send)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await exchange.finish(failed=True)
+            raise
+        await exchange.finish(failed=False)
+
+    async def _refuse(self, api: Api, exc: DuctoError, send: Send) -> None:
+        status, type_, code = _refusal(exc)
+        headers: list[tuple[bytes, bytes]] = []
+        if isinstance(exc, InsufficientCreditsError):
+            headers.append((HEADER_REMAINING.encode(), str(max(exc.available, 0)).encode()))
+        await _send_json(send, status, _error_body(api, str(exc), type_, code), headers)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands the app the body already read, then the client's messages."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+class _Exchange:
+    """The response side of one billed request: watches, settles, adds the figures."""
+
+    __slots__ = (
+        "_api",
+        "_buffer",
+        "_hold",
+        "_pending_start",
+        "_resolved",
+        "_result",
+        "_sent_start",
+        "_settle_error",
+        "_sse",
+        "_streaming",
+        "_tracker",
+        "_trailer",
+        "_upstream",
+        "billable",
+    )
+
+    def __init__(self, api: Api, hold: Hold, tracker: StreamUsage, send: Send) -> None:
+        self._api = api
+        self._hold = hold
+        self._tracker = tracker
+        self._upstream = send
+        self._pending_start: Message | None = None
+        self._buffer: list[bytes] = []
+        self._sse: _SSEParser | None = None
+        self._streaming = False
+        self._trailer = False
+        self._sent_start = False
+        self._resolved = False
+        self._result: DeductionResult | None = None
+        self._settle_error: DuctoError | None = None
+        self.billable = False
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            await self._start(message)
+        elif kind == "http.response.body":
+            await self._body(message)
+        else:
+            await self._upstream(message)
+
+    async def _start(self, message: Message) -> None:
+        status = int(message["status"])
+        headers = list(message.get("headers", ()))
+        content_type = (_header(headers, b"content-type") or b"").lower()
+        self.billable = 200 <= status < 300
+        self._streaming = content_type.startswith(b"text/event-stream")
+        headers.append((HEADER_HELD.encode(), str(self._hold.estimate_credits).encode()))
+        start = {**message, "headers": headers}
+        if self.billable and not self._streaming:
+            self._pending_start = start  # sent with the figures once the body is settled
+            return
+        if self._streaming and self.billable:
+            self._sse = _SSEParser()
+            self._trailer = _header(headers, b"content-length") is None
+        self._sent_start = True
+        await self._upstream(start)
+
+    async def _body(self, message: Message) -> None:
+        chunk: bytes = message.get("body", b"")
+        more = bool(message.get("more_body", False))
+        if self._pending_start is not None:
+            self._buffer.append(chunk)
+            if not more:
+                await self._flush_plain()
+            return
+        if self._sse is not None:
+            for data in self._sse.feed(chunk):
+                self._feed(data)
+            if not more:
+                result = await self._resolve()
+                if result is not None and self._trailer:
+                    charged, remaining = _figures(result)
+                    trailer = f": ducto credits_charged={charged} credits_remaining={remaining}\n\n"
+                    message = {**message, "body": chunk + trailer.encode()}
+        await self._upstream(message)
+
+    def _feed(self, data: bytes) -> None:
+        if data == b"[DONE]":
+            return
+        try:
+            event = json.loads(data)
+        except ValueError:
+            return
+        try:
+            self._tracker.feed(event)
+        except InvalidArgumentError:
+            _log.warning(
+                "ignoring a malformed usage report in a %s stream", self._api, exc_info=True
+            )
+
+    async def _flush_plain(self) -> None:
+        """Parse the complete plain body, settle, then send it with the figures."""
+        start = self._pending_start
+        assert start is not None
+        self._pending_start = None
+        body = b"".join(self._buffer)
+        self._buffer = []
+        try:
+            self._tracker.feed_response(json.loads(body))
+        except (ValueError, InvalidArgumentError):
+            # Not the JSON the API promises: bill what the request was estimated to read.
+            _log.warning("a %s response body has no readable usage", self._api, exc_info=True)
+            self._tracker.feed_response({})
+        result = await self._resolve()
+        if result is None and self._settle_error is not None:
+            # Fail closed: the response is withheld when its charge could not be recorded.
+            status, type_, code = _refusal(self._settle_error)
+            self._sent_start = True
+            await _send_json(
+                self._upstream, status, _error_body(self._api, str(self._settle_error), type_, code)
+            )
+            return
+        headers = list(start["headers"])
+        if result is not None:
+            charged, remaining = _figures(result)
+            headers.append((HEADER_CHARGED.encode(), str(charged).encode()))
+            headers.append((HEADER_REMAINING.encode(), str(remaining).encode()))
+        self._sent_start = True
+        await self._upstream({**start, "headers": headers})
+        await self._upstream({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _resolve(self) -> DeductionResult | None:
+        """Settle for the recorded usage, or release when there is none; once."""
+        if self._resolved:
+            return self._result
+        self._resolved = True
+        hold = self._hold
+        usage = self._tracker.usage if self.billable else None
+        # Hold.settle and Hold.__aexit__ shield their store calls and have no other
+        # checkpoint, so a cancellation cannot leave the hold half resolved here.
+        try:
+            if usage is not None:
+                try:
+                    self._result = await hold.settle(usage)
+                except InvalidArgumentError:
+                    # The usage cannot be priced (a model the config lacks): charge the hold
+                    # rather than nothing.
+                    _log.warning("usage %r cannot be priced; charging the hold", usage)
+                    self._result = await hold.settle(hold.estimate_credits)
+            await hold.__aexit__(None, None, None)
+        except DuctoError as exc:
+            self._settle_error = exc
+            _log.exception("settling hold %s failed", hold.reservation_id)
+        return self._result
+
+    async def finish(self, *, failed: bool) -> None:
+        """The app is done (or failed, or was cancelled): resolve the hold, flush leftovers."""
+        if self._pending_start is not None and not failed:
+            # The app returned without ending its body; send what it gave.
+            await self._flush_plain()
+            return
+        await self._resolve()

@@ -1,0 +1,215 @@
+"""
+LiteLLMBilling through ``litellm.acompletion`` with ``mock_response``: no network, real stores.
+
+LiteLLM runs on asyncio only, so these tests do too. A guard refuses every connection that
+does not go to loopback, so a tokenizer or price-list download would fail the test.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from tests.contract._checks import all_rows, assert_invariants
+from tests.integrations._support import Settled, new_manager
+
+# LiteLLM reads this when imported: use the price map it ships instead of fetching one.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+litellm = pytest.importorskip("litellm")
+
+from ducto import (  # noqa: E402
+    CreditManager,
+    InsufficientCreditsError,
+    SpendCapExceededError,
+)
+from ducto.integrations.litellm import LiteLLMBilling, NoPayerError  # noqa: E402
+from ducto.interface.base import CreditStore  # noqa: E402
+from ducto.interface.models import SpendCap  # noqa: E402
+
+pytestmark = [
+    pytest.mark.anyio,
+    # LiteLLM's own types trip pydantic's warnings; they say nothing about ducto.
+    pytest.mark.filterwarnings("ignore:.*using the `ReadOnly` qualifier:UserWarning"),
+]
+
+MESSAGES = [{"role": "user", "content": "Say hello to the billing team"}]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """LiteLLM is built on asyncio."""
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refuse any connection that leaves the machine."""
+    real_connect = socket.socket.connect
+
+    def connect(sock: socket.socket, address: Any) -> Any:
+        host = address[0] if isinstance(address, tuple) else str(address)
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and host not in (
+            "127.0.0.1",
+            "::1",
+            "localhost",
+        ):
+            raise OSError(f"test guard: no network access (tried {address!r})")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+
+
+@pytest.fixture
+async def manager(store: CreditStore) -> CreditManager:
+    return await new_manager(store)
+
+
+@pytest.fixture
+def billing(manager: CreditManager) -> Iterator[LiteLLMBilling]:
+    """The callback, registered with LiteLLM for the test only."""
+    callback = LiteLLMBilling(manager, payer=lambda call: call.get("user"))
+    saved = litellm.callbacks
+    litellm.callbacks = [callback]
+    yield callback
+    litellm.callbacks = saved
+    # LiteLLM copies callbacks into its success and failure lists on first use, and keeps
+    # one logger per class there: drop this one so the next test's is used.
+    litellm.logging_callback_manager.remove_callback_from_all_lists(callback)
+
+
+async def test_completion_is_held_then_charged_its_usage(
+    manager: CreditManager, billing: LiteLLMBilling, user_id: str
+) -> None:
+    """The hold is placed before the call and settled for the response's usage."""
+    await manager.add_credits(user_id, 10_000, "purchase")
+    settled = Settled(manager)
+
+    response = await litellm.acompletion(
+        model="gpt-4o",
+        messages=MESSAGES,
+        mock_response="Hello, billing team!",
+        user=user_id,
+        max_tokens=100,
+    )
+    await settled.wait()
+
+    usage = response.usage
+    expected = usage.prompt_tokens * 1 + usage.completion_tokens * 10
+    balance = await manager.get_balance(user_id)
+    rows = [row for row in await all_rows(manager.store, user_id) if row.type == "usage"]
+    assert settled.reserved.is_set()
+    assert (10_000 - expected, 0) == (balance.balance, balance.reserved)
+    assert [-expected] == [row.amount for row in rows]
+    assert "gpt-4o" == rows[0].metadata["model"]
+    assert 0 == billing.open_holds
+    await assert_invariants(manager.store, user_id)
+
+
+async def test_streamed_completion_is_charged_once_consumed(
+    manager: CreditManager, billing: LiteLLMBilling, user_id: str
+) -> None:
+    """A stream is settled from LiteLLM's assembled response when it has been read."""
+    await manager.add_credits(user_id, 10_000, "purchase")
+    settled = Settled(manager)
+
+    stream = await litellm.acompletion(
+        model="gpt-4o",
+        messages=MESSAGES,
+        mock_response="Hello there, billing team",
+        user=user_id,
+        stream=True,
+        stream_options={"include_usage": True},
+        max_tokens=100,
+    )
+    chunks = [chunk async for chunk in stream]
+    await settled.wait()
+
+    usage = next(chunk.usage for chunk in reversed(chunks) if getattr(chunk, "usage", None))
+    balance = await manager.get_balance(user_id)
+    assert usage.completion_tokens > 0
+    assert 10_000 - (usage.prompt_tokens + 10 * usage.completion_tokens) == balance.balance
+    assert 0 == balance.reserved
+    await assert_invariants(manager.store, user_id)
+
+
+async def test_failed_call_releases_its_hold(
+    manager: CreditManager, billing: LiteLLMBilling, user_id: str
+) -> None:
+    """A provider error releases the hold and charges nothing."""
+    await manager.add_credits(user_id, 10_000, "purchase")
+    settled = Settled(manager)
+
+    with pytest.raises(Exception, match="boom"):
+        await litellm.acompletion(
+            model="gpt-4o",
+            messages=MESSAGES,
+            mock_response=Exception("boom"),
+            user=user_id,
+            max_tokens=10,
+        )
+    await settled.wait()
+
+    balance = await manager.get_balance(user_id)
+    assert (10_000, 0, 10_000) == (balance.balance, balance.reserved, balance.available)
+    assert 0 == billing.open_holds
+
+
+async def test_refused_calls_raise_before_the_provider_is_called(
+    manager: CreditManager, billing: LiteLLMBilling, user_id: str
+) -> None:
+    """Not enough credits, a spend cap, or no payer: the call raises and nothing is charged."""
+    await manager.add_credits(user_id, 30, "purchase")
+
+    with pytest.raises(InsufficientCreditsError):
+        await litellm.acompletion(
+            model="gpt-4o", messages=MESSAGES, mock_response="hi", user=user_id, max_tokens=100
+        )
+    await manager.store.set_spend_cap(
+        SpendCap(user_id=user_id, cap_type="daily", limit=5, action="deny")
+    )
+    with pytest.raises(SpendCapExceededError):
+        await litellm.acompletion(
+            model="gpt-4o", messages=MESSAGES, mock_response="hi", user=user_id, max_tokens=1
+        )
+    with pytest.raises(NoPayerError):
+        await litellm.acompletion(model="gpt-4o", messages=MESSAGES, mock_response="hi")
+
+    balance = await manager.get_balance(user_id)
+    assert (30, 0) == (balance.balance, balance.reserved)
+    assert [] == [row for row in await all_rows(manager.store, user_id) if row.type == "usage"]
+    assert 0 == billing.open_holds
+
+
+async def test_proxy_failure_hook_maps_refusals_to_http_errors(
+    manager: CreditManager, billing: LiteLLMBilling
+) -> None:
+    """On the proxy, ducto's refusals become HTTP errors in OpenAI's shape; others pass."""
+    refused = InsufficientCreditsError("alice", 100, 3)
+
+    answer = await billing.async_post_call_failure_hook({}, refused, None)
+    other = await billing.async_post_call_failure_hook({}, RuntimeError("x"), None)
+
+    assert answer is not None
+    assert 402 == answer.status_code
+    assert "insufficient_credits" == answer.detail["error"]["code"]
+    assert other is None
+
+
+async def test_aclose_releases_holds_never_reported(
+    manager: CreditManager, billing: LiteLLMBilling, user_id: str
+) -> None:
+    """A hold whose call LiteLLM never reports back is released at shutdown."""
+    await manager.add_credits(user_id, 10_000, "purchase")
+    kwargs = {"model": "gpt-4o", "messages": MESSAGES, "user": user_id, "max_tokens": 10}
+    kwargs["litellm_call_id"] = "c-1"
+
+    await billing.async_pre_call_deployment_hook(kwargs, "acompletion")
+    held = await manager.get_balance(user_id)
+    await billing.aclose()
+
+    assert held.reserved > 0
+    assert 0 == (await manager.get_balance(user_id)).reserved
+    assert 0 == billing.open_holds
