@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from importlib import resources
@@ -260,7 +261,7 @@ class SQLiteStore(StoreFront):
             timeout=self._busy_timeout,
         )
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
+            self._enable_wal(conn)
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             conn.execute("PRAGMA foreign_keys = ON")
@@ -268,6 +269,25 @@ class SQLiteStore(StoreFront):
             conn.close()
             raise
         return conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        """
+        Switch the file to WAL, waiting up to ``busy_timeout`` for other openers.
+
+        Switching the journal mode of a new file needs its exclusive lock, and SQLite reports
+        "locked" at once (without its busy handler) while another process opens the same file.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        pause = 0.001
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF not in (5, 6) or time.monotonic() > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
 
     async def aclose(self) -> None:
         """Close the connection; later calls raise `StoreError`. Closing twice is harmless."""
