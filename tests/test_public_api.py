@@ -16,6 +16,8 @@ PUBLIC_MODULES = [
     "ducto.interface.base",
     "ducto.interface.models",
     "ducto.interface.memory",
+    "ducto.interface.postgres",
+    "ducto.interface.sqlite",
     "ducto.manager",
     "ducto.pricing",
     "ducto.sync",

@@ -114,7 +114,7 @@ def _translate(exc: BaseException) -> StoreError:
     return error
 
 
-def split_url(url: str) -> tuple[str, str | None]:
+def _split_url(url: str) -> tuple[str, str | None]:
     """
     Take the ``schema`` option out of a ``postgresql://`` URL.
 
@@ -178,7 +178,7 @@ class PostgresStore(StoreFront):
             raise InvalidArgumentError(f"dsn must be a str without NUL, got {dsn!r}")
         url_schema = None
         if dsn is not None and dsn.startswith(("postgresql://", "postgres://")):
-            dsn, url_schema = split_url(dsn)
+            dsn, url_schema = _split_url(dsn)
         name = schema if schema is not None else url_schema or "ducto"
         if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
             raise InvalidArgumentError(
