@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import importlib.util
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from tests.cli._cli_support import Cli
+from tests.conftest import REQUIRED, drop_postgres_schema, postgres_url
 
-STORE_KINDS = ["sqlite"]
+STORE_KINDS = ["sqlite", "postgres"]
 """The stores the command line is tested on; each has a URL maker in `_url`."""
 
 
 def _url(kind: str, tmp_path: Path) -> str:
     if kind == "sqlite":
         return f"sqlite:///{tmp_path / 'ducto.db'}"
+    if kind == "postgres":
+        url = postgres_url()
+        return f"{url}{'&' if '?' in url else '?'}schema=cli_{uuid.uuid4().hex[:12]}"
     raise LookupError(kind)  # pragma: no cover - every kind in STORE_KINDS has a URL
 
 
@@ -28,9 +34,18 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(params=[pytest.param(k, marks=getattr(pytest.mark, k), id=k) for k in STORE_KINDS])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A URL of an empty store of each kind."""
-    return _url(str(request.param), tmp_path)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL of an empty store of each kind (a Postgres one in a schema dropped after)."""
+    kind = str(request.param)
+    try:
+        url = _url(kind, tmp_path)
+    except LookupError as exc:
+        if kind in REQUIRED:
+            pytest.fail(f"{kind} store is required: {exc}")
+        pytest.skip(f"{kind} store unavailable: {exc}")
+    yield url
+    if kind == "postgres":
+        drop_postgres_schema(url.rsplit("schema=", 1)[1])
 
 
 @pytest.fixture(autouse=True)
