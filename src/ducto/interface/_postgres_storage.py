@@ -40,6 +40,33 @@ _MONTH: Final = (
 )
 
 
+def _totals(table: str, columns: str, types: Sequence[str]) -> tuple[str, Sequence[str]]:
+    names = ", ".join(f"%s::{t}[]" for t in types)
+    return (
+        f"INSERT INTO {table} ({columns}, amount) SELECT * FROM unnest({names})"
+        f" ON CONFLICT ({columns}) DO UPDATE SET amount = {table}.amount + excluded.amount",
+        types,
+    )
+
+
+_TOTALS: Final = {
+    "model": _totals("reserved_by_model", "kind, account, model", ("text",) * 3 + ("bigint",)),
+    "member": _totals("reserved_by_member", "kind, account, member", ("text",) * 3 + ("bigint",)),
+    "spend": _totals(
+        "spend", "user_id, cap_type, period, model", ("text", "text", "int", "text", "bigint")
+    ),
+    "member_spend": _totals(
+        "member_spend", "team_id, user_id, month", ("text", "text", "int", "bigint")
+    ),
+    "allowance": _totals("allowance_used", "user_id, month", ("text", "int", "bigint")),
+}
+"""Running totals an operation adds to: the upsert of each, and its columns' types."""
+
+
+def _add(table: dict[tuple[Any, ...], int], key: tuple[Any, ...], delta: int) -> None:
+    table[key] = table.get(key, 0) + delta
+
+
 class Miss(Exception):
     """The operation read something the bundle did not bring; `need` says what."""
 
@@ -506,9 +533,11 @@ class Snapshot:
         self._lapsed: set[tuple[str, str, str]] = set()
         self._lapsed_ids: set[str] = set()
         self._keys: dict[tuple[str, str, str], dict[str, tuple[str, str]]] = {}
+        self._deltas: dict[tuple[Any, ...], int] = {}
 
     def finish(self) -> list[Statement]:
-        """The recorded writes, with each changed account written once."""
+        """The recorded writes, with each changed account and each running total written once."""
+        self._write_deltas()
         for acct in self._dirty.values():
             if acct.exists:
                 self.writes.append(
@@ -553,6 +582,17 @@ class Snapshot:
 
     def _write(self, sql: str, *params: Any) -> None:
         self.writes.append((sql, params))
+
+    def _write_deltas(self) -> None:
+        """One upsert per table of running totals, adding this operation's deltas."""
+        groups: dict[str, list[tuple[Any, ...]]] = {}
+        for (table, *key), delta in self._deltas.items():
+            if delta:
+                groups.setdefault(table, []).append((*key, delta))
+        for table, rows in groups.items():
+            sql, types = _TOTALS[table]
+            self._write(sql, *([row[i] for row in rows] for i in range(len(types))))
+        self._deltas.clear()
 
     def now(self) -> datetime:
         return self.data.now
@@ -675,30 +715,11 @@ class Snapshot:
         if hold.model is not None:
             held = self._held.setdefault(key, {})
             held[hold.model] = held.get(hold.model, 0) + delta
-            self._upsert_held("reserved_by_model", "model", key, hold.model, delta)
+            _add(self._deltas, ("model", *key, hold.model), delta)
         if hold.member is not None:
             member_key = (acct.id, hold.member)
             self._member_held[member_key] = self.held_by_member(acct, hold.member) + delta
-            self._upsert_held("reserved_by_member", "member", key, hold.member, delta)
-
-    def _upsert_held(
-        self, table: str, column: str, key: tuple[str, str], value: str, delta: int
-    ) -> None:
-        self._write(
-            f"INSERT INTO {table} (kind, account, {column}, amount) VALUES (%s, %s, %s, %s)"
-            f" ON CONFLICT (kind, account, {column})"
-            f" DO UPDATE SET amount = {table}.amount + excluded.amount",
-            *key,
-            value,
-            delta,
-        )
-        if delta < 0:
-            self._write(
-                f"DELETE FROM {table} WHERE kind = %s AND account = %s AND {column} = %s"
-                " AND amount = 0",
-                *key,
-                value,
-            )
+            _add(self._deltas, ("member", *key, hold.member), delta)
 
     def held_for(self, acct: E.Account, model: str) -> int:
         return self._held.get((acct.kind, acct.id), {}).get(model, 0)
@@ -996,14 +1017,7 @@ class Snapshot:
         return int(self._user_row(acct.id)[2] or 0)
 
     def use_allowance(self, acct: E.Account, month: int, amount: int) -> None:
-        self._write(
-            "INSERT INTO allowance_used (user_id, month, amount) VALUES (%s, %s, %s)"
-            " ON CONFLICT (user_id, month)"
-            " DO UPDATE SET amount = allowance_used.amount + excluded.amount",
-            acct.id,
-            month,
-            amount,
-        )
+        _add(self._deltas, ("allowance", acct.id, month), amount)
 
     # -- caps and spend windows --------------------------------------------------------------
 
@@ -1082,17 +1096,8 @@ class Snapshot:
             spend = self._spend_table(user_id)
             for _, cap_type, period, key in rows:
                 spend[(cap_type, period, key)] = spend.get((cap_type, period, key), 0) + amount
-        self._write(
-            "INSERT INTO spend (user_id, cap_type, period, model, amount)"
-            " SELECT %s, c, p, m, %s FROM unnest(%s::text[], %s::int[], %s::text[]) AS v(c, p, m)"
-            " ON CONFLICT (user_id, cap_type, period, model)"
-            " DO UPDATE SET amount = spend.amount + excluded.amount",
-            user_id,
-            amount,
-            [row[1] for row in rows],
-            [row[2] for row in rows],
-            [row[3] for row in rows],
-        )
+        for row in rows:
+            _add(self._deltas, ("spend", *row), amount)
 
     # -- teams -------------------------------------------------------------------------------
 
@@ -1144,15 +1149,7 @@ class Snapshot:
         return int(self.data.members[key][1] or 0)
 
     def add_member_spend(self, team: E.Account, user_id: str, month: int, amount: int) -> None:
-        self._write(
-            "INSERT INTO member_spend (team_id, user_id, month, amount) VALUES (%s, %s, %s, %s)"
-            " ON CONFLICT (team_id, user_id, month)"
-            " DO UPDATE SET amount = member_spend.amount + excluded.amount",
-            team.id,
-            user_id,
-            month,
-            amount,
-        )
+        _add(self._deltas, ("member_spend", team.id, user_id, month), amount)
 
     # -- pricing -----------------------------------------------------------------------------
 

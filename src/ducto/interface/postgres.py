@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from importlib import resources
@@ -82,6 +82,8 @@ _CREATES: Final = frozenset(
     }
 )
 _PRICING_WRITES: Final = frozenset({E.set_active_pricing, E.activate_pricing})
+_KNOWN_ACCOUNTS: Final = 100_000
+"""Most account keys remembered as existing (the set is emptied when it grows past this)."""
 
 Batch = list[tuple[str, tuple[Any, ...]]]
 Steps = Generator[Batch, list[Any], T]
@@ -205,6 +207,7 @@ class PostgresStore(StoreFront):
         self._limiter: anyio.CapacityLimiter | None = None
         self._ids = L.IdSource()
         self._configs: dict[int, PricingConfigData] = {}
+        self._known: set[E.AccountKey] = set()
         self._closed = False
 
     @property
@@ -422,16 +425,29 @@ class PostgresStore(StoreFront):
             break
         if write:
             yield [*writes, ("COMMIT", ())]
+            if op in _CREATES:
+                self._remember_accounts(key for key in locks if key[0] == E.USER)
         else:
             assert not writes, "a read-only operation recorded writes"
         return result
+
+    def _remember_accounts(self, keys: Iterable[E.AccountKey]) -> None:
+        """Accounts known to exist (rows are never deleted): their INSERT can be skipped."""
+        if len(self._known) > _KNOWN_ACCOUNTS:
+            self._known.clear()
+        self._known.update(keys)
 
     def _now(self) -> datetime | None:
         return None if self._clock is None else L.read_clock(self._clock)
 
     def _locks(self, op: Callable[..., Any], locks: Sequence[E.AccountKey]) -> Batch:
         batch: Batch = []
-        creates = [key for key in locks if key[0] == E.USER] if op in _CREATES else []
+        known = self._known
+        creates = (
+            [key for key in locks if key[0] == E.USER and key not in known]
+            if op in _CREATES
+            else []
+        )
         if creates:
             batch.append(
                 (
@@ -490,31 +506,51 @@ class PostgresStore(StoreFront):
                     raise _translate(cause) from cause
 
     async def _drive_async(self, pool: Any, steps: Steps[T]) -> T:
+        """
+        Run `steps` on one pooled connection, in one pipeline.
+
+        Each batch but the last is one round trip (a sync); the last, ending in ``COMMIT``,
+        goes with the sync that leaves the pipeline, so an operation costs two round trips.
+        """
         import psycopg
 
         try:
-            conn_cm = pool.connection(timeout=self._timeout)
-            conn = await conn_cm.__aenter__()
+            conn = await pool.getconn(timeout=self._timeout)
         except Exception as exc:
             raise _translate(exc) from exc
         sent_commit = False
         ok = False
         try:
             batch = next(steps)
-            while True:
-                if batch and batch[-1][0] == "COMMIT":
-                    # Once the writes and COMMIT are sent the call completes and reports it;
-                    # a cancellation then reaches the caller at its next checkpoint.
-                    sent_commit = True
+            pipeline_cm = conn.pipeline()
+            pipeline = await pipeline_cm.__aenter__()
+            in_pipeline = True
+            try:
+                while True:
+                    if batch and batch[-1][0] == "COMMIT":
+                        # Once the writes and COMMIT are sent the call completes and reports
+                        # it; a cancellation then reaches the caller at its next checkpoint.
+                        sent_commit = True
+                        with anyio.CancelScope(shield=True):
+                            await _queue_async(conn, batch)
+                            in_pipeline = False
+                            await pipeline_cm.__aexit__(None, None, None)
+                        results: list[Any] = []
+                    else:
+                        cursors = await _queue_async(conn, batch)
+                        await pipeline.sync()
+                        results = [None if c is None else await c.fetchall() for c in cursors]
+                    try:
+                        batch = steps.send(results)
+                    except StopIteration as done:
+                        value: T = done.value
+                        break
+            finally:
+                if in_pipeline:
                     with anyio.CancelScope(shield=True):
-                        results = await _send_async(conn, batch)
-                else:
-                    results = await _send_async(conn, batch)
-                try:
-                    batch = steps.send(results)
-                except StopIteration as done:
-                    ok = True
-                    return done.value  # type: ignore[no-any-return]
+                        await pipeline_cm.__aexit__(None, None, None)
+            ok = True
+            return value
         except psycopg.Error as exc:
             raise _classify(exc, sent_commit) from exc
         finally:
@@ -525,28 +561,36 @@ class PostgresStore(StoreFront):
                             await conn.rollback()
                     except psycopg.Error:
                         await conn.close()
-                await conn_cm.__aexit__(None, None, None)
+                await pool.putconn(conn)
 
     def _drive_sync(self, pool: Any, steps: Steps[T]) -> T:
+        """`_drive_async` on a synchronous connection, on a worker thread."""
         import psycopg
 
         try:
-            conn_cm = pool.connection(timeout=self._timeout)
-            conn = conn_cm.__enter__()
+            conn = pool.getconn(timeout=self._timeout)
         except Exception as exc:
             raise _translate(exc) from exc
         sent_commit = False
         ok = False
         try:
             batch = next(steps)
-            while True:
-                sent_commit = sent_commit or (bool(batch) and batch[-1][0] == "COMMIT")
-                results = _send_sync(conn, batch)
-                try:
-                    batch = steps.send(results)
-                except StopIteration as done:
-                    ok = True
-                    return done.value  # type: ignore[no-any-return]
+            with conn.pipeline() as pipeline:
+                while True:
+                    cursors = _queue_sync(conn, batch)
+                    if batch and batch[-1][0] == "COMMIT":
+                        sent_commit = True
+                        results: list[Any] = []
+                    else:
+                        pipeline.sync()
+                        results = [None if c is None else c.fetchall() for c in cursors]
+                    try:
+                        batch = steps.send(results)
+                    except StopIteration as done:
+                        value: T = done.value
+                        break
+            ok = True
+            return value
         except psycopg.Error as exc:
             raise _classify(exc, sent_commit) from exc
         finally:
@@ -556,7 +600,7 @@ class PostgresStore(StoreFront):
                         conn.rollback()
                 except psycopg.Error:
                     conn.close()
-            conn_cm.__exit__(None, None, None)
+            pool.putconn(conn)
 
     # -- analytics, as SQL aggregates ------------------------------------------------------------
 
@@ -657,25 +701,35 @@ def _classify(exc: BaseException, sent_commit: bool) -> BaseException:
     return _translate(exc)
 
 
-async def _send_async(conn: Any, batch: Batch) -> list[Any]:
-    """Send a batch in one pipeline (one round trip) and return each statement's rows."""
-    async with conn.pipeline() as pipeline:
-        cursors = []
-        for sql, params in batch:
+def _wants_rows(sql: str) -> bool:
+    return sql.startswith(("SELECT", "WITH"))
+
+
+async def _queue_async(conn: Any, batch: Batch) -> list[Any]:
+    """Queue a batch in the pipeline; a cursor for each statement whose rows are read."""
+    shared = conn.cursor()
+    cursors = []
+    for sql, params in batch:
+        if _wants_rows(sql):
             cursor = conn.cursor()
             await cursor.execute(sql, params)
             cursors.append(cursor)
-        await pipeline.sync()
-        return [await c.fetchall() if c.description is not None else None for c in cursors]
+        else:
+            await shared.execute(sql, params)
+            cursors.append(None)
+    return cursors
 
 
-def _send_sync(conn: Any, batch: Batch) -> list[Any]:
-    """`_send_async` on a synchronous connection."""
-    with conn.pipeline() as pipeline:
-        cursors = []
-        for sql, params in batch:
+def _queue_sync(conn: Any, batch: Batch) -> list[Any]:
+    """`_queue_async` on a synchronous connection."""
+    shared = conn.cursor()
+    cursors = []
+    for sql, params in batch:
+        if _wants_rows(sql):
             cursor = conn.cursor()
             cursor.execute(sql, params)
             cursors.append(cursor)
-        pipeline.sync()
-        return [c.fetchall() if c.description is not None else None for c in cursors]
+        else:
+            shared.execute(sql, params)
+            cursors.append(None)
+    return cursors
