@@ -7,8 +7,8 @@ holds across processes sharing the file, and each call costs one trip to that th
 asyncio the connection is an `aiosqlite` connection; aiosqlite cannot run under trio, so there
 the same functions run on the store's own worker thread through `anyio.to_thread`.
 
-Group commit: callers queue their operations; the first caller to find no transaction running
-becomes the leader, takes everything queued (up to ``max_batch``) and runs it in one
+Group commit (`_group`): callers queue their operations; the first caller to find no transaction
+running becomes the leader, takes everything queued (up to ``max_batch``) and runs it in one
 transaction, each operation inside its own SAVEPOINT so a refused or failing one rolls back
 alone; it commits once and then answers every caller. No caller is answered before the commit
 that holds its operation is durable at the configured ``synchronous`` level. There is no
@@ -29,11 +29,11 @@ from typing import Any, Final, Literal, Protocol, TypeVar
 
 import anyio
 import sniffio
-from anyio.lowlevel import checkpoint
 
 from ducto.errors import DuctoError, InvalidArgumentError, StoreError, StoreUnavailableError
 from ducto.interface import _ledger as L
 from ducto.interface._front import Keys, StoreFront
+from ducto.interface._group import GroupCommit, Job
 from ducto.interface._sqlite_storage import SQLiteStorage
 from ducto.interface.models import SetupResult
 
@@ -116,26 +116,6 @@ class _AiosqliteRunner:
 
     async def close(self, conn: sqlite3.Connection) -> None:
         await self._aio.close()
-
-
-class _Job:
-    __slots__ = ("args", "done", "error", "fn", "lead", "result", "taken", "wake", "write")
-
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], write: bool) -> None:
-        self.fn = fn
-        self.args = args
-        self.write = write
-        self.wake = anyio.Event()  # taken into a transaction, or asked to lead one
-        self.done = anyio.Event()
-        self.lead = False
-        self.taken = False
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def outcome(self) -> Any:
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 def _translate(exc: BaseException) -> StoreError:
@@ -225,9 +205,7 @@ class SQLiteStore(StoreFront):
         self._runner: _Runner | None = None
         self._st: SQLiteStorage | None = None
         self._schema_ready = False
-        self._queue: list[_Job] = []
-        self._leading = False
-        self._idle: anyio.Event | None = None
+        self._group = GroupCommit(self._execute_batch, max_batch=self._max_batch)
         self._closed = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -297,10 +275,8 @@ class SQLiteStore(StoreFront):
         runner, self._runner = self._runner, None
         if runner is not None:
             with anyio.CancelScope(shield=True):
-                if self._leading:
-                    # Let the transaction in flight finish; queued calls then fail as closed.
-                    self._idle = anyio.Event()
-                    await self._idle.wait()
+                # Let the transaction in flight finish; queued calls then fail as closed.
+                await self._group.wait_idle()
                 assert self._st is not None
                 await runner.close(self._st.conn)
 
@@ -360,64 +336,10 @@ class SQLiteStore(StoreFront):
     async def _call(self, fn: Callable[..., T], *args: Any, write: bool = True) -> T:
         if self._closed or self._runner is None:
             raise StoreError("the store is closed" if self._closed else "the store is not open")
-        job = _Job(fn, args, write)
-        self._queue.append(job)
-        if self._leading:
-            try:
-                await job.wake.wait()
-            except BaseException:
-                if not job.taken:
-                    # Nothing happened yet: withdraw (passing on leadership if it came).
-                    self._queue.remove(job)
-                    if job.lead:
-                        self._leading = False
-                        self._promote()
-                    raise
-                # A leader took the operation as the cancellation arrived. It will commit, so
-                # the call completes and reports it; the cancellation, which anyio delivers at
-                # every checkpoint of a cancelled scope, reaches the caller at its next one.
-            if not job.lead:
-                with anyio.CancelScope(shield=True):
-                    await job.done.wait()
-                return job.outcome()  # type: ignore[no-any-return]
-        else:
-            self._leading = True
-            try:
-                await checkpoint()
-            except BaseException:
-                self._queue.remove(job)
-                self._leading = False
-                self._promote()
-                raise
-        try:
-            batch = self._queue[: self._max_batch]
-            del self._queue[: len(batch)]
-            for queued in batch:
-                queued.taken = True
-                if queued is not job:
-                    queued.wake.set()
-            with anyio.CancelScope(shield=True):
-                await self._execute_batch(batch)
-            for queued in batch:
-                queued.done.set()
-        finally:
-            self._leading = False
-            self._promote()
-        return job.outcome()  # type: ignore[no-any-return]
+        result: T = await self._group.submit(Job(fn, args, write))
+        return result
 
-    def _promote(self) -> None:
-        """Hand leadership to the oldest queued caller, if any."""
-        if self._leading:
-            return
-        if self._queue:
-            self._leading = True
-            nxt = self._queue[0]
-            nxt.lead = True
-            nxt.wake.set()
-        elif self._idle is not None:
-            self._idle.set()
-
-    async def _execute_batch(self, batch: list[_Job]) -> None:
+    async def _execute_batch(self, batch: list[Job]) -> None:
         runner = self._runner
         if runner is None:
             error = StoreError("the store is closed")
@@ -431,7 +353,7 @@ class SQLiteStore(StoreFront):
             for job in batch:
                 job.result, job.error = None, error
 
-    def _run_batch(self, batch: list[_Job]) -> None:
+    def _run_batch(self, batch: list[Job]) -> None:
         """Run queued operations in one transaction; runs on the connection thread."""
         conn = self._storage().conn
         single = len(batch) == 1
