@@ -23,6 +23,7 @@ import re
 from collections.abc import Callable, Generator, Iterable, Sequence
 from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
+from functools import partial
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -40,7 +41,8 @@ from ducto.errors import (
 from ducto.interface import _engine as E
 from ducto.interface import _ledger as L
 from ducto.interface._front import Keys, StoreFront
-from ducto.interface._postgres_storage import Bundle, Data, Miss, Snapshot, need_for
+from ducto.interface._group import GroupCommit, Job
+from ducto.interface._postgres_storage import Bundle, Data, Miss, Need, Snapshot, need_for
 from ducto.interface.models import (
     AggregateStatsRow,
     DailySpendRow,
@@ -82,6 +84,8 @@ _CREATES: Final = frozenset(
     }
 )
 _PRICING_WRITES: Final = frozenset({E.set_active_pricing, E.activate_pricing})
+_ALONE: Final = frozenset({*_PRICING_WRITES, E.sweep})
+"""Operations that run in a transaction of their own, never batched with others."""
 _KNOWN_ACCOUNTS: Final = 100_000
 """Most account keys remembered as existing (the set is emptied when it grows past this)."""
 
@@ -155,6 +159,10 @@ class PostgresStore(StoreFront):
         clock: Returns the current aware UTC datetime. Without it, "now" is the database
             server's clock, read inside each transaction, so hosts whose clocks disagree
             agree on time.
+        group_commit: Under load, run concurrent operations on different accounts in shared
+            transactions (one round trip pair and one commit for the batch), up to one batch
+            per pooled connection. Off, every operation is a transaction of its own.
+        max_batch: The most operations one transaction carries.
     """
 
     def __init__(
@@ -169,6 +177,8 @@ class PostgresStore(StoreFront):
         max_size: int = 10,
         connect_timeout: float = 5.0,
         clock: Callable[[], datetime] | None = None,
+        group_commit: bool = True,
+        max_batch: int = 32,
     ) -> None:
         if dsn is None and pool is None:
             dsn = os.environ.get("DUCTO_STORE_URL")
@@ -190,6 +200,8 @@ class PostgresStore(StoreFront):
         L.check_limit(max_size, name="max_size", maximum=1000)
         if max_size < min_size:
             raise InvalidArgumentError(f"max_size ({max_size}) must be >= min_size ({min_size})")
+        L.check_bool("group_commit", group_commit)
+        L.check_limit(max_batch, name="max_batch", maximum=1000)
         if type(connect_timeout) not in (int, float) or not 0 < connect_timeout <= 600:
             raise InvalidArgumentError(
                 f"connect_timeout must be more than 0 and at most 600 seconds, "
@@ -208,6 +220,8 @@ class PostgresStore(StoreFront):
         self._ids = L.IdSource()
         self._configs: dict[int, PricingConfigData] = {}
         self._known: set[E.AccountKey] = set()
+        self._group: GroupCommit | None = None
+        self._group_options = (group_commit, max_batch)
         self._closed = False
 
     @property
@@ -274,6 +288,16 @@ class PostgresStore(StoreFront):
                 await anyio.to_thread.run_sync(sync_pool.close)
                 raise _translate(exc) from exc
             self._pool = sync_pool
+        self._start_group()
+
+    def _start_group(self) -> None:
+        enabled, max_batch = self._group_options
+        if enabled:
+            size = self._pool.max_size if self._given_pool is not None else self._max_size
+            leaders = int(os.environ.get("DUCTO_PG_LEADERS", "0")) or size
+            self._group = GroupCommit(
+                self._run_batch, max_batch=max_batch, max_leaders=min(size, leaders), disjoint=True
+            )
 
     def _check_session(self) -> Steps[None]:
         """Refuse a given pool whose connections do not look in the store's schema first."""
@@ -300,6 +324,9 @@ class PostgresStore(StoreFront):
         if self._closed:
             return
         self._closed = True
+        if self._group is not None:
+            with anyio.CancelScope(shield=True):
+                await self._group.wait_idle()
         pool, self._pool = self._pool, None
         if pool is None or pool is self._given_pool:
             return
@@ -379,57 +406,98 @@ class PostgresStore(StoreFront):
         return await self._with_connection(steps)
 
     async def _run(self, op: Callable[..., T], keys: Keys, *args: Any, write: bool = True) -> T:
-        return await self._with_connection(lambda: self._transaction(op, keys, args, write))
+        self._check_open()
+        job = Job(op, args, write, sorted(set(keys)), op in _ALONE)
+        if self._group is not None and not job.alone:
+            result: T = await self._group.submit(job)
+            return result
+        await self._with_connection(lambda: self._steps([job]))
+        return job.outcome()  # type: ignore[no-any-return]
 
-    def _transaction(
-        self, op: Callable[..., T], keys: Keys, args: Sequence[Any], write: bool
-    ) -> Steps[T]:
-        """One operation as batches of statements (see the module docstring)."""
-        need = need_for(op, args)
-        locks = sorted(set(keys))
+    async def _run_batch(self, jobs: list[Job]) -> None:
+        """Run a batch of operations in one transaction (see `_group`); never raises."""
+        try:
+            await self._with_connection(lambda: self._steps(jobs))
+        except StoreUnavailableError as exc:
+            for job in jobs:
+                job.result, job.error = None, exc
+        except Exception:
+            # The transaction failed as a whole (nothing committed): run each operation in
+            # a transaction of its own, so one cannot fail the others.
+            for job in jobs:
+                try:
+                    await self._with_connection(partial(self._steps, [job]))
+                except Exception as exc:
+                    job.result, job.error = None, exc
+
+    def _steps(self, jobs: list[Job]) -> Steps[None]:
+        """
+        Operations on disjoint accounts as one transaction, in two round trips.
+
+        Each job's result or error is set on it. An operation that refuses or raises recorded
+        no write; one that read something the bundle did not bring runs again after it is
+        fetched (its first writes dropped).
+        """
+        for job in jobs:
+            job.result = job.error = None
+        need = Need()
+        for job in jobs:
+            need.merge(need_for(job.fn, job.args))
+        write = any(job.write for job in jobs)
+        locks = sorted({key for job in jobs if job.write for key in job.keys or ()})
         batch: Batch = []
         if write:
             batch.append(("BEGIN", ()))
-            batch.extend(self._locks(op, locks))
+            batch.extend(self._locks(jobs, locks))
         bundle = Bundle(need, self._now())
         batch.append(bundle.statement())
         rows = yield batch
         data = bundle.read(rows[-1][0])
-        while True:
-            snapshot = Snapshot(data, self._ids, self._configs)
-            try:
-                result = op(snapshot, *args)
-                writes = snapshot.finish()
-            except Miss as miss:
-                more: Batch = []
-                extra = sorted(set(miss.need.accounts) - set(locks)) if write else []
-                if extra:
-                    # A sweep learns its accounts from its first read: lock them, then read
-                    # everything again after the locks.
-                    locks = sorted({*locks, *extra})
-                    more.extend(self._locks(op, extra))
-                    need.merge(miss.need)
-                    bundle = Bundle(need, data.now)
-                    data = Data(now=data.now)
-                else:
-                    bundle = Bundle(miss.need, data.now)
-                    need.merge(miss.need)
-                more.append(bundle.statement())
-                rows = yield more
-                data = bundle.read(rows[-1][0], data)
-                continue
-            except BaseException:
-                if write:
-                    yield [("ROLLBACK", ())]
-                raise
-            break
+        writes: Batch = []
+        pending = jobs
+        while pending:
+            missed = Need()
+            again = []
+            for job in pending:
+                snapshot = Snapshot(data, self._ids, self._configs)
+                try:
+                    job.result = job.fn(snapshot, *job.args)
+                    writes.extend(snapshot.finish())
+                except Miss as miss:
+                    missed.merge(miss.need)
+                    again.append(job)
+                except Exception as exc:  # the engine refused the arguments: nothing recorded
+                    job.error = exc
+            if not again:
+                break
+            more: Batch = []
+            extra = sorted(set(missed.accounts) - set(locks)) if write else []
+            if extra:
+                # A sweep (alone in its batch) learns its accounts from its first read: lock
+                # them, then read everything again after the locks.
+                locks = sorted({*locks, *extra})
+                more.extend(self._locks(again, extra))
+                need.merge(missed)
+                bundle = Bundle(need, data.now)
+                data = Data(now=data.now)
+            else:
+                bundle = Bundle(missed, data.now)
+                need.merge(missed)
+            more.append(bundle.statement())
+            rows = yield more
+            data = bundle.read(rows[-1][0], data)
+            pending = again
         if write:
             yield [*writes, ("COMMIT", ())]
-            if op in _CREATES:
-                self._remember_accounts(key for key in locks if key[0] == E.USER)
+            self._remember_accounts(
+                key
+                for job in jobs
+                if job.fn in _CREATES
+                for key in job.keys or ()
+                if key[0] == E.USER
+            )
         else:
             assert not writes, "a read-only operation recorded writes"
-        return result
 
     def _remember_accounts(self, keys: Iterable[E.AccountKey]) -> None:
         """Accounts known to exist (rows are never deleted): their INSERT can be skipped."""
@@ -440,13 +508,18 @@ class PostgresStore(StoreFront):
     def _now(self) -> datetime | None:
         return None if self._clock is None else L.read_clock(self._clock)
 
-    def _locks(self, op: Callable[..., Any], locks: Sequence[E.AccountKey]) -> Batch:
+    def _locks(self, jobs: Sequence[Job], locks: Sequence[E.AccountKey]) -> Batch:
         batch: Batch = []
         known = self._known
-        creates = (
-            [key for key in locks if key[0] == E.USER and key not in known]
-            if op in _CREATES
-            else []
+        wanted = set(locks)
+        creates = sorted(
+            {
+                key
+                for job in jobs
+                if job.fn in _CREATES
+                for key in job.keys or ()
+                if key[0] == E.USER and key not in known and key in wanted
+            }
         )
         if creates:
             batch.append(
@@ -465,7 +538,7 @@ class PostgresStore(StoreFront):
                     ([k for k, _ in locks], [i for _, i in locks]),
                 )
             )
-        if op in _PRICING_WRITES:
+        if any(job.fn in _PRICING_WRITES for job in jobs):
             batch.append(("SELECT 1 FROM settings WHERE key = 'pricing' FOR UPDATE", ()))
         return batch
 
