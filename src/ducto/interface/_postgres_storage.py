@@ -19,9 +19,10 @@ again from the start. Nothing was sent: writes are only recorded until the end.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Final, TypeVar
 
 from ducto.interface import _engine as E
@@ -256,7 +257,13 @@ def _key(need: Need, kind: str, account: str, key: str | None) -> None:
 
 
 class Bundle:
-    """Builds the bundle query for a `Need` and reads its one row back into `Data`."""
+    """
+    Builds the bundle query for a `Need` and reads its one row back into `Data`.
+
+    Each kind of read is one fragment driven by arrays of keys, so the query's text depends
+    only on which kinds of read a batch needs, not on how many operations it holds: the
+    server and psycopg reuse its prepared plan.
+    """
 
     def __init__(self, need: Need, now: datetime | None) -> None:
         self.need = need
@@ -273,66 +280,129 @@ class Bundle:
     def statement(self) -> Statement:
         """The bundle query: one row, one column per fragment, after the now column."""
         need = self.need
-        for kind, account in sorted(need.accounts):
-            self._account(kind, account)
-        for user in sorted(need.user_data):
-            self._user(user)
-        for kind, account, key in sorted(need.keys):
-            if kind != "?":
-                self._add(
-                    "(SELECT json_agg(json_build_array(op, fingerprint, result)) FROM idempotency"
-                    " WHERE kind = %s AND account = %s AND key = %s)",
-                    (kind, account, key),
-                    lambda d, v, k=(kind, account, key): d.keys.__setitem__(
-                        k, {row[0]: (row[1], row[2]) for row in v or ()}
-                    ),
-                )
-        for kind, account, hold_id in sorted(need.holds):
+        if need.accounts:
+            keys = sorted(need.accounts)
             self._add(
-                "(SELECT json_build_array(amount, operation_type, model, use_allowance,"
-                " expires_at, member, state, counted) FROM holds"
-                " WHERE id = %s AND kind = %s AND account = %s)",
-                (hold_id, kind, account),
-                lambda d, v, k=(kind, account, hold_id): d.holds.__setitem__(k, v),
+                "(SELECT json_agg(json_build_array(a.kind, a.id, a.balance,"
+                " a.lifetime_purchased, a.reserved, a.expired_unswept, a.plan_id, a.name, a.caps,"
+                " (SELECT json_agg(json_build_array(h.id, h.amount, h.model, h.member,"
+                " h.expires_at)) FROM holds h WHERE h.kind = a.kind AND h.account = a.id AND"
+                " h.counted AND h.expires_at <= n.t), (SELECT json_agg(json_build_array(l.id,"
+                " l.remaining)) FROM lots l WHERE l.kind = a.kind AND l.account = a.id AND"
+                " l.remaining > 0 AND NOT l.expired AND l.expires_at <= n.t), (SELECT"
+                " json_object_agg(r.model, r.amount) FROM reserved_by_model r WHERE"
+                " r.kind = a.kind AND r.account = a.id))) FROM unnest(%s::text[], %s::text[])"
+                " AS k(kind, id) JOIN accounts a ON a.kind = k.kind AND a.id = k.id)",
+                ([k for k, _ in keys], [i for _, i in keys]),
+                partial(_read_accounts, keys),
             )
-        for (kind, account), amount in sorted(need.debits.items()):
-            self._debit_lots(kind, account, amount)
-        for kind, account in sorted(need.all_lots):
+        if need.user_data:
+            users = sorted(need.user_data)
             self._add(
-                "(SELECT json_agg(json_build_array(id, seq, remaining, expires_at,"
-                " expired OR expires_at <= n.t) ORDER BY expired OR expires_at <= n.t,"
-                " CASE WHEN expired OR expires_at <= n.t THEN expires_at"
-                " ELSE coalesce(expires_at, 'infinity') END, seq)"
-                " FROM lots WHERE kind = %s AND account = %s AND remaining > 0)",
-                (kind, account),
-                lambda d, v, k=(kind, account): d.all_lots.__setitem__(k, v or []),
+                "(SELECT json_agg(json_build_array(u.id,"
+                " (SELECT json_agg(json_build_array(c.cap_type, c.model, c.cap_limit, c.action))"
+                " FROM caps c WHERE c.user_id = u.id),"
+                " (SELECT json_agg(json_build_array(s.cap_type, s.period, s.model, s.amount))"
+                f" FROM spend s WHERE s.user_id = u.id AND ((s.cap_type = 'daily' AND"
+                f" s.period = {_DAY}) OR (s.cap_type = 'monthly' AND s.period = {_MONTH}))),"
+                f" (SELECT w.amount FROM allowance_used w WHERE w.user_id = u.id AND"
+                f" w.month = {_MONTH}))) FROM unnest(%s::text[]) AS u(id))",
+                (users,),
+                partial(_read_rows, "users", users, lambda row: row[0], lambda row: row[1:]),
             )
-        for team, user in sorted(need.members):
+        keys3 = sorted(k for k in need.keys if k[0] != "?")
+        if keys3:
             self._add(
-                "(SELECT json_build_array("
-                "(SELECT json_build_array(role, spend_cap) FROM team_members"
-                " WHERE team_id = %s AND user_id = %s),"
-                "(SELECT amount FROM member_spend WHERE team_id = %s AND user_id = %s"
-                f" AND month = {_MONTH}),"
-                "(SELECT amount FROM reserved_by_member WHERE kind = 't' AND account = %s"
-                " AND member = %s)))",
-                (team, user, team, user, team, user),
-                lambda d, v, k=(team, user): d.members.__setitem__(k, v),
+                "(SELECT json_agg(json_build_array(i.kind, i.account, i.key, i.op,"
+                " i.fingerprint, i.result)) FROM unnest(%s::text[], %s::text[], %s::text[])"
+                " AS k(kind, account, key) JOIN idempotency i ON i.kind = k.kind AND"
+                " i.account = k.account AND i.key = k.key)",
+                tuple([k[n] for k in keys3] for n in range(3)),
+                partial(_read_keys, keys3),
             )
-        for team in sorted(need.member_lists):
+        holds = sorted(need.holds)
+        if holds:
             self._add(
-                "(SELECT json_agg(json_build_array(m.user_id, m.role, m.spend_cap, s.amount)"
+                "(SELECT json_agg(json_build_array(h.kind, h.account, h.id, h.amount,"
+                " h.operation_type, h.model, h.use_allowance, h.expires_at, h.member, h.state,"
+                " h.counted)) FROM unnest(%s::text[], %s::text[], %s::text[])"
+                " AS k(kind, account, id) JOIN holds h ON h.id = k.id AND h.kind = k.kind AND"
+                " h.account = k.account)",
+                tuple([k[n] for k in holds] for n in range(3)),
+                partial(_read_rows, "holds", holds, lambda row: tuple(row[:3]), lambda r: r[3:]),
+            )
+        debits = sorted(need.debits.items())
+        if debits:
+            # Unexpired lots, in burn-down order, until they cover the amount; then expired
+            # ones (including those lapsing now), oldest expiry first, likewise.
+            self._add(
+                "(SELECT json_agg(json_build_array(k.kind, k.account, k.amount,"
+                " (SELECT json_agg(json_build_array(id, seq, remaining, expires_at)"
+                " ORDER BY coalesce(expires_at, 'infinity'), seq) FROM (SELECT id, seq,"
+                " remaining, expires_at, sum(remaining) OVER (ORDER BY coalesce(expires_at,"
+                " 'infinity'), seq) AS run FROM lots WHERE kind = k.kind AND account = k.account"
+                " AND remaining > 0 AND NOT expired AND (expires_at IS NULL OR"
+                " expires_at > n.t)) x WHERE run - remaining < k.amount),"
+                " (SELECT json_agg(json_build_array(id, seq, remaining, expires_at)"
+                " ORDER BY expires_at, seq) FROM (SELECT id, seq, remaining, expires_at,"
+                " sum(remaining) OVER (ORDER BY expires_at, seq) AS run FROM lots"
+                " WHERE kind = k.kind AND account = k.account AND remaining > 0 AND"
+                " (expired OR expires_at <= n.t)) x WHERE run - remaining < k.amount)))"
+                " FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS k(kind, account, amount))",
+                (
+                    [d[0][0] for d in debits],
+                    [d[0][1] for d in debits],
+                    [d[1] for d in debits],
+                ),
+                _read_debits,
+            )
+        all_lots = sorted(need.all_lots)
+        if all_lots:
+            self._add(
+                "(SELECT json_agg(json_build_array(k.kind, k.account, (SELECT"
+                " json_agg(json_build_array(l.id, l.seq, l.remaining, l.expires_at,"
+                " l.expired OR l.expires_at <= n.t) ORDER BY l.expired OR l.expires_at <= n.t,"
+                " CASE WHEN l.expired OR l.expires_at <= n.t THEN l.expires_at"
+                " ELSE coalesce(l.expires_at, 'infinity') END, l.seq) FROM lots l"
+                " WHERE l.kind = k.kind AND l.account = k.account AND l.remaining > 0)))"
+                " FROM unnest(%s::text[], %s::text[]) AS k(kind, account))",
+                ([k for k, _ in all_lots], [a for _, a in all_lots]),
+                partial(
+                    _read_rows, "all_lots", all_lots, lambda r: tuple(r[:2]), lambda r: r[2] or []
+                ),
+            )
+        members = sorted(need.members)
+        if members:
+            self._add(
+                "(SELECT json_agg(json_build_array(k.team, k.uid,"
+                " (SELECT json_build_array(m.role, m.spend_cap) FROM team_members m"
+                " WHERE m.team_id = k.team AND m.user_id = k.uid),"
+                " (SELECT s.amount FROM member_spend s WHERE s.team_id = k.team AND"
+                f" s.user_id = k.uid AND s.month = {_MONTH}),"
+                " (SELECT r.amount FROM reserved_by_member r WHERE r.kind = 't' AND"
+                " r.account = k.team AND r.member = k.uid)))"
+                " FROM unnest(%s::text[], %s::text[]) AS k(team, uid))",
+                ([t for t, _ in members], [u for _, u in members]),
+                partial(_read_rows, "members", members, lambda r: tuple(r[:2]), lambda r: r[2:]),
+            )
+        teams = sorted(need.member_lists)
+        if teams:
+            self._add(
+                "(SELECT json_agg(json_build_array(k.team, (SELECT"
+                " json_agg(json_build_array(m.user_id, m.role, m.spend_cap, s.amount)"
                 " ORDER BY m.user_id) FROM team_members m LEFT JOIN member_spend s"
                 f" ON s.team_id = m.team_id AND s.user_id = m.user_id AND s.month = {_MONTH}"
-                " WHERE m.team_id = %s)",
-                (team,),
-                lambda d, v, k=team: d.member_lists.__setitem__(k, v or []),
+                " WHERE m.team_id = k.team))) FROM unnest(%s::text[]) AS k(team))",
+                (teams,),
+                partial(_read_rows, "member_lists", teams, lambda r: r[0], lambda r: r[1] or []),
             )
-        for team in sorted(need.member_counts):
+        counted = sorted(need.member_counts)
+        if counted:
             self._add(
-                "(SELECT count(*) FROM team_members WHERE team_id = %s)",
-                (team,),
-                lambda d, v, k=team: d.member_counts.__setitem__(k, v),
+                "(SELECT json_agg(json_build_array(k.team, (SELECT count(*) FROM team_members m"
+                " WHERE m.team_id = k.team))) FROM unnest(%s::text[]) AS k(team))",
+                (counted,),
+                partial(_read_rows, "member_counts", counted, lambda r: r[0], lambda r: r[1]),
             )
         if need.pricing:
             self._add(
@@ -341,12 +411,13 @@ class Bundle:
                 (),
                 _read_pricing,
             )
-        for version in sorted(need.pricing_versions):
+        versions = sorted(need.pricing_versions)
+        if versions:
             self._add(
-                "(SELECT json_build_array(version, id, config, label, created_at) FROM pricing"
-                " WHERE version = %s)",
-                (version,),
-                lambda d, v, k=version: d.versions.__setitem__(k, v),
+                "(SELECT json_agg(json_build_array(version, id, config, label, created_at))"
+                " FROM pricing WHERE version = ANY(%s::int[]))",
+                (versions,),
+                partial(_read_rows, "versions", versions, lambda r: r[0], lambda r: r),
             )
         if need.pricing_history:
             self._add(
@@ -355,16 +426,19 @@ class Bundle:
                 (),
                 lambda d, v: d.__setattr__("history", v or []),
             )
-        for tx in sorted(need.debit_rows):
+        txs = sorted(need.debit_rows)
+        if txs:
+            with_keys = {a: k for kind, a, k in need.keys if kind == "?"}
             self._add(
-                "(SELECT json_build_array(kind, account, amount, type, created_at, draws,"
-                " draw_refunds, spender, model, (SELECT json_agg(json_build_array(l.id, l.seq,"
-                " l.remaining, l.expires_at)) FROM lots l WHERE l.id IN (SELECT"
-                " jsonb_array_elements(g.draws)->>0)), (SELECT json_agg(json_build_array(op,"
-                " fingerprint, result)) FROM idempotency i WHERE i.kind = g.kind AND"
-                " i.account = g.account AND i.key = %s)) FROM ledger g WHERE g.id = %s)",
-                (next((k for kind, a, k in need.keys if kind == "?" and a == tx), ""), tx),
-                lambda d, v, k=tx: d.debit_rows.__setitem__(k, v),
+                "(SELECT json_agg(json_build_array(g.id, g.kind, g.account, g.amount, g.type,"
+                " g.created_at, g.draws, g.draw_refunds, g.spender, g.model, (SELECT"
+                " json_agg(json_build_array(l.id, l.seq, l.remaining, l.expires_at)) FROM lots l"
+                " WHERE l.id IN (SELECT jsonb_array_elements(g.draws)->>0)), (SELECT"
+                " json_agg(json_build_array(i.op, i.fingerprint, i.result)) FROM idempotency i"
+                " WHERE i.kind = g.kind AND i.account = g.account AND i.key = k.key)))"
+                " FROM unnest(%s::text[], %s::text[]) AS k(id, key) JOIN ledger g ON g.id = k.id)",
+                (txs, [with_keys.get(tx, "") for tx in txs]),
+                partial(_read_rows, "debit_rows", txs, lambda r: r[0], lambda r: r[1:]),
             )
         if need.page is not None:
             self._page(*need.page)
@@ -381,53 +455,6 @@ class Bundle:
         columns = ", ".join(["n.t", *self._fragments])
         sql = f"WITH n AS MATERIALIZED (SELECT {now_sql} AS t) SELECT {columns} FROM n"
         return sql, (*now_params, *self._params)
-
-    def _account(self, kind: str, account: str) -> None:
-        self._add(
-            "(SELECT json_build_array(balance, lifetime_purchased, reserved, expired_unswept,"
-            " plan_id, name, caps, (SELECT json_agg(json_build_array(h.id, h.amount, h.model,"
-            " h.member, h.expires_at)) FROM holds h WHERE h.kind = a.kind AND"
-            " h.account = a.id AND h.counted AND h.expires_at <= n.t), (SELECT"
-            " json_agg(json_build_array(l.id, l.remaining)) FROM lots l WHERE l.kind = a.kind"
-            " AND l.account = a.id AND l.remaining > 0 AND NOT l.expired AND"
-            " l.expires_at <= n.t), (SELECT json_object_agg(r.model, r.amount) FROM"
-            " reserved_by_model r WHERE r.kind = a.kind AND r.account = a.id))"
-            " FROM accounts a WHERE a.kind = %s AND a.id = %s)",
-            (kind, account),
-            lambda d, v, k=(kind, account): d.accounts.__setitem__(k, v),
-        )
-
-    def _user(self, user: str) -> None:
-        self._add(
-            "(SELECT json_build_array("
-            "(SELECT json_agg(json_build_array(cap_type, model, cap_limit, action)) FROM caps"
-            " WHERE user_id = %s),"
-            "(SELECT json_agg(json_build_array(cap_type, period, model, amount)) FROM spend"
-            f" WHERE user_id = %s AND ((cap_type = 'daily' AND period = {_DAY})"
-            f" OR (cap_type = 'monthly' AND period = {_MONTH}))),"
-            f"(SELECT amount FROM allowance_used WHERE user_id = %s AND month = {_MONTH})))",
-            (user, user, user),
-            lambda d, v, k=user: d.users.__setitem__(k, v),
-        )
-
-    def _debit_lots(self, kind: str, account: str, amount: int) -> None:
-        # Unexpired lots, in burn-down order, until they cover `amount`; then expired ones
-        # (including those lapsing now), oldest expiry first, likewise.
-        self._add(
-            "(SELECT json_build_array("
-            "(SELECT json_agg(json_build_array(id, seq, remaining, expires_at)"
-            " ORDER BY coalesce(expires_at, 'infinity'), seq) FROM (SELECT id, seq, remaining,"
-            " expires_at, sum(remaining) OVER (ORDER BY coalesce(expires_at, 'infinity'), seq)"
-            " AS run FROM lots WHERE kind = %s AND account = %s AND remaining > 0 AND NOT"
-            " expired AND (expires_at IS NULL OR expires_at > n.t)) x WHERE run - remaining < %s),"
-            "(SELECT json_agg(json_build_array(id, seq, remaining, expires_at)"
-            " ORDER BY expires_at, seq) FROM (SELECT id, seq, remaining, expires_at,"
-            " sum(remaining) OVER (ORDER BY expires_at, seq) AS run FROM lots WHERE kind = %s"
-            " AND account = %s AND remaining > 0 AND (expired OR expires_at <= n.t)) x"
-            " WHERE run - remaining < %s)))",
-            (kind, account, amount, kind, account, amount),
-            lambda d, v, k=(kind, account), a=amount: d.debits.__setitem__(k, (a, v)),
-        )
 
     def _page(
         self,
@@ -470,6 +497,43 @@ class Bundle:
         return data
 
 
+def _read_accounts(keys: Sequence[tuple[str, str]], data: Data, value: Any) -> None:
+    """Accounts by key: the row after its kind and id, or None for a missing account."""
+    accounts = data.accounts
+    for key in keys:
+        accounts[key] = None
+    for row in value or ():
+        accounts[(row[0], row[1])] = row[2:]
+
+
+def _read_rows(
+    field_name: str,
+    keys: Sequence[Any],
+    key_of: Callable[[Any], Any],
+    value_of: Callable[[Any], Any],
+    data: Data,
+    value: Any,
+) -> None:
+    """Rows of one kind of read into ``data.<field_name>``; keys that found none get None."""
+    table = getattr(data, field_name)
+    for key in keys:
+        table[key] = None
+    for row in value or ():
+        table[key_of(row)] = value_of(row)
+
+
+def _read_keys(keys: Sequence[tuple[str, str, str]], data: Data, value: Any) -> None:
+    for key in keys:
+        data.keys[key] = {}
+    for kind, account, key, op, fingerprint, result in value or ():
+        data.keys[(kind, account, key)][op] = (fingerprint, result)
+
+
+def _read_debits(data: Data, value: Any) -> None:
+    for kind, account, amount, live, expired in value or ():
+        data.debits[(kind, account)] = (amount, (live, expired))
+
+
 def _as_utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo is UTC else moment.astimezone(UTC)
 
@@ -509,6 +573,149 @@ class _Account(E.Account):
     exists: bool = False
 
 
+class Writes:
+    """
+    What operations wrote, gathered per table so a batch sends one statement per table.
+
+    Operations of one batch touch disjoint accounts, so their rows never collide; within one
+    operation, later values for a row win (a hold lapsed then settled, a lot expired then
+    drawn) and running totals add up.
+    """
+
+    def __init__(self) -> None:
+        self.accounts: dict[tuple[str, str], tuple[bool, tuple[Any, ...]]] = {}
+        self.holds_new: list[tuple[Any, ...]] = []
+        self.holds: dict[str, int | None] = {}
+        self.lots: dict[str, list[Any]] = {}
+        self.lots_new: list[tuple[Any, ...]] = []
+        self.ledger: list[tuple[Any, ...]] = []
+        self.refunds: dict[str, tuple[int, str]] = {}
+        self.keys: list[tuple[Any, ...]] = []
+        self.totals: dict[tuple[Any, ...], int] = {}
+        self.other: list[Statement] = []
+
+    def hold(self, hold_id: str, state: int | None) -> None:
+        """Mark a hold no longer counted, and closed in `state` when given."""
+        if state is None:
+            self.holds.setdefault(hold_id, None)
+        else:
+            self.holds[hold_id] = state
+
+    def lot(self, lot_id: str, remaining: int | None = None, expired: bool | None = None) -> None:
+        """Set a lot's remainder and/or its expired flag."""
+        entry = self.lots.setdefault(lot_id, [None, None])
+        if remaining is not None:
+            entry[0] = remaining
+        if expired is not None:
+            entry[1] = expired
+
+    def merge(self, other: Writes) -> None:
+        """Add another operation's writes (on other accounts)."""
+        self.accounts.update(other.accounts)
+        self.holds_new += other.holds_new
+        self.holds.update(other.holds)
+        self.lots.update(other.lots)
+        self.lots_new += other.lots_new
+        self.ledger += other.ledger
+        self.refunds.update(other.refunds)
+        self.keys += other.keys
+        for key, delta in other.totals.items():
+            _add(self.totals, key, delta)
+        self.other += other.other
+
+    def statements(self) -> list[Statement]:
+        """The statements that apply everything, one per table touched."""
+        out: list[Statement] = []
+        new = [(k, v) for k, (exists, v) in self.accounts.items() if not exists]
+        old = [(k, v) for k, (exists, v) in self.accounts.items() if exists]
+        if new:
+            out.append(_columns(_NEW_ACCOUNTS, [(*k, *v) for k, v in new], 9))
+        if old:
+            out.append(_columns(_UPDATE_ACCOUNTS, [(*k, *v) for k, v in old], 9))
+        if self.holds_new:
+            out.append(_columns(_NEW_HOLDS, self.holds_new, 11))
+        if self.holds:
+            out.append(_columns(_UPDATE_HOLDS, list(self.holds.items()), 2))
+        if self.lots:
+            out.append(_columns(_UPDATE_LOTS, [(i, *v) for i, v in self.lots.items()], 3))
+        if self.lots_new:
+            out.append(_columns(_NEW_LOTS, self.lots_new, 6))
+        if self.ledger:
+            out.append(_columns(_NEW_ROWS, self.ledger, 15))
+        if self.refunds:
+            out.append(_columns(_REFUNDS, [(i, *v) for i, v in self.refunds.items()], 3))
+        if self.keys:
+            out.append(_columns(_NEW_KEYS, self.keys, 6))
+        groups: dict[str, list[tuple[Any, ...]]] = {}
+        for (table, *key), delta in self.totals.items():
+            if delta:
+                groups.setdefault(table, []).append((*key, delta))
+        for table, rows in groups.items():
+            sql, types = _TOTALS[table]
+            out.append(_columns(sql, rows, len(types)))
+        return out + self.other
+
+
+def _columns(sql: str, rows: Sequence[tuple[Any, ...]], width: int) -> Statement:
+    """A statement over `unnest` of arrays: the rows' values, column by column."""
+    return sql, tuple([row[i] for row in rows] for i in range(width))
+
+
+_NEW_ACCOUNTS: Final = (
+    "INSERT INTO accounts (kind, id, balance, lifetime_purchased, reserved, expired_unswept,"
+    " plan_id, name, caps) SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[],"
+    " %s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::int[])"
+)
+_UPDATE_ACCOUNTS: Final = (
+    "UPDATE accounts a SET balance = v.balance, lifetime_purchased = v.lifetime,"
+    " reserved = v.reserved, expired_unswept = v.expired, plan_id = v.plan, name = v.name,"
+    " caps = v.caps FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[],"
+    " %s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::int[]) AS v(kind, id, balance,"
+    " lifetime, reserved, expired, plan, name, caps) WHERE a.kind = v.kind AND a.id = v.id"
+)
+_NEW_HOLDS: Final = (
+    "INSERT INTO holds (id, kind, account, amount, operation_type, model, use_allowance,"
+    " expires_at, state, counted, member) SELECT * FROM unnest(%s::text[], %s::text[],"
+    " %s::text[], %s::bigint[], %s::text[], %s::text[], %s::boolean[], %s::timestamptz[],"
+    " %s::smallint[], %s::boolean[], %s::text[])"
+)
+_UPDATE_HOLDS: Final = (
+    "UPDATE holds h SET state = coalesce(v.state, h.state), counted = false"
+    " FROM unnest(%s::text[], %s::smallint[]) AS v(id, state) WHERE h.id = v.id"
+)
+_UPDATE_LOTS: Final = (
+    "UPDATE lots l SET remaining = coalesce(v.remaining, l.remaining),"
+    " expired = coalesce(v.expired, l.expired) FROM unnest(%s::text[], %s::bigint[],"
+    " %s::boolean[]) AS v(id, remaining, expired) WHERE l.id = v.id"
+)
+_NEW_LOTS: Final = (
+    "INSERT INTO lots (id, kind, account, remaining, expires_at, expired) SELECT * FROM"
+    " unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::timestamptz[],"
+    " %s::boolean[])"
+)
+_NEW_ROWS: Final = (
+    "INSERT INTO ledger (id, kind, account, amount, type, balance_after, metadata, created_at,"
+    " reservation_id, idempotency_key, draws, spender, model, operation_type, allowance)"
+    " SELECT id, kind, account, amount, type, balance_after, metadata::jsonb, created_at,"
+    " reservation_id, idempotency_key, draws::jsonb, spender, model, operation_type,"
+    " allowance FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[],"
+    " %s::bigint[], %s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[],"
+    " %s::text[], %s::text[], %s::text[], %s::bigint[]) WITH ORDINALITY AS v(id, kind,"
+    " account, amount, type, balance_after, metadata, created_at, reservation_id,"
+    " idempotency_key, draws, spender, model, operation_type, allowance, position)"
+    " ORDER BY position"
+)
+_REFUNDS: Final = (
+    "UPDATE ledger g SET refunded = v.refunded, draw_refunds = v.draws::jsonb"
+    " FROM unnest(%s::text[], %s::bigint[], %s::text[]) AS v(id, refunded, draws)"
+    " WHERE g.id = v.id"
+)
+_NEW_KEYS: Final = (
+    "INSERT INTO idempotency (kind, account, op, key, fingerprint, result) SELECT * FROM"
+    " unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[])"
+)
+
+
 class Snapshot:
     """
     The engine's `Storage` over one bundle's `Data`; writes are recorded in `writes`.
@@ -523,7 +730,7 @@ class Snapshot:
         self.data = data
         self._ids = ids
         self._configs = configs
-        self.writes: list[Statement] = []
+        self.out = Writes()
         self._accounts: dict[tuple[str, str], _Account] = {}
         self._dirty: dict[tuple[str, str], _Account] = {}
         self._held: dict[tuple[str, str], dict[str, int]] = {}
@@ -533,66 +740,27 @@ class Snapshot:
         self._lapsed: set[tuple[str, str, str]] = set()
         self._lapsed_ids: set[str] = set()
         self._keys: dict[tuple[str, str, str], dict[str, tuple[str, str]]] = {}
-        self._deltas: dict[tuple[Any, ...], int] = {}
 
-    def finish(self) -> list[Statement]:
-        """The recorded writes, with each changed account and each running total written once."""
-        self._write_deltas()
-        for acct in self._dirty.values():
-            if acct.exists:
-                self.writes.append(
-                    (
-                        "UPDATE accounts SET balance = %s, lifetime_purchased = %s, reserved = %s,"
-                        " expired_unswept = %s, plan_id = %s, name = %s, caps = %s"
-                        " WHERE kind = %s AND id = %s",
-                        (
-                            acct.balance,
-                            acct.lifetime_purchased,
-                            acct.reserved,
-                            acct.expired_unswept,
-                            acct.plan_id,
-                            acct.name,
-                            acct.caps,
-                            acct.kind,
-                            acct.id,
-                        ),
-                    )
-                )
-            else:
-                self.writes.append(
-                    (
-                        "INSERT INTO accounts (kind, id, balance, lifetime_purchased, reserved,"
-                        " expired_unswept, plan_id, name, caps) VALUES (%s, %s, %s, %s, %s, %s,"
-                        " %s, %s, %s)",
-                        (
-                            acct.kind,
-                            acct.id,
-                            acct.balance,
-                            acct.lifetime_purchased,
-                            acct.reserved,
-                            acct.expired_unswept,
-                            acct.plan_id,
-                            acct.name,
-                            acct.caps,
-                        ),
-                    )
-                )
+    def finish(self) -> Writes:
+        """What the operation wrote, each changed account once."""
+        for key, acct in self._dirty.items():
+            self.out.accounts[key] = (
+                acct.exists,
+                (
+                    acct.balance,
+                    acct.lifetime_purchased,
+                    acct.reserved,
+                    acct.expired_unswept,
+                    acct.plan_id,
+                    acct.name,
+                    acct.caps,
+                ),
+            )
         self._dirty.clear()
-        return self.writes
+        return self.out
 
     def _write(self, sql: str, *params: Any) -> None:
-        self.writes.append((sql, params))
-
-    def _write_deltas(self) -> None:
-        """One upsert per table of running totals, adding this operation's deltas."""
-        groups: dict[str, list[tuple[Any, ...]]] = {}
-        for (table, *key), delta in self._deltas.items():
-            if delta:
-                groups.setdefault(table, []).append((*key, delta))
-        for table, rows in groups.items():
-            sql, types = _TOTALS[table]
-            self._write(sql, *([row[i] for row in rows] for i in range(len(types))))
-        self._deltas.clear()
+        self.out.other.append((sql, params))
 
     def now(self) -> datetime:
         return self.data.now
@@ -661,7 +829,8 @@ class Snapshot:
         rows = self.data.accounts[key][8] or ()
         if not rows:
             return ()
-        self._write("UPDATE lots SET expired = true WHERE id = ANY(%s)", [row[0] for row in rows])
+        for row in rows:
+            self.out.lot(row[0], expired=True)
         return [row[1] for row in rows]
 
     # -- holds -------------------------------------------------------------------------------
@@ -689,25 +858,24 @@ class Snapshot:
         )
 
     def add_hold(self, acct: E.Account, hold: E.Hold) -> None:
-        self._write(
-            "INSERT INTO holds (id, kind, account, amount, operation_type, model, use_allowance,"
-            " expires_at, state, counted, member) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s,"
-            " %s, %s)",
-            hold.id,
-            acct.kind,
-            acct.id,
-            hold.amount,
-            hold.operation_type,
-            hold.model,
-            hold.use_allowance,
-            hold.expires_at,
-            hold.state,
-            hold.counted,
-            hold.member,
+        self.out.holds_new.append(
+            (
+                hold.id,
+                acct.kind,
+                acct.id,
+                hold.amount,
+                hold.operation_type,
+                hold.model,
+                hold.use_allowance,
+                hold.expires_at,
+                hold.state,
+                hold.counted,
+                hold.member,
+            )
         )
 
     def close_hold(self, acct: E.Account, hold: E.Hold, state: int) -> None:
-        self._write("UPDATE holds SET state = %s, counted = false WHERE id = %s", state, hold.id)
+        self.out.hold(hold.id, state)
         hold.state = state
 
     def add_held(self, acct: E.Account, hold: E.Hold, delta: int) -> None:
@@ -715,11 +883,11 @@ class Snapshot:
         if hold.model is not None:
             held = self._held.setdefault(key, {})
             held[hold.model] = held.get(hold.model, 0) + delta
-            _add(self._deltas, ("model", *key, hold.model), delta)
+            _add(self.out.totals, ("model", *key, hold.model), delta)
         if hold.member is not None:
             member_key = (acct.id, hold.member)
             self._member_held[member_key] = self.held_by_member(acct, hold.member) + delta
-            _add(self._deltas, ("member", *key, hold.member), delta)
+            _add(self.out.totals, ("member", *key, hold.member), delta)
 
     def held_for(self, acct: E.Account, model: str) -> int:
         return self._held.get((acct.kind, acct.id), {}).get(model, 0)
@@ -764,25 +932,14 @@ class Snapshot:
         return live, expired
 
     def lots_drawn(self, acct: E.Account, draws: Sequence[tuple[L.Lot, int]]) -> None:
-        self._write(
-            "UPDATE lots AS l SET remaining = v.remaining"
-            " FROM unnest(%s::text[], %s::bigint[]) AS v(id, remaining) WHERE l.id = v.id",
-            [lot.id for lot, _ in draws],
-            [lot.remaining for lot, _ in draws],
-        )
+        for lot, _ in draws:
+            self.out.lot(lot.id, remaining=lot.remaining)
 
     def add_lot(
         self, acct: E.Account, amount: int, expires_at: datetime | None, expired: bool
     ) -> None:
-        self._write(
-            "INSERT INTO lots (id, kind, account, remaining, expires_at, expired)"
-            " VALUES (%s, %s, %s, %s, %s, %s)",
-            self._ids.next("lot"),
-            acct.kind,
-            acct.id,
-            amount,
-            expires_at,
-            expired,
+        self.out.lots_new.append(
+            (self._ids.next("lot"), acct.kind, acct.id, amount, expires_at, expired)
         )
 
     def lot(self, acct: E.Account, lot_id: str) -> L.Lot:
@@ -793,12 +950,7 @@ class Snapshot:
         raise AssertionError(f"lot {lot_id!r} was not prefetched")  # pragma: no cover
 
     def lot_refilled(self, acct: E.Account, lot: L.Lot, expired: bool) -> None:
-        self._write(
-            "UPDATE lots SET remaining = %s, expired = %s WHERE id = %s",
-            lot.remaining,
-            expired,
-            lot.id,
-        )
+        self.out.lot(lot.id, remaining=lot.remaining, expired=expired)
 
     def sweep_due(self, now: datetime, consume: bool) -> list[tuple[str, str, L.Lot]]:
         if self.data.sweep is None:
@@ -827,26 +979,24 @@ class Snapshot:
         allowance: int = 0,
     ) -> str:
         row_id = self._ids.next("tx")
-        self._write(
-            "INSERT INTO ledger (id, kind, account, amount, type, balance_after, metadata,"
-            " created_at, reservation_id, idempotency_key, draws, spender, model,"
-            " operation_type, allowance) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s,"
-            " %s, %s::jsonb, %s, %s, %s, %s)",
-            row_id,
-            acct.kind,
-            acct.id,
-            amount,
-            type_,
-            acct.balance,
-            json.dumps(metadata, separators=(",", ":")),
-            now,
-            reservation_id,
-            idempotency_key,
-            None if draws is None else json.dumps(draws, separators=(",", ":")),
-            spender,
-            model,
-            operation_type,
-            allowance,
+        self.out.ledger.append(
+            (
+                row_id,
+                acct.kind,
+                acct.id,
+                amount,
+                type_,
+                acct.balance,
+                json.dumps(metadata, separators=(",", ":")),
+                now,
+                reservation_id,
+                idempotency_key,
+                None if draws is None else json.dumps(draws, separators=(",", ":")),
+                spender,
+                model,
+                operation_type,
+                allowance,
+            )
         )
         return row_id
 
@@ -871,12 +1021,7 @@ class Snapshot:
         )
 
     def set_refunds(self, debit: E.Debit, refunds: list[int]) -> None:
-        self._write(
-            "UPDATE ledger SET refunded = %s, draw_refunds = %s::jsonb WHERE id = %s",
-            refunds[0],
-            json.dumps(refunds),
-            debit.id,
-        )
+        self.out.refunds[debit.id] = (refunds[0], json.dumps(refunds))
 
     def page(
         self,
@@ -978,16 +1123,7 @@ class Snapshot:
         text = L.fingerprint(*fingerprint)
         dumped = result.model_dump_json()
         self._keys.setdefault((acct.kind, acct.id, key), {})[op] = (text, dumped)
-        self._write(
-            "INSERT INTO idempotency (kind, account, op, key, fingerprint, result)"
-            " VALUES (%s, %s, %s, %s, %s, %s)",
-            acct.kind,
-            acct.id,
-            op,
-            key,
-            text,
-            dumped,
-        )
+        self.out.keys.append((acct.kind, acct.id, op, key, text, dumped))
 
     # -- plans and allowance -----------------------------------------------------------------
 
@@ -1017,7 +1153,7 @@ class Snapshot:
         return int(self._user_row(acct.id)[2] or 0)
 
     def use_allowance(self, acct: E.Account, month: int, amount: int) -> None:
-        _add(self._deltas, ("allowance", acct.id, month), amount)
+        _add(self.out.totals, ("allowance", acct.id, month), amount)
 
     # -- caps and spend windows --------------------------------------------------------------
 
@@ -1097,7 +1233,7 @@ class Snapshot:
             for _, cap_type, period, key in rows:
                 spend[(cap_type, period, key)] = spend.get((cap_type, period, key), 0) + amount
         for row in rows:
-            _add(self._deltas, ("spend", *row), amount)
+            _add(self.out.totals, ("spend", *row), amount)
 
     # -- teams -------------------------------------------------------------------------------
 
@@ -1149,7 +1285,7 @@ class Snapshot:
         return int(self.data.members[key][1] or 0)
 
     def add_member_spend(self, team: E.Account, user_id: str, month: int, amount: int) -> None:
-        _add(self._deltas, ("member_spend", team.id, user_id, month), amount)
+        _add(self.out.totals, ("member_spend", team.id, user_id, month), amount)
 
     # -- pricing -----------------------------------------------------------------------------
 

@@ -42,7 +42,15 @@ from ducto.interface import _engine as E
 from ducto.interface import _ledger as L
 from ducto.interface._front import Keys, StoreFront
 from ducto.interface._group import GroupCommit, Job
-from ducto.interface._postgres_storage import Bundle, Data, Miss, Need, Snapshot, need_for
+from ducto.interface._postgres_storage import (
+    Bundle,
+    Data,
+    Miss,
+    Need,
+    Snapshot,
+    Writes,
+    need_for,
+)
 from ducto.interface.models import (
     AggregateStatsRow,
     DailySpendRow,
@@ -453,7 +461,7 @@ class PostgresStore(StoreFront):
         batch.append(bundle.statement())
         rows = yield batch
         data = bundle.read(rows[-1][0])
-        writes: Batch = []
+        writes = Writes()
         pending = jobs
         while pending:
             missed = Need()
@@ -462,7 +470,7 @@ class PostgresStore(StoreFront):
                 snapshot = Snapshot(data, self._ids, self._configs)
                 try:
                     job.result = job.fn(snapshot, *job.args)
-                    writes.extend(snapshot.finish())
+                    writes.merge(snapshot.finish())
                 except Miss as miss:
                     missed.merge(miss.need)
                     again.append(job)
@@ -488,7 +496,7 @@ class PostgresStore(StoreFront):
             data = bundle.read(rows[-1][0], data)
             pending = again
         if write:
-            yield [*writes, ("COMMIT", ())]
+            yield [*writes.statements(), ("COMMIT", ())]
             self._remember_accounts(
                 key
                 for job in jobs
@@ -497,7 +505,7 @@ class PostgresStore(StoreFront):
                 if key[0] == E.USER
             )
         else:
-            assert not writes, "a read-only operation recorded writes"
+            assert not writes.statements(), "a read-only operation recorded writes"
 
     def _remember_accounts(self, keys: Iterable[E.AccountKey]) -> None:
         """Accounts known to exist (rows are never deleted): their INSERT can be skipped."""
