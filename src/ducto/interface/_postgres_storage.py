@@ -19,7 +19,7 @@ again from the start. Nothing was sent: writes are only recorded until the end.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -66,6 +66,35 @@ _TOTALS: Final = {
 
 def _add(table: dict[tuple[Any, ...], int], key: tuple[Any, ...], delta: int) -> None:
     table[key] = table.get(key, 0) + delta
+
+
+def _element(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    kind = type(value)
+    if kind is str:
+        text: str = value
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if kind is bool:
+        return "t" if value else "f"
+    if kind is int:
+        return str(value)
+    if isinstance(value, datetime):
+        return '"' + value.isoformat() + '"'
+    if isinstance(value, str | int):  # subclasses, as their plain values
+        return _element(str.__str__(value) if isinstance(value, str) else int(value))
+    raise TypeError(f"cannot send {kind.__name__} in an array")  # pragma: no cover
+
+
+def arr(values: Iterable[Any]) -> str:
+    """
+    `values` as an array literal, sent as text and cast in the SQL (``%s::bigint[]``).
+
+    psycopg's list adaptation inspects every element in Python; a batch's columns are plain
+    str, int, bool, datetime or None, so the literal is built directly. A NUL in a string
+    is refused by the driver when the literal is sent, as for any text.
+    """
+    return "{" + ",".join(map(_element, values)) + "}"
 
 
 class Miss(Exception):
@@ -293,7 +322,7 @@ class Bundle:
                 " json_object_agg(r.model, r.amount) FROM reserved_by_model r WHERE"
                 " r.kind = a.kind AND r.account = a.id))) FROM unnest(%s::text[], %s::text[])"
                 " AS k(kind, id) JOIN accounts a ON a.kind = k.kind AND a.id = k.id)",
-                ([k for k, _ in keys], [i for _, i in keys]),
+                (arr(k for k, _ in keys), arr(i for _, i in keys)),
                 partial(_read_accounts, keys),
             )
         if need.user_data:
@@ -307,7 +336,7 @@ class Bundle:
                 f" s.period = {_DAY}) OR (s.cap_type = 'monthly' AND s.period = {_MONTH}))),"
                 f" (SELECT w.amount FROM allowance_used w WHERE w.user_id = u.id AND"
                 f" w.month = {_MONTH}))) FROM unnest(%s::text[]) AS u(id))",
-                (users,),
+                (arr(users),),
                 partial(_read_rows, "users", users, lambda row: row[0], lambda row: row[1:]),
             )
         keys3 = sorted(k for k in need.keys if k[0] != "?")
@@ -317,7 +346,7 @@ class Bundle:
                 " i.fingerprint, i.result)) FROM unnest(%s::text[], %s::text[], %s::text[])"
                 " AS k(kind, account, key) JOIN idempotency i ON i.kind = k.kind AND"
                 " i.account = k.account AND i.key = k.key)",
-                tuple([k[n] for k in keys3] for n in range(3)),
+                tuple(arr(k[n] for k in keys3) for n in range(3)),
                 partial(_read_keys, keys3),
             )
         holds = sorted(need.holds)
@@ -328,7 +357,7 @@ class Bundle:
                 " h.counted)) FROM unnest(%s::text[], %s::text[], %s::text[])"
                 " AS k(kind, account, id) JOIN holds h ON h.id = k.id AND h.kind = k.kind AND"
                 " h.account = k.account)",
-                tuple([k[n] for k in holds] for n in range(3)),
+                tuple(arr(k[n] for k in holds) for n in range(3)),
                 partial(_read_rows, "holds", holds, lambda row: tuple(row[:3]), lambda r: r[3:]),
             )
         debits = sorted(need.debits.items())
@@ -350,9 +379,9 @@ class Bundle:
                 " (expired OR expires_at <= n.t)) x WHERE run - remaining < k.amount)))"
                 " FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS k(kind, account, amount))",
                 (
-                    [d[0][0] for d in debits],
-                    [d[0][1] for d in debits],
-                    [d[1] for d in debits],
+                    arr(d[0][0] for d in debits),
+                    arr(d[0][1] for d in debits),
+                    arr(d[1] for d in debits),
                 ),
                 _read_debits,
             )
@@ -366,7 +395,7 @@ class Bundle:
                 " ELSE coalesce(l.expires_at, 'infinity') END, l.seq) FROM lots l"
                 " WHERE l.kind = k.kind AND l.account = k.account AND l.remaining > 0)))"
                 " FROM unnest(%s::text[], %s::text[]) AS k(kind, account))",
-                ([k for k, _ in all_lots], [a for _, a in all_lots]),
+                (arr(k for k, _ in all_lots), arr(a for _, a in all_lots)),
                 partial(
                     _read_rows, "all_lots", all_lots, lambda r: tuple(r[:2]), lambda r: r[2] or []
                 ),
@@ -382,7 +411,7 @@ class Bundle:
                 " (SELECT r.amount FROM reserved_by_member r WHERE r.kind = 't' AND"
                 " r.account = k.team AND r.member = k.uid)))"
                 " FROM unnest(%s::text[], %s::text[]) AS k(team, uid))",
-                ([t for t, _ in members], [u for _, u in members]),
+                (arr(t for t, _ in members), arr(u for _, u in members)),
                 partial(_read_rows, "members", members, lambda r: tuple(r[:2]), lambda r: r[2:]),
             )
         teams = sorted(need.member_lists)
@@ -393,7 +422,7 @@ class Bundle:
                 " ORDER BY m.user_id) FROM team_members m LEFT JOIN member_spend s"
                 f" ON s.team_id = m.team_id AND s.user_id = m.user_id AND s.month = {_MONTH}"
                 " WHERE m.team_id = k.team))) FROM unnest(%s::text[]) AS k(team))",
-                (teams,),
+                (arr(teams),),
                 partial(_read_rows, "member_lists", teams, lambda r: r[0], lambda r: r[1] or []),
             )
         counted = sorted(need.member_counts)
@@ -401,7 +430,7 @@ class Bundle:
             self._add(
                 "(SELECT json_agg(json_build_array(k.team, (SELECT count(*) FROM team_members m"
                 " WHERE m.team_id = k.team))) FROM unnest(%s::text[]) AS k(team))",
-                (counted,),
+                (arr(counted),),
                 partial(_read_rows, "member_counts", counted, lambda r: r[0], lambda r: r[1]),
             )
         if need.pricing:
@@ -416,7 +445,7 @@ class Bundle:
             self._add(
                 "(SELECT json_agg(json_build_array(version, id, config, label, created_at))"
                 " FROM pricing WHERE version = ANY(%s::int[]))",
-                (versions,),
+                (arr(versions),),
                 partial(_read_rows, "versions", versions, lambda r: r[0], lambda r: r),
             )
         if need.pricing_history:
@@ -437,7 +466,7 @@ class Bundle:
                 " json_agg(json_build_array(i.op, i.fingerprint, i.result)) FROM idempotency i"
                 " WHERE i.kind = g.kind AND i.account = g.account AND i.key = k.key)))"
                 " FROM unnest(%s::text[], %s::text[]) AS k(id, key) JOIN ledger g ON g.id = k.id)",
-                (txs, [with_keys.get(tx, "") for tx in txs]),
+                (arr(txs), arr(with_keys.get(tx, "") for tx in txs)),
                 partial(_read_rows, "debit_rows", txs, lambda r: r[0], lambda r: r[1:]),
             )
         if need.page is not None:
@@ -472,8 +501,8 @@ class Bundle:
             where.append("seq < %s")
             params.append(before)
         if types is not None:
-            where.append("type = ANY(%s)")
-            params.append(sorted(types))
+            where.append("type = ANY(%s::text[])")
+            params.append(arr(sorted(types)))
         if start is not None:
             where.append("created_at >= %s")
             params.append(start)
@@ -624,7 +653,7 @@ class Writes:
         self.other += other.other
 
     def statements(self) -> list[Statement]:
-        """The statements that apply everything, one per table touched."""
+        """What applies everything: one statement over the tables written in bulk, then the rest."""
         out: list[Statement] = []
         new = [(k, v) for k, (exists, v) in self.accounts.items() if not exists]
         old = [(k, v) for k, (exists, v) in self.accounts.items() if exists]
@@ -653,12 +682,18 @@ class Writes:
         for table, rows in groups.items():
             sql, types = _TOTALS[table]
             out.append(_columns(sql, rows, len(types)))
+        if len(out) > 1:
+            # One statement: each table's write a data-modifying CTE of the last one. They
+            # touch different tables (or different rows of one), so none needs another's effect.
+            ctes = ", ".join(f"w{n} AS ({sql})" for n, (sql, _) in enumerate(out[:-1]))
+            params = tuple(p for _, ps in out for p in ps)
+            out = [(f"WITH {ctes} {out[-1][0]}", params)]
         return out + self.other
 
 
 def _columns(sql: str, rows: Sequence[tuple[Any, ...]], width: int) -> Statement:
     """A statement over `unnest` of arrays: the rows' values, column by column."""
-    return sql, tuple([row[i] for row in rows] for i in range(width))
+    return sql, tuple(arr(row[i] for row in rows) for i in range(width))
 
 
 _NEW_ACCOUNTS: Final = (
@@ -815,7 +850,8 @@ class Snapshot:
         if not rows:
             return ()
         self._lapsed_ids.update(row[0] for row in rows)
-        self._write("UPDATE holds SET counted = false WHERE id = ANY(%s)", [row[0] for row in rows])
+        ids = arr(row[0] for row in rows)
+        self._write("UPDATE holds SET counted = false WHERE id = ANY(%s::text[])", ids)
         return [
             E.Hold(hold_id, amount, "", model, False, _req_dt(expires), member=member)
             for hold_id, amount, model, member, expires in rows

@@ -49,6 +49,7 @@ from ducto.interface._postgres_storage import (
     Need,
     Snapshot,
     Writes,
+    arr,
     need_for,
 )
 from ducto.interface.models import (
@@ -534,7 +535,7 @@ class PostgresStore(StoreFront):
                 (
                     "INSERT INTO accounts (kind, id) SELECT * FROM unnest(%s::text[], %s::text[])"
                     " ON CONFLICT DO NOTHING",
-                    ([k for k, _ in creates], [i for _, i in creates]),
+                    (arr(k for k, _ in creates), arr(i for _, i in creates)),
                 )
             )
         if locks:
@@ -543,7 +544,7 @@ class PostgresStore(StoreFront):
                 (
                     "SELECT 1 FROM accounts WHERE (kind, id) IN (SELECT * FROM"
                     " unnest(%s::text[], %s::text[])) ORDER BY kind, id FOR UPDATE",
-                    ([k for k, _ in locks], [i for _, i in locks]),
+                    (arr(k for k, _ in locks), arr(i for _, i in locks)),
                 )
             )
         if any(job.fn in _PRICING_WRITES for job in jobs):
@@ -613,7 +614,7 @@ class PostgresStore(StoreFront):
                         # it; a cancellation then reaches the caller at its next checkpoint.
                         sent_commit = True
                         with anyio.CancelScope(shield=True):
-                            await _queue_async(conn, batch)
+                            await _queue_async(conn, batch, read=False)
                             in_pipeline = False
                             await pipeline_cm.__aexit__(None, None, None)
                         results: list[Any] = []
@@ -658,8 +659,9 @@ class PostgresStore(StoreFront):
             batch = next(steps)
             with conn.pipeline() as pipeline:
                 while True:
-                    cursors = _queue_sync(conn, batch)
-                    if batch and batch[-1][0] == "COMMIT":
+                    commit = bool(batch) and batch[-1][0] == "COMMIT"
+                    cursors = _queue_sync(conn, batch, read=not commit)
+                    if commit:
                         sent_commit = True
                         results: list[Any] = []
                     else:
@@ -786,12 +788,12 @@ def _wants_rows(sql: str) -> bool:
     return sql.startswith(("SELECT", "WITH"))
 
 
-async def _queue_async(conn: Any, batch: Batch) -> list[Any]:
+async def _queue_async(conn: Any, batch: Batch, read: bool = True) -> list[Any]:
     """Queue a batch in the pipeline; a cursor for each statement whose rows are read."""
     shared = conn.cursor()
     cursors = []
     for sql, params in batch:
-        if _wants_rows(sql):
+        if read and _wants_rows(sql):
             cursor = conn.cursor()
             await cursor.execute(sql, params)
             cursors.append(cursor)
@@ -801,12 +803,12 @@ async def _queue_async(conn: Any, batch: Batch) -> list[Any]:
     return cursors
 
 
-def _queue_sync(conn: Any, batch: Batch) -> list[Any]:
+def _queue_sync(conn: Any, batch: Batch, read: bool = True) -> list[Any]:
     """`_queue_async` on a synchronous connection."""
     shared = conn.cursor()
     cursors = []
     for sql, params in batch:
-        if _wants_rows(sql):
+        if read and _wants_rows(sql):
             cursor = conn.cursor()
             cursor.execute(sql, params)
             cursors.append(cursor)
