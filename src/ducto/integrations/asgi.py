@@ -12,6 +12,10 @@ app = FastAPI()
 app.add_middleware(BillingMiddleware, manager=manager, payer=user_from_api_key)
 ```
 
+A resolver that returns ``Payer(user_id, team_id=...)`` bills the team pool: the hold is
+placed on the pool for that member (`CreditManager.hold` with ``team_id``), and the usage
+is charged to the pool as the member's ``team_usage``.
+
 The hold's whole life is inside the middleware's own ``await`` of the app: it is placed
 before the app runs, and when the app returns, raises or is cancelled (client gone,
 before or after the first byte) it is settled for the usage recorded so far, or released
@@ -22,13 +26,15 @@ What the client sees:
 
 - a refusal as an HTTP error in OpenAI's error JSON shape (``{"error": {"message", "type",
   "param", "code"}}``, plus ``"type": "error"`` on Anthropic routes): 402 not enough
-  credits, 429 spend cap, 409 idempotency conflict, 400 invalid request, 401 no payer,
-  413 body too large; the upstream is never called;
+  credits (the user's, or the team pool's), 429 spend cap (the user's, or a team member's
+  monthly cap), 403 a team the member does not belong to or that does not exist, 409
+  idempotency conflict, 400 invalid request, 401 no payer, 413 body too large; the
+  upstream is never called;
 - ``x-ducto-credits-held`` on every billed response; on a plain (not streamed) response
   also ``x-ducto-credits-charged`` and ``x-ducto-credits-remaining`` (the response start is
   held back until the body is complete and settled); on a stream the same figures arrive
   as a final SSE comment line, ``: ducto credits_charged=N credits_remaining=M``, which SSE
-  clients ignore;
+  clients ignore. For a request billed to a team pool, "remaining" is the pool's;
 - an ``Idempotency-Key`` request header keys the hold and its settlement, so a retried
   request is charged at most once.
 """
@@ -49,6 +55,7 @@ from ducto.errors import (
     DuctoError,
     ErrorCode,
     InsufficientCreditsError,
+    InsufficientTeamBalanceError,
     InvalidArgumentError,
 )
 from ducto.integrations._estimate import RequestEstimator
@@ -351,6 +358,7 @@ class BillingMiddleware:
                 idempotency_key=key,
                 metadata=metadata,
                 ttl=self._ttl,
+                team_id=payer.team_id,
             )
             await hold.__aenter__()
         except (CreditError, InvalidArgumentError) as exc:
@@ -374,7 +382,7 @@ class BillingMiddleware:
     async def _refuse(self, api: Api, exc: DuctoError, send: Send) -> None:
         status, type_, code = _refusal(exc)
         headers: list[tuple[bytes, bytes]] = []
-        if isinstance(exc, InsufficientCreditsError):
+        if isinstance(exc, InsufficientCreditsError | InsufficientTeamBalanceError):
             headers.append((HEADER_REMAINING.encode(), str(max(exc.available, 0)).encode()))
         await _send_json(send, status, _error_body(api, str(exc), type_, code), headers)
 
