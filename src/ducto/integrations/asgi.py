@@ -44,6 +44,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -104,6 +105,24 @@ DEFAULT_ROUTES: Final[Mapping[str, Api]] = {
 _MAX_EVENT_BYTES: Final = 16 * 1024 * 1024
 """Largest SSE event parsed for usage; a bigger one is passed on and counted as nothing."""
 
+_PENDING_BYTES: Final = 64 * 1024
+"""Most bytes of undecoded SSE events kept per stream before they are decoded (see `_Exchange`)."""
+
+_DECISIVE: Final[Mapping[Api, re.Pattern[bytes]]] = {
+    # Events that can carry a stream's final (or Anthropic's cumulative) usage. Every other
+    # event only adds streamed text (or a web search) to a total, in any order, so it can
+    # wait; one that is missed here is decoded with the rest when the stream ends early.
+    Api.OPENAI_CHAT: re.compile(rb'"usage"\s*:\s*\{'),
+    Api.OPENAI_COMPLETIONS: re.compile(rb'"usage"\s*:\s*\{'),
+    Api.OPENAI_EMBEDDINGS: re.compile(rb'"usage"\s*:\s*\{'),
+    Api.OPENAI_RESPONSES: re.compile(rb'"response\.(?:completed|incomplete|failed)"'),
+    Api.ANTHROPIC_MESSAGES: re.compile(rb'"message_(?:start|delta|stop)"'),
+}
+
+_HELD: Final = HEADER_HELD.encode()
+_CHARGED: Final = HEADER_CHARGED.encode()
+_REMAINING: Final = HEADER_REMAINING.encode()
+
 
 @dataclass(frozen=True, slots=True)
 class BillingRequest:
@@ -144,12 +163,12 @@ class _SSEParser:
         self._overflow = False
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        buffer = self._buffer + chunk
+        buffer = self._buffer + chunk if self._buffer else chunk
         # Keep a trailing CR: it may be the first half of a CRLF split across chunks.
         keep = b""
-        if buffer.endswith(b"\r"):
-            buffer, keep = buffer[:-1], b"\r"
         if b"\r" in buffer:
+            if buffer.endswith(b"\r"):
+                buffer, keep = buffer[:-1], b"\r"
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         events = buffer.split(b"\n\n")
         rest = events.pop() + keep
@@ -158,6 +177,9 @@ class _SSEParser:
         self._buffer = rest
         payloads = []
         for event in events:
+            if event.startswith(b"data: ") and b"\n" not in event:
+                payloads.append(event[6:])  # the usual event: one data line
+                continue
             data = [
                 line[5:].removeprefix(b" ")
                 for line in event.split(b"\n")
@@ -383,7 +405,7 @@ class BillingMiddleware:
         status, type_, code = _refusal(exc)
         headers: list[tuple[bytes, bytes]] = []
         if isinstance(exc, InsufficientCreditsError | InsufficientTeamBalanceError):
-            headers.append((HEADER_REMAINING.encode(), str(max(exc.available, 0)).encode()))
+            headers.append((_REMAINING, str(max(exc.available, 0)).encode()))
         await _send_json(send, status, _error_body(api, str(exc), type_, code), headers)
 
 
@@ -402,12 +424,24 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 class _Exchange:
-    """The response side of one billed request: watches, settles, adds the figures."""
+    """
+    The response side of one billed request: watches, settles, adds the figures.
+
+    A stream's events are not all decoded as they pass. Only those that can carry the
+    final usage (`_DECISIVE`) are; the others (streamed text, counted only when the final
+    usage never arrives) wait undecoded, up to `_PENDING_BYTES` at a time, and are decoded
+    before the hold is resolved unless the final usage made them irrelevant. So a stream
+    that ends with its usage costs one decoded event, and one cut short is still charged
+    for every event it streamed.
+    """
 
     __slots__ = (
         "_api",
         "_buffer",
+        "_decisive",
         "_hold",
+        "_pending",
+        "_pending_bytes",
         "_pending_start",
         "_resolved",
         "_result",
@@ -429,6 +463,9 @@ class _Exchange:
         self._pending_start: Message | None = None
         self._buffer: list[bytes] = []
         self._sse: _SSEParser | None = None
+        self._decisive = _DECISIVE[api]
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._streaming = False
         self._trailer = False
         self._sent_start = False
@@ -452,7 +489,7 @@ class _Exchange:
         content_type = (_header(headers, b"content-type") or b"").lower()
         self.billable = 200 <= status < 300
         self._streaming = content_type.startswith(b"text/event-stream")
-        headers.append((HEADER_HELD.encode(), str(self._hold.estimate_credits).encode()))
+        headers.append((_HELD, str(self._hold.estimate_credits).encode()))
         start = {**message, "headers": headers}
         if self.billable and not self._streaming:
             self._pending_start = start  # sent with the figures once the body is settled
@@ -473,7 +510,13 @@ class _Exchange:
             return
         if self._sse is not None:
             for data in self._sse.feed(chunk):
-                self._feed(data)
+                if self._decisive.search(data) is not None:
+                    self._feed(data)
+                elif data != b"[DONE]":
+                    self._pending.append(data)
+                    self._pending_bytes += len(data)
+                    if self._pending_bytes > _PENDING_BYTES:
+                        self._drain()
             if not more:
                 result = await self._resolve()
                 if result is not None and self._trailer:
@@ -483,18 +526,25 @@ class _Exchange:
         await self._upstream(message)
 
     def _feed(self, data: bytes) -> None:
-        if data == b"[DONE]":
-            return
         try:
             event = json.loads(data)
         except ValueError:
             return
+        self._feed_event(event)
+
+    def _feed_event(self, event: object) -> None:
         try:
             self._tracker.feed(event)
         except InvalidArgumentError:
             _log.warning(
                 "ignoring a malformed usage report in a %s stream", self._api, exc_info=True
             )
+
+    def _drain(self) -> None:
+        """Decode the events that waited, in their order, and count them."""
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        for data in pending:
+            self._feed(data)
 
     async def _flush_plain(self) -> None:
         """Parse the complete plain body, settle, then send it with the figures."""
@@ -521,8 +571,8 @@ class _Exchange:
         headers = list(start["headers"])
         if result is not None:
             charged, remaining = _figures(result)
-            headers.append((HEADER_CHARGED.encode(), str(charged).encode()))
-            headers.append((HEADER_REMAINING.encode(), str(remaining).encode()))
+            headers.append((_CHARGED, str(charged).encode()))
+            headers.append((_REMAINING, str(remaining).encode()))
         self._sent_start = True
         await self._upstream({**start, "headers": headers})
         await self._upstream({"type": "http.response.body", "body": body, "more_body": False})
@@ -532,6 +582,10 @@ class _Exchange:
         if self._resolved:
             return self._result
         self._resolved = True
+        if self._tracker.complete:
+            self._pending, self._pending_bytes = [], 0
+        else:
+            self._drain()
         hold = self._hold
         usage = self._tracker.usage if self.billable else None
         # Hold.settle and Hold.__aexit__ shield their store calls and have no other
