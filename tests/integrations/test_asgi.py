@@ -115,6 +115,53 @@ async def test_streamed_chat_without_usage_is_billed_for_what_streamed(
     assert 3 + 5 * 10 == await _spent(manager)
 
 
+async def test_a_long_stream_without_usage_is_billed_for_every_word(
+    manager: CreditManager, gateway: BillingMiddleware
+) -> None:
+    """2,000 chunks (far more bytes than wait undecoded at a time): every word is counted."""
+    await _funded(manager, amount=100_000)
+
+    reply = await call(gateway, "/v1/chat/completions", chat(stream=True, max_tokens=2_000))
+
+    assert 200 == reply.status
+    assert len(reply.body) > 4 * 64 * 1024
+    assert 3 + 2_000 * 10 == await _spent(manager, start=100_000)
+
+
+def _raw_stream(*events: bytes) -> Any:
+    """An ASGI app answering every request with these SSE bytes, one message each."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for event in events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return app
+
+
+@pytest.mark.parametrize("cut", [False, True])
+async def test_usage_spelt_unusually_still_decides_the_charge(
+    manager: CreditManager, cut: bool
+) -> None:
+    """A usage chunk that does not look like one is still read before the hold is settled."""
+    await _funded(manager)
+    text = b'data: {"choices": [{"index": 0, "delta": {"content": " w"}}]}\r\n\r\n'
+    usage = (
+        b'data: {"choices": [], "\\u0075sage": {"prompt_tokens": 7, "completion_tokens": 2}}\n\n'
+    )
+    events = [text, text, usage, b"data: [DONE]\n\n"]
+    upstream = _raw_stream(*(events[:2] if cut else events))
+    gateway = BillingMiddleware(upstream, manager=manager, payer=_payer, estimator=estimator())
+
+    reply = await call(gateway, "/v1/chat/completions", chat(stream=True))
+
+    assert 200 == reply.status
+    assert (3 + 2 * 10 if cut else 7 + 2 * 10) == await _spent(manager)
+
+
 async def test_anthropic_messages_streamed_and_plain(
     manager: CreditManager, gateway: BillingMiddleware
 ) -> None:

@@ -427,12 +427,14 @@ class _Exchange:
     """
     The response side of one billed request: watches, settles, adds the figures.
 
-    A stream's events are not all decoded as they pass. Only those that can carry the
-    final usage (`_DECISIVE`) are; the others (streamed text, counted only when the final
-    usage never arrives) wait undecoded, up to `_PENDING_BYTES` at a time, and are decoded
-    before the hold is resolved unless the final usage made them irrelevant. So a stream
-    that ends with its usage costs one decoded event, and one cut short is still charged
-    for every event it streamed.
+    A stream is passed on chunk by chunk, but not parsed chunk by chunk. Its bytes wait
+    (up to `_PENDING_BYTES`) until a chunk may hold an event that carries the final usage
+    (`_DECISIVE`); then what waited is split into events, those events are decoded, and
+    the others (streamed text, counted only when the final usage never arrives) wait
+    undecoded. Before the hold is resolved, everything still waiting is split, and decoded
+    unless the final usage made it irrelevant. So a stream that ends with its usage costs
+    one split and one decoded event, and one cut short, or whose usage did not look like
+    usage, is still charged for every event it streamed.
     """
 
     __slots__ = (
@@ -443,6 +445,8 @@ class _Exchange:
         "_pending",
         "_pending_bytes",
         "_pending_start",
+        "_raw",
+        "_raw_bytes",
         "_resolved",
         "_result",
         "_sent_start",
@@ -464,6 +468,8 @@ class _Exchange:
         self._buffer: list[bytes] = []
         self._sse: _SSEParser | None = None
         self._decisive = _DECISIVE[api]
+        self._raw: list[bytes] = []
+        self._raw_bytes = 0
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._streaming = False
@@ -501,29 +507,41 @@ class _Exchange:
         await self._upstream(start)
 
     async def _body(self, message: Message) -> None:
-        chunk: bytes = message.get("body", b"")
-        more = bool(message.get("more_body", False))
-        if self._pending_start is not None:
-            self._buffer.append(chunk)
-            if not more:
-                await self._flush_plain()
-            return
         if self._sse is not None:
-            for data in self._sse.feed(chunk):
-                if self._decisive.search(data) is not None:
-                    self._feed(data)
-                elif data != b"[DONE]":
-                    self._pending.append(data)
-                    self._pending_bytes += len(data)
-                    if self._pending_bytes > _PENDING_BYTES:
-                        self._drain()
-            if not more:
+            chunk: bytes = message.get("body", b"")
+            if chunk:
+                self._raw.append(chunk)
+                self._raw_bytes += len(chunk)
+                if self._raw_bytes > _PENDING_BYTES or self._decisive.search(chunk) is not None:
+                    self._split()
+            if not message.get("more_body", False):
                 result = await self._resolve()
                 if result is not None and self._trailer:
                     charged, remaining = _figures(result)
                     trailer = f": ducto credits_charged={charged} credits_remaining={remaining}\n\n"
                     message = {**message, "body": chunk + trailer.encode()}
+        elif self._pending_start is not None:
+            self._buffer.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                await self._flush_plain()
+            return
         await self._upstream(message)
+
+    def _split(self) -> None:
+        """Split the bytes that waited into events; decode those that can decide the charge."""
+        sse = self._sse
+        raw, self._raw, self._raw_bytes = self._raw, [], 0
+        if sse is None or not raw:
+            return
+        decisive = self._decisive
+        for data in sse.feed(raw[0] if len(raw) == 1 else b"".join(raw)):
+            if decisive.search(data) is not None:
+                self._feed(data)
+            elif data != b"[DONE]":
+                self._pending.append(data)
+                self._pending_bytes += len(data)
+        if self._pending_bytes > _PENDING_BYTES:
+            self._drain()
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -582,6 +600,7 @@ class _Exchange:
         if self._resolved:
             return self._result
         self._resolved = True
+        self._split()
         if self._tracker.complete:
             self._pending, self._pending_bytes = [], 0
         else:
