@@ -366,6 +366,11 @@ class Charger:
         engine = self._engine
         return engine.min_balance if engine is not None else DEFAULT_MIN_BALANCE
 
+    @property
+    def plans_priced(self) -> bool:
+        """Whether the engine in use has plans with rate overrides (see `plan_for`)."""
+        return bool(self._priced_plans)
+
     async def plan_for(self, user_id: str) -> str | None:
         """The user's plan id when it has rate overrides in the engine in use, else None."""
         if not self._priced_plans:
@@ -487,6 +492,9 @@ class Charger:
 
     async def _report_placements(self, held: Held) -> None:
         """Report the low-balance crossings of the holds this attempt placed."""
+        if not self._reporter.alerts:
+            held.unreported.clear()
+            return
         while held.unreported:
             placed = held.unreported.pop(0)
             if held.team_id is None:  # a team hold moves the pool, not the member
@@ -775,12 +783,10 @@ class Charger:
         never counted).
         """
         reporter = self._reporter
-        details = (
-            usage_details(priced.usage, priced.cost, meta)
-            if result.cap_warning is not None or reporter.wants(CreditEventType.CREDITS_DEDUCTED)
-            else {}
-        )
-        if reporter.wants(CreditEventType.CREDITS_DEDUCTED):
+        deducted = reporter.wants(CreditEventType.CREDITS_DEDUCTED)
+        warned = result.cap_warning is not None
+        details = usage_details(priced.usage, priced.cost, meta) if deducted or warned else {}
+        if deducted:
             await reporter.emit(
                 CreditEventType.CREDITS_DEDUCTED,
                 user_id=user_id,
@@ -793,7 +799,7 @@ class Charger:
                 idempotency_key=result.idempotency_key,
                 metadata={**details, "allowance_consumed": result.allowance_consumed},
             )
-        if result.cap_warning is not None:
+        if warned:
             await reporter.emit(
                 CreditEventType.CAP_WARNING,
                 user_id=user_id,
@@ -804,7 +810,7 @@ class Charger:
                 reservation_id=result.reservation_id,
                 metadata={**details, "action": result.cap_warning},
             )
-        if team_id is None:
+        if team_id is None and reporter.alerts:
             # Each step moves available on its own (other calls may run between them): a
             # hold took its amount when placed; the settlement takes the charge less the
             # hold it frees.
