@@ -190,6 +190,19 @@ class _SSEParser:
         return payloads
 
 
+def _json(raw: bytes) -> Any:
+    """
+    ``json.loads(raw)``, sparing it the work of guessing the encoding of UTF-8 text.
+
+    Raises:
+        ValueError: `raw` is not JSON.
+    """
+    try:
+        return json.loads(raw.decode())
+    except ValueError:  # not UTF-8 (or a BOM): let json find the encoding, or fail
+        return json.loads(raw)
+
+
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     for key, value in headers:
         if key.lower() == name:
@@ -343,7 +356,7 @@ class BillingMiddleware:
         if raw is None:
             return  # the client left before its request was complete: nothing to bill
         try:
-            parsed = json.loads(raw)
+            parsed = _json(raw)
         except ValueError:
             parsed = None
         if not isinstance(parsed, dict):
@@ -545,7 +558,7 @@ class _Exchange:
 
     def _feed(self, data: bytes) -> None:
         try:
-            event = json.loads(data)
+            event = _json(data)
         except ValueError:
             return
         self._feed_event(event)
@@ -572,7 +585,7 @@ class _Exchange:
         body = b"".join(self._buffer)
         self._buffer = []
         try:
-            self._tracker.feed_response(json.loads(body))
+            self._tracker.feed_response(_json(body))
         except (ValueError, InvalidArgumentError):
             # Not the JSON the API promises: bill what the request was estimated to read.
             _log.warning("a %s response body has no readable usage", self._api, exc_info=True)
