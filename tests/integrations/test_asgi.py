@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import anyio
@@ -276,6 +277,19 @@ async def test_retried_request_is_charged_once(
 
     assert first.headers[HEADER_CHARGED] == second.headers[HEADER_CHARGED] == "75"
     assert 75 == await _spent(manager)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-32-le"])
+async def test_a_json_body_in_any_encoding_json_reads_is_billed(
+    manager: CreditManager, gateway: BillingMiddleware, encoding: str
+) -> None:
+    """UTF-8 is read directly; a BOM or UTF-16/32 is read the way json.loads reads bytes."""
+    await _funded(manager)
+    body = json.dumps(chat(metadata={"note": "héllo ✓"})).encode(encoding)
+
+    reply = await call(gateway, "/v1/chat/completions", body)
+
+    assert (200, "75") == (reply.status, reply.headers[HEADER_CHARGED])
 
 
 @pytest.mark.parametrize(
