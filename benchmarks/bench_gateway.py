@@ -4,20 +4,30 @@ What `BillingMiddleware` adds to each request, measured in-process (no network).
 An instant fake upstream (a bare ASGI app answering an OpenAI chat request, plain or as a
 stream of 10 chunks plus a usage chunk) is driven directly through ASGI, once bare and once
 wrapped by the billing middleware, in alternating rounds of the same run. Each billed
-request is a real hold and settlement on the store (1,000 users, large balances). The script
-prints requests/s for both, the overhead per request (billed minus bare) at the median and
-the 99th percentile in microseconds, and, for comparison, the median cost of the same hold
-and settlement made through `CreditManager.hold()` alone (the floor the middleware builds on).
+request is a real hold and settlement on the store (1,000 users, large balances).
+
+Two ways, for each store and response shape:
+
+- sequential: one request at a time; requests/s for both, and the overhead per request
+  (billed minus bare latency) at the median and the 99th percentile, in microseconds;
+- concurrent: ``--concurrency`` requests in flight (64 by default), where SQLite's group
+  commit lets requests share a transaction and its fsync; requests/s for both, and the
+  overhead per request as ``1/throughput`` billed minus bare, in microseconds.
+
+For comparison it also prints the median cost of the same hold and settlement made through
+`CreditManager.hold()` alone (the floor the middleware builds on).
 
     python benchmarks/bench_gateway.py                       # memory and sqlite, asyncio
     python benchmarks/bench_gateway.py --store sqlite --requests 5000 --backend trio
     python benchmarks/bench_gateway.py --synchronous NORMAL  # SQLite's durability level
+    python benchmarks/bench_gateway.py --concurrency 0       # sequential only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -139,7 +149,28 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def measure(store: CreditStore, label: str, requests: int, rounds: int) -> None:
+async def concurrently(app: Any, body: bytes, count: int, tasks: int, first: int) -> float:
+    """Drive `count` requests with `tasks` in flight; return the wall time in seconds."""
+    issued = 0
+
+    async def worker() -> None:
+        nonlocal issued
+        while issued < count:
+            number = first + issued
+            issued += 1
+            status = await request(app, f"u{number % USERS}", body)
+            assert status == 200, status
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(tasks):
+            tg.start_soon(worker)
+    return time.perf_counter() - started
+
+
+async def measure(
+    store: CreditStore, label: str, requests: int, rounds: int, concurrency: int
+) -> None:
     async with CreditManager(store) as manager:
         await manager.store.setup()
         await manager.publish_pricing(PRICING)
@@ -165,10 +196,23 @@ async def measure(store: CreditStore, label: str, requests: int, rounds: int) ->
             overhead_99 = percentile(on, 0.99) - percentile(off, 0.99)
             hold = await hold_only(manager, per_round)
             print(
-                f"{label:<12} {shape:<6} off {len(off) / wall['off']:>8,.0f} req/s"
+                f"{label:<13} {shape:<6} sequential  off {len(off) / wall['off']:>8,.0f} req/s"
                 f" | on {len(on) / wall['on']:>6,.0f} req/s"
                 f" | overhead p50 {overhead_50:>7.1f} µs, p99 {overhead_99:>7.1f} µs"
                 f" | hold()+settle() alone p50 {statistics.median(hold):>7.1f} µs"
+            )
+            if concurrency < 1:
+                continue
+            spent = {"off": 0.0, "on": 0.0}
+            for round_ in range(rounds):
+                for mode, app in (("off", upstream), ("on", billed)):
+                    first = round_ * per_round
+                    spent[mode] += await concurrently(app, body, per_round, concurrency, first)
+            rate_off, rate_on = requests / spent["off"], requests / spent["on"]
+            print(
+                f"{label:<13} {shape:<6} {concurrency:>3} at once off {rate_off:>8,.0f} req/s"
+                f" | on {rate_on:>6,.0f} req/s"
+                f" | overhead 1/throughput {1e6 / rate_on - 1e6 / rate_off:>7.1f} µs per request"
             )
         balance = await manager.get_balance("u0")
         assert balance.reserved == 0, "a hold was left open"
@@ -177,16 +221,18 @@ async def measure(store: CreditStore, label: str, requests: int, rounds: int) ->
 async def main(args: argparse.Namespace) -> None:
     print(
         f"python {sys.version.split()[0]}, {args.backend}, {args.requests} requests per "
-        f"shape and mode in {args.rounds} alternating rounds"
+        f"shape and mode in {args.rounds} alternating rounds; {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f} at start"
     )
     if args.store in ("memory", "all"):
-        await measure(MemoryStore(), "MemoryStore", args.requests, args.rounds)
+        await measure(MemoryStore(), "MemoryStore", args.requests, args.rounds, args.concurrency)
     if args.store in ("sqlite", "all"):
         from ducto.interface.sqlite import SQLiteStore
 
         with tempfile.TemporaryDirectory() as scratch:
             store = SQLiteStore(Path(scratch) / "bench.db", synchronous=args.synchronous)
-            await measure(store, f"SQLite {args.synchronous}", args.requests, args.rounds)
+            label = f"SQLite {args.synchronous}"
+            await measure(store, label, args.requests, args.rounds, args.concurrency)
 
 
 if __name__ == "__main__":
@@ -196,5 +242,8 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     parser.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="FULL")
+    parser.add_argument(
+        "--concurrency", type=int, default=64, help="requests in flight (0: sequential only)"
+    )
     arguments = parser.parse_args()
     anyio.run(main, arguments, backend=arguments.backend)

@@ -4,7 +4,7 @@ An OpenAI-compatible gateway on FastAPI, billed by ducto, in front of a fake str
 The gateway's routes know nothing about billing: `BillingMiddleware` holds credits before
 each ``/v1/chat/completions`` call reaches the route, records usage as the response (plain
 or streamed) passes, settles when it ends, and charges what was recorded when a client
-disconnects. Balances live in SQLite.
+disconnects. One API key bills a team pool instead of its owner. Balances live in SQLite.
 
     python examples/fastapi_gateway.py           # serve on a free port, make a few requests, exit
     python examples/fastapi_gateway.py --serve   # serve on 127.0.0.1:8000 until Ctrl-C
@@ -53,7 +53,9 @@ PRICING = {
     "cache": {"read": "cache_read_tokens * 0.0075", "write": "cache_write_tokens * 0.015"},
     "min_balance": 0,
 }
-API_KEYS = {"key-alice": "alice", "key-bob": "bob"}
+API_KEYS = {"key-alice": "alice", "key-bob": "bob", "key-carol": "carol"}
+TEAM_KEYS: dict[str, str] = {}
+"""API keys billed to a team pool, and the pool's id (filled in when the team is created)."""
 ANSWER = "Credits are held before the call and settled for what the model really produced."
 
 
@@ -61,7 +63,9 @@ def payer_for(request: BillingRequest) -> Payer | None:
     """The account behind the request's API key; None (401) for an unknown key."""
     token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
     user_id = API_KEYS.get(token)
-    return Payer(user_id, {"api_key": token[-4:]}) if user_id else None
+    if user_id is None:
+        return None
+    return Payer(user_id, {"api_key": token[-4:]}, team_id=TEAM_KEYS.get(token))
 
 
 # -- a fake upstream model ---------------------------------------------------------------------
@@ -197,6 +201,16 @@ async def exercise(base_url: str) -> None:
         print(f"bob:        {response.status_code} {response.json()['error']['code']}")
         response = await client.post("/v1/chat/completions", json=chat, headers={})
         print(f"no key:     {response.status_code} {response.json()['error']['code']}")
+
+        # Carol's key bills her team's pool, within her monthly member cap.
+        carol = {"Authorization": "Bearer key-carol"}
+        response = await client.post("/v1/chat/completions", json=chat, headers=carol)
+        print(
+            f"team:       {response.status_code} charged {response.headers[HEADER_CHARGED]} "
+            f"to the pool, {response.headers[HEADER_REMAINING]} left in it"
+        )
+        response = await client.post("/v1/chat/completions", json=big, headers=carol)
+        print(f"team cap:   {response.status_code} {response.json()['error']['code']}")
         for headers in (alice, bob):
             print("balance:   ", (await client.get("/v1/balance", headers=headers)).json())
 
@@ -207,6 +221,9 @@ async def main(serve: bool, port: int, db: Path) -> None:
         await manager.publish_pricing(PRICING, label="example prices")
         await manager.add_credits("alice", 5_000, "purchase", idempotency_key="alice-signup")
         await manager.add_credits("bob", 100, "purchase", idempotency_key="bob-signup")
+        team = await manager.store.create_team("research", 20_000)
+        await manager.store.add_team_member(team.team_id, "carol", spend_cap=2_000)
+        TEAM_KEYS["key-carol"] = team.team_id
         app = build_app(manager)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -225,7 +242,8 @@ async def main(serve: bool, port: int, db: Path) -> None:
                 print(f"done in {time.perf_counter() - started:.2f} s")
                 server.should_exit = True
         balance = await manager.get_balance("alice")
-        assert balance.reserved == 0, "a hold was left open"
+        pool = await manager.store.get_team_balance(team.team_id)
+        assert balance.reserved == pool.reserved == 0, "a hold was left open"
         print("books: no hold left open")
 
 

@@ -50,6 +50,7 @@ from ducto.interface.models import (
     ReserveResult,
 )
 from ducto.pricing import CostBreakdown, PricingEngine, ToolCall, UsageMetrics
+from ducto.pricing.metrics import MAX_COUNT
 
 __all__ = [
     "DEFAULT_MIN_BALANCE",
@@ -120,6 +121,46 @@ def check_ttl(value: object, name: str) -> float | timedelta:
     return value
 
 
+_USAGE_FIELDS: Final = frozenset(UsageMetrics.model_fields)
+_USAGE_COUNTERS: Final = tuple(
+    name for name in UsageMetrics.model_fields if name not in ("model", "tool_calls", "fixed_job")
+)
+
+
+def _plainly_valid(fields: dict[str, Any]) -> bool:
+    """
+    Whether a record's fields are ones `UsageMetrics` validation accepts as they are.
+
+    Checks the common case only (the exact field set; exact ``int`` counters in range;
+    ``str`` or None names; `ToolCall` records with a non-empty ``str`` name); anything else
+    answers False and is validated in full.
+    """
+    if fields.keys() != _USAGE_FIELDS:
+        return False
+    for counter in _USAGE_COUNTERS:
+        count = fields[counter]
+        if type(count) is not int or not 0 <= count <= MAX_COUNT:
+            return False
+    model = fields["model"]
+    if model is not None and type(model) is not str:
+        return False
+    job = fields["fixed_job"]
+    if job is not None and (type(job) is not str or not job):
+        return False
+    calls = fields["tool_calls"]
+    if type(calls) is not list:
+        return False
+    for call in calls:
+        if type(call) is not ToolCall:
+            return False
+        call_fields = call.__dict__
+        if call_fields.keys() != {"name"} or type(call_fields["name"]) is not str:
+            return False
+        if not call_fields["name"]:
+            return False
+    return True
+
+
 def checked_usage(name: str, value: object) -> UsageMetrics:
     """
     `value` validated again as `UsageMetrics`, or `InvalidArgumentError` naming `name`.
@@ -129,6 +170,12 @@ def checked_usage(name: str, value: object) -> UsageMetrics:
     """
     if not isinstance(value, UsageMetrics):
         raise InvalidArgumentError(f"{name} must be UsageMetrics, got {type(value).__name__}")
+    if type(value) is UsageMetrics and _plainly_valid(value.__dict__):
+        # What validation would accept unchanged: copy it (the caller may change the
+        # original later) without paying for validation.
+        copy = value.__copy__()
+        copy.__dict__["tool_calls"] = list(value.tool_calls)
+        return copy
     fields = dict(value.__dict__)
     calls = fields.get("tool_calls")
     if isinstance(calls, list):
@@ -319,6 +366,11 @@ class Charger:
         engine = self._engine
         return engine.min_balance if engine is not None else DEFAULT_MIN_BALANCE
 
+    @property
+    def plans_priced(self) -> bool:
+        """Whether the engine in use has plans with rate overrides (see `plan_for`)."""
+        return bool(self._priced_plans)
+
     async def plan_for(self, user_id: str) -> str | None:
         """The user's plan id when it has rate overrides in the engine in use, else None."""
         if not self._priced_plans:
@@ -423,21 +475,26 @@ class Charger:
         reservation = held.reservation
         if reservation.idempotent:
             return
-        await self._reporter.emit(
-            CreditEventType.RESERVED,
-            user_id=held.user_id,
-            team_id=held.team_id,
-            amount=held.amount,
-            available=reservation.available,
-            balance_after=reservation.balance,
-            reservation_id=reservation.reservation_id,
-            idempotency_key=held.key,
-            metadata=usage_details(None, None, held.metadata),
-        )
+        reporter = self._reporter
+        if reporter.wants(CreditEventType.RESERVED):
+            await reporter.emit(
+                CreditEventType.RESERVED,
+                user_id=held.user_id,
+                team_id=held.team_id,
+                amount=held.amount,
+                available=reservation.available,
+                balance_after=reservation.balance,
+                reservation_id=reservation.reservation_id,
+                idempotency_key=held.key,
+                metadata=usage_details(None, None, held.metadata),
+            )
         await self._report_placements(held)
 
     async def _report_placements(self, held: Held) -> None:
         """Report the low-balance crossings of the holds this attempt placed."""
+        if not self._reporter.alerts:
+            held.unreported.clear()
+            return
         while held.unreported:
             placed = held.unreported.pop(0)
             if held.team_id is None:  # a team hold moves the pool, not the member
@@ -726,20 +783,23 @@ class Charger:
         never counted).
         """
         reporter = self._reporter
-        details = usage_details(priced.usage, priced.cost, meta)
-        await reporter.emit(
-            CreditEventType.CREDITS_DEDUCTED,
-            user_id=user_id,
-            team_id=team_id,
-            amount=result.charged,
-            balance_after=result.balance_after,
-            available=result.available,
-            transaction_id=result.transaction_id,
-            reservation_id=result.reservation_id,
-            idempotency_key=result.idempotency_key,
-            metadata={**details, "allowance_consumed": result.allowance_consumed},
-        )
-        if result.cap_warning is not None:
+        deducted = reporter.wants(CreditEventType.CREDITS_DEDUCTED)
+        warned = result.cap_warning is not None
+        details = usage_details(priced.usage, priced.cost, meta) if deducted or warned else {}
+        if deducted:
+            await reporter.emit(
+                CreditEventType.CREDITS_DEDUCTED,
+                user_id=user_id,
+                team_id=team_id,
+                amount=result.charged,
+                balance_after=result.balance_after,
+                available=result.available,
+                transaction_id=result.transaction_id,
+                reservation_id=result.reservation_id,
+                idempotency_key=result.idempotency_key,
+                metadata={**details, "allowance_consumed": result.allowance_consumed},
+            )
+        if warned:
             await reporter.emit(
                 CreditEventType.CAP_WARNING,
                 user_id=user_id,
@@ -750,7 +810,7 @@ class Charger:
                 reservation_id=result.reservation_id,
                 metadata={**details, "action": result.cap_warning},
             )
-        if team_id is None:
+        if team_id is None and reporter.alerts:
             # Each step moves available on its own (other calls may run between them): a
             # hold took its amount when placed; the settlement takes the charge less the
             # hold it frees.

@@ -168,7 +168,8 @@ class Hold:
             raise InvalidArgumentError("a hold can be entered once; make a new one")
         self._entered = True
         charger = self._charger
-        self._plan = await charger.plan_for(self._user_id)
+        if charger.plans_priced:
+            self._plan = await charger.plan_for(self._user_id)
         model: str | None = None
         if isinstance(self._estimate, UsageMetrics):
             priced = charger.chargeable(

@@ -94,6 +94,15 @@ class Reporter:
 
     # -- events ------------------------------------------------------------------------------
 
+    @property
+    def alerts(self) -> bool:
+        """Whether any low-balance threshold is set (else `moved` has nothing to do)."""
+        return bool(self._thresholds)
+
+    def wants(self, kind: CreditEventType) -> bool:
+        """Whether an event of `kind` would reach a handler (so it is worth building)."""
+        return self._emitter.has_handlers(kind)
+
     async def emit(self, kind: CreditEventType, **fields: Any) -> None:
         """
         Report one event; never raises for a handler or a bad field (both are logged).

@@ -27,6 +27,9 @@ PRICING: dict[str, Any] = {
 PROMPT_TOKENS = 25
 """What the fake upstream reports for every prompt."""
 
+PROMPT = [{"role": "user", "content": "one two three"}]
+"""3 tokens by `word_counter`."""
+
 
 def word_counter(text: str) -> int:
     """One token per word: estimates and counts the tests can compute by hand."""
@@ -259,3 +262,91 @@ async def new_manager(store: Any) -> CreditManager:
     manager = CreditManager(store)
     await manager.publish_pricing(PRICING)
     return manager
+
+
+# -- driving an ASGI app in-process ------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+
+async def call(
+    app: Any,
+    path: str,
+    body: Any,
+    headers: dict[str, str] | None = None,
+    *,
+    method: str = "POST",
+    disconnect_after: int | None = None,
+    partial_body: bool = False,
+) -> Reply:
+    """
+    Drive one HTTP request through an ASGI app.
+
+    With `disconnect_after`, the client hangs up once it has received that many non-empty
+    body messages (0: before the first byte). With `partial_body`, it hangs up before its
+    request body is complete.
+    """
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    all_headers = {"content-type": "application/json", "authorization": "Bearer alice"}
+    all_headers.update(headers or {})
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.encode(), v.encode()) for k, v in all_headers.items()],
+        "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+    }
+    gone = anyio.Event()
+    if disconnect_after == 0:
+        gone.set()
+    requested = False
+    start: dict[str, Any] = {}
+    chunks: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            if partial_body:
+                gone.set()
+                return {"type": "http.request", "body": raw[:3], "more_body": True}
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if gone.is_set():
+            return  # like a server whose client has gone: the message goes nowhere
+        if message["type"] == "http.response.start":
+            start.update(message)
+        elif message["type"] == "http.response.body" and message.get("body"):
+            chunks.append(message["body"])
+            if disconnect_after is not None and len(chunks) >= disconnect_after:
+                gone.set()
+
+    await app(scope, receive, send)
+    headers_out = {k.decode(): v.decode() for k, v in start.get("headers", [])}
+    return Reply(start.get("status", 0), headers_out, b"".join(chunks))
+
+
+def chat(**extra: Any) -> dict[str, Any]:
+    return {"model": "gpt-4o-mini", "messages": PROMPT, "max_tokens": 5, **extra}

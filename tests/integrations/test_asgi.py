@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import pytest
 from tests.contract._checks import all_rows, assert_invariants
 from tests.integrations._support import (
+    PROMPT,
     PROMPT_TOKENS,
     FakeUpstream,
+    call,
+    chat,
     estimator,
     new_manager,
 )
@@ -29,89 +31,6 @@ from ducto.interface.base import CreditStore
 from ducto.interface.models import SpendCap
 
 pytestmark = pytest.mark.anyio
-
-PROMPT = [{"role": "user", "content": "one two three"}]  # 3 tokens by the word counter
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    @property
-    def text(self) -> str:
-        return self.body.decode()
-
-
-async def call(
-    app: Any,
-    path: str,
-    body: Any,
-    headers: dict[str, str] | None = None,
-    *,
-    method: str = "POST",
-    disconnect_after: int | None = None,
-    partial_body: bool = False,
-) -> Reply:
-    """
-    Drive one HTTP request through an ASGI app.
-
-    With `disconnect_after`, the client hangs up once it has received that many non-empty
-    body messages (0: before the first byte). With `partial_body`, it hangs up before its
-    request body is complete.
-    """
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    all_headers = {"content-type": "application/json", "authorization": "Bearer alice"}
-    all_headers.update(headers or {})
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(k.encode(), v.encode()) for k, v in all_headers.items()],
-        "client": ("127.0.0.1", 5000),
-        "server": ("testserver", 80),
-    }
-    gone = anyio.Event()
-    if disconnect_after == 0:
-        gone.set()
-    requested = False
-    start: dict[str, Any] = {}
-    chunks: list[bytes] = []
-
-    async def receive() -> dict[str, Any]:
-        nonlocal requested
-        if not requested:
-            requested = True
-            if partial_body:
-                gone.set()
-                return {"type": "http.request", "body": raw[:3], "more_body": True}
-            return {"type": "http.request", "body": raw, "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        if gone.is_set():
-            return  # like a server whose client has gone: the message goes nowhere
-        if message["type"] == "http.response.start":
-            start.update(message)
-        elif message["type"] == "http.response.body" and message.get("body"):
-            chunks.append(message["body"])
-            if disconnect_after is not None and len(chunks) >= disconnect_after:
-                gone.set()
-
-    await app(scope, receive, send)
-    headers_out = {k.decode(): v.decode() for k, v in start.get("headers", [])}
-    return Reply(start.get("status", 0), headers_out, b"".join(chunks))
 
 
 def _payer(request: BillingRequest) -> str | None:
@@ -132,10 +51,6 @@ def upstream() -> FakeUpstream:
 @pytest.fixture
 def gateway(manager: CreditManager, upstream: FakeUpstream) -> BillingMiddleware:
     return BillingMiddleware(upstream.app(), manager=manager, payer=_payer, estimator=estimator())
-
-
-def chat(**extra: Any) -> dict[str, Any]:
-    return {"model": "gpt-4o-mini", "messages": PROMPT, "max_tokens": 5, **extra}
 
 
 async def _funded(manager: CreditManager, user: str = "alice", amount: int = 1_000) -> None:
@@ -199,6 +114,53 @@ async def test_streamed_chat_without_usage_is_billed_for_what_streamed(
 
     assert 200 == reply.status
     assert 3 + 5 * 10 == await _spent(manager)
+
+
+async def test_a_long_stream_without_usage_is_billed_for_every_word(
+    manager: CreditManager, gateway: BillingMiddleware
+) -> None:
+    """2,000 chunks (far more bytes than wait undecoded at a time): every word is counted."""
+    await _funded(manager, amount=100_000)
+
+    reply = await call(gateway, "/v1/chat/completions", chat(stream=True, max_tokens=2_000))
+
+    assert 200 == reply.status
+    assert len(reply.body) > 4 * 64 * 1024
+    assert 3 + 2_000 * 10 == await _spent(manager, start=100_000)
+
+
+def _raw_stream(*events: bytes) -> Any:
+    """An ASGI app answering every request with these SSE bytes, one message each."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for event in events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return app
+
+
+@pytest.mark.parametrize("cut", [False, True])
+async def test_usage_spelt_unusually_still_decides_the_charge(
+    manager: CreditManager, cut: bool
+) -> None:
+    """A usage chunk that does not look like one is still read before the hold is settled."""
+    await _funded(manager)
+    text = b'data: {"choices": [{"index": 0, "delta": {"content": " w"}}]}\r\n\r\n'
+    usage = (
+        b'data: {"choices": [], "\\u0075sage": {"prompt_tokens": 7, "completion_tokens": 2}}\n\n'
+    )
+    events = [text, text, usage, b"data: [DONE]\n\n"]
+    upstream = _raw_stream(*(events[:2] if cut else events))
+    gateway = BillingMiddleware(upstream, manager=manager, payer=_payer, estimator=estimator())
+
+    reply = await call(gateway, "/v1/chat/completions", chat(stream=True))
+
+    assert 200 == reply.status
+    assert (3 + 2 * 10 if cut else 7 + 2 * 10) == await _spent(manager)
 
 
 async def test_anthropic_messages_streamed_and_plain(
@@ -315,6 +277,19 @@ async def test_retried_request_is_charged_once(
 
     assert first.headers[HEADER_CHARGED] == second.headers[HEADER_CHARGED] == "75"
     assert 75 == await _spent(manager)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-32-le"])
+async def test_a_json_body_in_any_encoding_json_reads_is_billed(
+    manager: CreditManager, gateway: BillingMiddleware, encoding: str
+) -> None:
+    """UTF-8 is read directly; a BOM or UTF-16/32 is read the way json.loads reads bytes."""
+    await _funded(manager)
+    body = json.dumps(chat(metadata={"note": "héllo ✓"})).encode(encoding)
+
+    reply = await call(gateway, "/v1/chat/completions", body)
+
+    assert (200, "75") == (reply.status, reply.headers[HEADER_CHARGED])
 
 
 @pytest.mark.parametrize(

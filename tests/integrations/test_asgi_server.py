@@ -27,6 +27,7 @@ from tests.integrations._support import (
 )
 
 from ducto import CreditManager
+from ducto.integrations import Payer
 from ducto.integrations.asgi import HEADER_CHARGED, BillingMiddleware, BillingRequest
 from ducto.interface.base import CreditStore
 
@@ -265,3 +266,92 @@ async def test_retried_request_with_the_same_idempotency_key_is_charged_once(
     )
     assert (1_000 - expected, 0) == (balance.balance, balance.reserved)
     await assert_invariants(manager.store, user_id)
+
+
+def _team_payer(request: BillingRequest) -> Payer | None:
+    user = request.headers.get("authorization", "").removeprefix("Bearer ")
+    return Payer(user, team_id=request.headers.get("x-team")) if user else None
+
+
+async def _race_members(
+    manager: CreditManager,
+    server_kind: str,
+    anyio_backend: str,
+    team_id: str,
+    members: list[str],
+) -> tuple[Counter[int], Counter[str], FakeUpstream]:
+    """One streamed or plain request per entry of `members`, all at once, through a server."""
+    upstream = FakeUpstream()
+    gateway = BillingMiddleware(
+        upstream.app(), manager=manager, payer=_team_payer, estimator=estimator()
+    )
+    statuses: Counter[int] = Counter()
+    codes: Counter[str] = Counter()
+
+    async def request(client: httpx.AsyncClient, number: int, member: str) -> None:
+        body = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+        if number % 2:
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+        headers = {"authorization": f"Bearer {member}", "x-team": team_id}
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=body, headers=headers
+        ) as response:
+            text = (await response.aread()).decode()
+        statuses[response.status_code] += 1
+        if response.status_code != 200:
+            codes[json.loads(text)["error"]["code"]] += 1
+
+    async with serving(gateway, server_kind, anyio_backend) as url:
+        limits = httpx.Limits(max_connections=len(members))
+        async with (
+            httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client,
+            anyio.create_task_group() as tg,
+        ):
+            for number, member in enumerate(members):
+                tg.start_soon(request, client, number, member)
+    return statuses, codes, upstream
+
+
+async def test_fifty_member_requests_against_a_pool_for_ten(
+    manager: CreditManager, server_kind: str, anyio_backend: str
+) -> None:
+    """Five members, 10 requests each at once, each costing its 100-credit hold: 10 served."""
+    await manager.publish_pricing({"models": {"_default": "output_tokens * 10"}, "min_balance": 0})
+    members = [f"member-{number}" for number in range(5)]
+    team = await manager.store.create_team("research", 1_000)
+    for member in members:
+        await manager.store.add_team_member(team.team_id, member)
+
+    statuses, codes, upstream = await _race_members(
+        manager, server_kind, anyio_backend, team.team_id, members * 10
+    )
+
+    pool = await manager.store.get_team_balance(team.team_id)
+    spent = [m.total_spent for m in await manager.store.get_team_members(team.team_id)]
+    assert {200: 10, 402: 40} == dict(statuses)
+    assert {"insufficient_team_balance": 40} == dict(codes)
+    assert 10 == upstream.calls
+    assert (0, 0) == (pool.balance, pool.reserved)
+    assert 1_000 == sum(spent)
+
+
+async def test_a_member_cap_holds_under_racing_requests(
+    manager: CreditManager, server_kind: str, anyio_backend: str
+) -> None:
+    """A member capped at 3 requests sends 20 at once beside an uncapped member's 20."""
+    await manager.publish_pricing({"models": {"_default": "output_tokens * 10"}, "min_balance": 0})
+    team = await manager.store.create_team("research", 100_000)
+    await manager.store.add_team_member(team.team_id, "capped", spend_cap=300)
+    await manager.store.add_team_member(team.team_id, "free")
+
+    statuses, codes, upstream = await _race_members(
+        manager, server_kind, anyio_backend, team.team_id, ["capped", "free"] * 20
+    )
+
+    spent = {m.user_id: m.total_spent for m in await manager.store.get_team_members(team.team_id)}
+    pool = await manager.store.get_team_balance(team.team_id)
+    assert {200: 23, 429: 17} == dict(statuses)
+    assert {"spend_cap_exceeded": 17} == dict(codes)
+    assert 23 == upstream.calls
+    assert {"capped": 300, "free": 2_000} == spent
+    assert (100_000 - 2_300, 0) == (pool.balance, pool.reserved)

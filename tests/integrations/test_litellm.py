@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import anyio
 import pytest
 from tests.contract._checks import all_rows, assert_invariants
 from tests.integrations._support import Settled, new_manager
@@ -21,10 +23,15 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 litellm = pytest.importorskip("litellm")
 
 from ducto import (  # noqa: E402
+    CreditError,
     CreditManager,
     InsufficientCreditsError,
+    InsufficientTeamBalanceError,
     SpendCapExceededError,
+    TeamNotFoundError,
+    UserNotInTeamError,
 )
+from ducto.integrations import Payer  # noqa: E402
 from ducto.integrations.litellm import LiteLLMBilling, NoPayerError  # noqa: E402
 from ducto.interface.base import CreditStore  # noqa: E402
 from ducto.interface.models import SpendCap  # noqa: E402
@@ -213,3 +220,163 @@ async def test_aclose_releases_holds_never_reported(
     assert held.reserved > 0
     assert 0 == (await manager.get_balance(user_id)).reserved
     assert 0 == billing.open_holds
+
+
+# -- team pools --------------------------------------------------------------------------------
+
+
+def _member_of_team(call: Mapping[str, Any]) -> Payer | None:
+    """The caller names the member with ``user`` and the pool in ``metadata``."""
+    user = call.get("user")
+    team_id = (call.get("metadata") or {}).get("team")
+    return Payer(user, team_id=team_id) if user else None
+
+
+@pytest.fixture
+def team_billing(manager: CreditManager) -> Iterator[LiteLLMBilling]:
+    """The callback with a resolver that bills team pools, registered for the test only."""
+    callback = LiteLLMBilling(manager, payer=_member_of_team)
+    saved = litellm.callbacks
+    litellm.callbacks = [callback]
+    yield callback
+    litellm.callbacks = saved
+    litellm.logging_callback_manager.remove_callback_from_all_lists(callback)
+
+
+async def _team(manager: CreditManager, pool: int, *members: tuple[str, int | None]) -> str:
+    team = await manager.store.create_team("research", pool)
+    for user, cap in members:
+        await manager.store.add_team_member(team.team_id, user, spend_cap=cap)
+    return team.team_id
+
+
+async def _member_call(user: str, team_id: str, **extra: Any) -> Any:
+    return await litellm.acompletion(
+        model="gpt-4o",
+        messages=MESSAGES,
+        mock_response=extra.pop("mock_response", "Hello, team!"),
+        user=user,
+        metadata={"team": team_id},
+        max_tokens=extra.pop("max_tokens", 100),
+        **extra,
+    )
+
+
+async def test_a_member_call_is_charged_to_the_pool(
+    manager: CreditManager, team_billing: LiteLLMBilling
+) -> None:
+    """The pool is held and charged the response's usage; the row names the member."""
+    team_id = await _team(manager, 10_000, ("alice", None))
+    settled = Settled(manager)
+
+    response = await _member_call("alice", team_id)
+    await settled.wait()
+
+    expected = response.usage.prompt_tokens + 10 * response.usage.completion_tokens
+    pool = await manager.store.get_team_balance(team_id)
+    page = await manager.store.list_team_transactions(team_id)
+    rows = [row for row in page.items if row.type == "team_usage"]
+    assert (10_000 - expected, 0) == (pool.balance, pool.reserved)
+    assert [(-expected, "alice")] == [(row.amount, row.metadata["user_id"]) for row in rows]
+    assert 0 == (await manager.get_balance("alice")).balance
+    assert 0 == team_billing.open_holds
+
+
+async def test_team_refusals_raise_before_the_provider_is_called(
+    manager: CreditManager, team_billing: LiteLLMBilling
+) -> None:
+    """A short pool, a member cap, an outsider, an unknown team: typed errors, no charge."""
+    poor = await _team(manager, 30, ("alice", None))
+    capped = await _team(manager, 10_000, ("bob", 5))
+
+    with pytest.raises(InsufficientTeamBalanceError):
+        await _member_call("alice", poor)
+    with pytest.raises(SpendCapExceededError):
+        await _member_call("bob", capped)
+    with pytest.raises(UserNotInTeamError):
+        await _member_call("mallory", capped)
+    with pytest.raises(TeamNotFoundError):
+        await _member_call("alice", "no-such-team")
+
+    pools = [await manager.store.get_team_balance(team) for team in (poor, capped)]
+    assert [(30, 0), (10_000, 0)] == [(pool.balance, pool.reserved) for pool in pools]
+    assert 0 == team_billing.open_holds
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (InsufficientTeamBalanceError("t", 100, 3), 402, "insufficient_team_balance"),
+        (SpendCapExceededError("alice", 100, 50, 40), 429, "spend_cap_exceeded"),
+        (UserNotInTeamError("t", "mallory"), 403, "user_not_in_team"),
+        (TeamNotFoundError("t"), 403, "team_not_found"),
+    ],
+)
+async def test_proxy_failure_hook_maps_team_refusals(
+    manager: CreditManager,
+    team_billing: LiteLLMBilling,
+    error: Exception,
+    status: int,
+    code: str,
+) -> None:
+    """The proxy answers team refusals with the ASGI middleware's statuses."""
+    answer = await team_billing.async_post_call_failure_hook({}, error, None)
+
+    assert answer is not None
+    assert (status, code) == (answer.status_code, answer.detail["error"]["code"])
+
+
+async def _race(calls: list[tuple[str, str]]) -> tuple[int, Counter[type[BaseException]]]:
+    """Run every (member, team) call at once; count successes and errors by type."""
+    served = 0
+    errors: Counter[type[BaseException]] = Counter()
+
+    async def one(user: str, team_id: str) -> None:
+        nonlocal served
+        try:
+            await _member_call(user, team_id, max_tokens=10)
+        except CreditError as exc:
+            errors[type(exc)] += 1
+        else:
+            served += 1
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for user, team_id in calls:
+                tg.start_soon(one, user, team_id)
+    return served, errors
+
+
+async def test_fifty_member_calls_against_a_pool_for_ten(
+    manager: CreditManager, team_billing: LiteLLMBilling
+) -> None:
+    """Five members make 10 calls each at once, each costing its 100-credit hold."""
+    await manager.publish_pricing({"models": {"_default": "100"}, "min_balance": 0})
+    members = [f"member-{number}" for number in range(5)]
+    team_id = await _team(manager, 1_000, *((member, None) for member in members))
+    settled = Settled(manager)
+
+    served, errors = await _race([(member, team_id) for member in members] * 10)
+    await settled.wait(10)
+
+    pool = await manager.store.get_team_balance(team_id)
+    assert (10, {InsufficientTeamBalanceError: 40}) == (served, dict(errors))
+    assert (0, 0) == (pool.balance, pool.reserved)
+    assert 0 == team_billing.open_holds
+
+
+async def test_a_member_cap_holds_under_racing_calls(
+    manager: CreditManager, team_billing: LiteLLMBilling
+) -> None:
+    """A member capped at 3 calls makes 20 at once beside an uncapped member's 20."""
+    await manager.publish_pricing({"models": {"_default": "100"}, "min_balance": 0})
+    team_id = await _team(manager, 100_000, ("capped", 300), ("free", None))
+    settled = Settled(manager)
+
+    served, errors = await _race([("capped", team_id), ("free", team_id)] * 20)
+    await settled.wait(23)
+
+    spent = {m.user_id: m.total_spent for m in await manager.store.get_team_members(team_id)}
+    assert (23, {SpendCapExceededError: 17}) == (served, dict(errors))
+    assert {"capped": 300, "free": 2_000} == spent
+    assert 0 == (await manager.store.get_team_balance(team_id)).reserved

@@ -19,13 +19,19 @@ class Payer:
     ``Payer(user_id)``.
 
     Attributes:
-        user_id: The account the hold is placed on and the usage charged to.
+        user_id: The account the hold is placed on and the usage charged to; with
+            `team_id`, the member the team's hold and usage are attributed to.
         metadata: Extra keys stored on the hold and on the usage row (an API key's id,
             a project, ...). ducto's own keys (model, token counts) win over these.
+        team_id: A team pool to bill instead of the user's own credits (keyword only).
+            The hold is placed on the pool for member `user_id` (the pool must cover it
+            and the member's monthly cap must allow it) and the usage is charged to the
+            pool as the member's ``team_usage``.
     """
 
     user_id: str
     metadata: Mapping[str, object] | None = field(default=None)
+    team_id: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         """Check the fields."""
@@ -34,6 +40,10 @@ class Payer:
         if self.metadata is not None and not isinstance(self.metadata, Mapping):
             raise InvalidArgumentError(
                 f"metadata must be a mapping or None, got {type(self.metadata).__name__}"
+            )
+        if self.team_id is not None and (not isinstance(self.team_id, str) or not self.team_id):
+            raise InvalidArgumentError(
+                f"team_id must be a non-empty str or None, got {self.team_id!r}"
             )
 
 

@@ -281,6 +281,8 @@ def usage_from_response(
 
 
 def _api(api: Api | str) -> Api:
+    if type(api) is Api:
+        return api
     try:
         return Api(api)
     except ValueError:

@@ -12,6 +12,10 @@ app = FastAPI()
 app.add_middleware(BillingMiddleware, manager=manager, payer=user_from_api_key)
 ```
 
+A resolver that returns ``Payer(user_id, team_id=...)`` bills the team pool: the hold is
+placed on the pool for that member (`CreditManager.hold` with ``team_id``), and the usage
+is charged to the pool as the member's ``team_usage``.
+
 The hold's whole life is inside the middleware's own ``await`` of the app: it is placed
 before the app runs, and when the app returns, raises or is cancelled (client gone,
 before or after the first byte) it is settled for the usage recorded so far, or released
@@ -22,13 +26,15 @@ What the client sees:
 
 - a refusal as an HTTP error in OpenAI's error JSON shape (``{"error": {"message", "type",
   "param", "code"}}``, plus ``"type": "error"`` on Anthropic routes): 402 not enough
-  credits, 429 spend cap, 409 idempotency conflict, 400 invalid request, 401 no payer,
-  413 body too large; the upstream is never called;
+  credits (the user's, or the team pool's), 429 spend cap (the user's, or a team member's
+  monthly cap), 403 a team the member does not belong to or that does not exist, 409
+  idempotency conflict, 400 invalid request, 401 no payer, 413 body too large; the
+  upstream is never called;
 - ``x-ducto-credits-held`` on every billed response; on a plain (not streamed) response
   also ``x-ducto-credits-charged`` and ``x-ducto-credits-remaining`` (the response start is
   held back until the body is complete and settled); on a stream the same figures arrive
   as a final SSE comment line, ``: ducto credits_charged=N credits_remaining=M``, which SSE
-  clients ignore;
+  clients ignore. For a request billed to a team pool, "remaining" is the pool's;
 - an ``Idempotency-Key`` request header keys the hold and its settlement, so a retried
   request is charged at most once.
 """
@@ -38,6 +44,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -49,6 +56,7 @@ from ducto.errors import (
     DuctoError,
     ErrorCode,
     InsufficientCreditsError,
+    InsufficientTeamBalanceError,
     InvalidArgumentError,
 )
 from ducto.integrations._estimate import RequestEstimator
@@ -97,6 +105,24 @@ DEFAULT_ROUTES: Final[Mapping[str, Api]] = {
 _MAX_EVENT_BYTES: Final = 16 * 1024 * 1024
 """Largest SSE event parsed for usage; a bigger one is passed on and counted as nothing."""
 
+_PENDING_BYTES: Final = 64 * 1024
+"""Most bytes of undecoded SSE events kept per stream before they are decoded (see `_Exchange`)."""
+
+_DECISIVE: Final[Mapping[Api, re.Pattern[bytes]]] = {
+    # Events that can carry a stream's final (or Anthropic's cumulative) usage. Every other
+    # event only adds streamed text (or a web search) to a total, in any order, so it can
+    # wait; one that is missed here is decoded with the rest when the stream ends early.
+    Api.OPENAI_CHAT: re.compile(rb'"usage"\s*:\s*\{'),
+    Api.OPENAI_COMPLETIONS: re.compile(rb'"usage"\s*:\s*\{'),
+    Api.OPENAI_EMBEDDINGS: re.compile(rb'"usage"\s*:\s*\{'),
+    Api.OPENAI_RESPONSES: re.compile(rb'"response\.(?:completed|incomplete|failed)"'),
+    Api.ANTHROPIC_MESSAGES: re.compile(rb'"message_(?:start|delta|stop)"'),
+}
+
+_HELD: Final = HEADER_HELD.encode()
+_CHARGED: Final = HEADER_CHARGED.encode()
+_REMAINING: Final = HEADER_REMAINING.encode()
+
 
 @dataclass(frozen=True, slots=True)
 class BillingRequest:
@@ -137,12 +163,12 @@ class _SSEParser:
         self._overflow = False
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        buffer = self._buffer + chunk
+        buffer = self._buffer + chunk if self._buffer else chunk
         # Keep a trailing CR: it may be the first half of a CRLF split across chunks.
         keep = b""
-        if buffer.endswith(b"\r"):
-            buffer, keep = buffer[:-1], b"\r"
         if b"\r" in buffer:
+            if buffer.endswith(b"\r"):
+                buffer, keep = buffer[:-1], b"\r"
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         events = buffer.split(b"\n\n")
         rest = events.pop() + keep
@@ -151,6 +177,9 @@ class _SSEParser:
         self._buffer = rest
         payloads = []
         for event in events:
+            if event.startswith(b"data: ") and b"\n" not in event:
+                payloads.append(event[6:])  # the usual event: one data line
+                continue
             data = [
                 line[5:].removeprefix(b" ")
                 for line in event.split(b"\n")
@@ -159,6 +188,19 @@ class _SSEParser:
             if data:
                 payloads.append(b"\n".join(data))
         return payloads
+
+
+def _json(raw: bytes) -> Any:
+    """
+    ``json.loads(raw)``, sparing it the work of guessing the encoding of UTF-8 text.
+
+    Raises:
+        ValueError: `raw` is not JSON.
+    """
+    try:
+        return json.loads(raw.decode())
+    except ValueError:  # not UTF-8 (or a BOM): let json find the encoding, or fail
+        return json.loads(raw)
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -314,7 +356,7 @@ class BillingMiddleware:
         if raw is None:
             return  # the client left before its request was complete: nothing to bill
         try:
-            parsed = json.loads(raw)
+            parsed = _json(raw)
         except ValueError:
             parsed = None
         if not isinstance(parsed, dict):
@@ -351,6 +393,7 @@ class BillingMiddleware:
                 idempotency_key=key,
                 metadata=metadata,
                 ttl=self._ttl,
+                team_id=payer.team_id,
             )
             await hold.__aenter__()
         except (CreditError, InvalidArgumentError) as exc:
@@ -374,8 +417,8 @@ class BillingMiddleware:
     async def _refuse(self, api: Api, exc: DuctoError, send: Send) -> None:
         status, type_, code = _refusal(exc)
         headers: list[tuple[bytes, bytes]] = []
-        if isinstance(exc, InsufficientCreditsError):
-            headers.append((HEADER_REMAINING.encode(), str(max(exc.available, 0)).encode()))
+        if isinstance(exc, InsufficientCreditsError | InsufficientTeamBalanceError):
+            headers.append((_REMAINING, str(max(exc.available, 0)).encode()))
         await _send_json(send, status, _error_body(api, str(exc), type_, code), headers)
 
 
@@ -394,13 +437,29 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 class _Exchange:
-    """The response side of one billed request: watches, settles, adds the figures."""
+    """
+    The response side of one billed request: watches, settles, adds the figures.
+
+    A stream is passed on chunk by chunk, but not parsed chunk by chunk. Its bytes wait
+    (up to `_PENDING_BYTES`) until a chunk may hold an event that carries the final usage
+    (`_DECISIVE`); then what waited is split into events, those events are decoded, and
+    the others (streamed text, counted only when the final usage never arrives) wait
+    undecoded. Before the hold is resolved, everything still waiting is split, and decoded
+    unless the final usage made it irrelevant. So a stream that ends with its usage costs
+    one split and one decoded event, and one cut short, or whose usage did not look like
+    usage, is still charged for every event it streamed.
+    """
 
     __slots__ = (
         "_api",
         "_buffer",
+        "_decisive",
         "_hold",
+        "_pending",
+        "_pending_bytes",
         "_pending_start",
+        "_raw",
+        "_raw_bytes",
         "_resolved",
         "_result",
         "_sent_start",
@@ -421,6 +480,11 @@ class _Exchange:
         self._pending_start: Message | None = None
         self._buffer: list[bytes] = []
         self._sse: _SSEParser | None = None
+        self._decisive = _DECISIVE[api]
+        self._raw: list[bytes] = []
+        self._raw_bytes = 0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._streaming = False
         self._trailer = False
         self._sent_start = False
@@ -444,7 +508,7 @@ class _Exchange:
         content_type = (_header(headers, b"content-type") or b"").lower()
         self.billable = 200 <= status < 300
         self._streaming = content_type.startswith(b"text/event-stream")
-        headers.append((HEADER_HELD.encode(), str(self._hold.estimate_credits).encode()))
+        headers.append((_HELD, str(self._hold.estimate_credits).encode()))
         start = {**message, "headers": headers}
         if self.billable and not self._streaming:
             self._pending_start = start  # sent with the figures once the body is settled
@@ -456,37 +520,62 @@ class _Exchange:
         await self._upstream(start)
 
     async def _body(self, message: Message) -> None:
-        chunk: bytes = message.get("body", b"")
-        more = bool(message.get("more_body", False))
-        if self._pending_start is not None:
-            self._buffer.append(chunk)
-            if not more:
-                await self._flush_plain()
-            return
         if self._sse is not None:
-            for data in self._sse.feed(chunk):
-                self._feed(data)
-            if not more:
+            chunk: bytes = message.get("body", b"")
+            if chunk:
+                self._raw.append(chunk)
+                self._raw_bytes += len(chunk)
+                if self._raw_bytes > _PENDING_BYTES or self._decisive.search(chunk) is not None:
+                    self._split()
+            if not message.get("more_body", False):
                 result = await self._resolve()
                 if result is not None and self._trailer:
                     charged, remaining = _figures(result)
                     trailer = f": ducto credits_charged={charged} credits_remaining={remaining}\n\n"
                     message = {**message, "body": chunk + trailer.encode()}
+        elif self._pending_start is not None:
+            self._buffer.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                await self._flush_plain()
+            return
         await self._upstream(message)
 
-    def _feed(self, data: bytes) -> None:
-        if data == b"[DONE]":
+    def _split(self) -> None:
+        """Split the bytes that waited into events; decode those that can decide the charge."""
+        sse = self._sse
+        raw, self._raw, self._raw_bytes = self._raw, [], 0
+        if sse is None or not raw:
             return
+        decisive = self._decisive
+        for data in sse.feed(raw[0] if len(raw) == 1 else b"".join(raw)):
+            if decisive.search(data) is not None:
+                self._feed(data)
+            elif data != b"[DONE]":
+                self._pending.append(data)
+                self._pending_bytes += len(data)
+        if self._pending_bytes > _PENDING_BYTES:
+            self._drain()
+
+    def _feed(self, data: bytes) -> None:
         try:
-            event = json.loads(data)
+            event = _json(data)
         except ValueError:
             return
+        self._feed_event(event)
+
+    def _feed_event(self, event: object) -> None:
         try:
             self._tracker.feed(event)
         except InvalidArgumentError:
             _log.warning(
                 "ignoring a malformed usage report in a %s stream", self._api, exc_info=True
             )
+
+    def _drain(self) -> None:
+        """Decode the events that waited, in their order, and count them."""
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        for data in pending:
+            self._feed(data)
 
     async def _flush_plain(self) -> None:
         """Parse the complete plain body, settle, then send it with the figures."""
@@ -496,7 +585,7 @@ class _Exchange:
         body = b"".join(self._buffer)
         self._buffer = []
         try:
-            self._tracker.feed_response(json.loads(body))
+            self._tracker.feed_response(_json(body))
         except (ValueError, InvalidArgumentError):
             # Not the JSON the API promises: bill what the request was estimated to read.
             _log.warning("a %s response body has no readable usage", self._api, exc_info=True)
@@ -513,8 +602,8 @@ class _Exchange:
         headers = list(start["headers"])
         if result is not None:
             charged, remaining = _figures(result)
-            headers.append((HEADER_CHARGED.encode(), str(charged).encode()))
-            headers.append((HEADER_REMAINING.encode(), str(remaining).encode()))
+            headers.append((_CHARGED, str(charged).encode()))
+            headers.append((_REMAINING, str(remaining).encode()))
         self._sent_start = True
         await self._upstream({**start, "headers": headers})
         await self._upstream({"type": "http.response.body", "body": body, "more_body": False})
@@ -524,6 +613,11 @@ class _Exchange:
         if self._resolved:
             return self._result
         self._resolved = True
+        self._split()
+        if self._tracker.complete:
+            self._pending, self._pending_bytes = [], 0
+        else:
+            self._drain()
         hold = self._hold
         usage = self._tracker.usage if self.billable else None
         # Hold.settle and Hold.__aexit__ shield their store calls and have no other

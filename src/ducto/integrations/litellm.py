@@ -21,8 +21,13 @@ The callback uses three of LiteLLM's hooks:
   stream, LiteLLM's assembled response once the stream is consumed).
 - ``async_log_failure_event`` releases the hold.
 
+A resolver that returns ``Payer(user_id, team_id=...)`` bills a team pool for that member
+(on the proxy, for example, the API key's ``user_api_key_team_id``): the pool is held and
+charged, and a refusal raises `InsufficientTeamBalanceError`, `SpendCapExceededError` (the
+member's cap), `UserNotInTeamError` or `TeamNotFoundError`.
+
 On the proxy, ``async_post_call_failure_hook`` turns those refusals into HTTP errors in
-OpenAI's error shape (402, 429, 409, 400, 401).
+OpenAI's error shape (402, 429, 403, 409, 400, 401).
 
 LiteLLM reports success and failure from background tasks, after the call has returned.
 A call whose report never comes (a stream the caller abandons before its end) keeps its
@@ -190,6 +195,8 @@ class LiteLLMBilling(CustomLogger):
             NoPayerError: The resolver named nobody.
             InsufficientCreditsError, SpendCapExceededError, IdempotencyConflictError:
                 The hold was refused.
+            InsufficientTeamBalanceError, UserNotInTeamError, TeamNotFoundError: The
+                payer named a team pool, and it refused the hold.
             InvalidArgumentError: The call cannot be estimated or priced.
         """
         api = self._call_types.get(_call_type(call_type))
@@ -206,6 +213,7 @@ class LiteLLMBilling(CustomLogger):
             operation_type=self._operation_type,
             metadata=metadata,
             ttl=self._ttl,
+            team_id=payer.team_id,
         )
         await hold.__aenter__()
         self._open[call_id] = _Open(hold, api, estimate.model)
