@@ -62,7 +62,7 @@ PRICING = {
         "_default": "input_tokens * 0.001 + output_tokens * 0.002",
     },
     "tools": {"_default": "tool_calls * 0", "web_search": "tool_calls * 10"},
-    "cache": {"cached_input_discount": "-cache_read_tokens * 0.00125"},
+    "cache": {"cached_input": "cache_read_tokens * 0.00125"},
     "plans": {
         "pro": {
             "id": "pro",

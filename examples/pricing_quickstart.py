@@ -12,7 +12,7 @@ PRICING = {
         "_default": "input_tokens * 0.01 + output_tokens * 0.03",
     },
     "tools": {"_default": "tool_calls * 0", "web_search": "tool_calls * 25"},
-    "cache": {"discount": "-cache_read_tokens * 0.0125"},
+    "cache": {"read": "cache_read_tokens * 0.0125"},  # cached prompt tokens, half price
     "plans": {"pro": {"id": "pro", "name": "Pro", "free_allowance": 500}},
     "rounding": "ceil",
 }

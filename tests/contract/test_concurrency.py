@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from typing import Literal
 
 import anyio
@@ -737,3 +738,36 @@ async def test_sweeps_racing_deducts_write_off_each_credit_once(
     for round_ in range(3):
         users = [f"{user_id}-{round_}-{n}" for n in range(scaled(store, 40, minimum=5))]
         await _sweep_race(store, users, clock, rng)
+
+
+# -- concurrent reads ----------------------------------------------------------------------------
+
+
+async def test_concurrent_reads_each_see_their_own_account(
+    store: CreditStore, user_id: str
+) -> None:
+    """Reads of many accounts at once (a store may answer them together) each get their own."""
+    users = [f"{user_id}-{n}" for n in range(12)]
+    for n, user in enumerate(users):
+        for k in range(n % 4 + 1):
+            await store.add_credits(user, 10 * n + k + 1, "purchase")
+        hold = await store.reserve_credits(user, 1, "chat", min_balance=0)
+        await store.deduct_credits(user, hold.reservation_id, 1)
+
+    async def read(user: str) -> tuple[object, ...]:
+        return (
+            (await store.list_transactions(user, limit=3)).model_dump(),
+            (await store.list_transactions(user, types=["purchase"])).model_dump(),
+            await store.get_balance(user),
+            await store.list_lots(user),
+        )
+
+    alone = {user: await read(user) for user in users}
+    together: dict[str, tuple[object, ...]] = {}
+
+    async def remember(user: str) -> None:
+        together[user] = await read(user)
+
+    for _ in range(3):
+        await _run_all([partial(remember, user) for user in users])
+        assert alone == together

@@ -239,6 +239,9 @@ async def test_the_url_names_the_schema(
         ({"min_size": 0}, "min_size"),
         ({"min_size": 5, "max_size": 2}, "max_size"),
         ({"connect_timeout": 0}, "connect_timeout"),
+        ({"max_batch": 0}, "max_batch"),
+        ({"max_batches": 0}, "max_batches"),
+        ({"group_commit": "yes"}, "group_commit"),
     ],
 )
 def test_bad_options_are_refused(url: str, options: dict[str, Any], name: str) -> None:
@@ -365,13 +368,22 @@ async def test_windows_are_utc_whatever_the_session_zone(
 # -- concurrency ----------------------------------------------------------------------------------
 
 
-async def test_a_hot_user_is_never_overcommitted(anyio_backend: str, url: str, schema: str) -> None:
-    """16 connections x 20 holds of 1 against 100 spendable credits: exactly 100 are placed.
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"max_batches": 16}, id="16-batches"),
+        pytest.param({"group_commit": False}, id="no-group-commit"),
+    ],
+)
+async def test_a_hot_user_is_never_overcommitted(
+    anyio_backend: str, url: str, schema: str, options: dict[str, Any]
+) -> None:
+    """16 transactions at once x 20 holds of 1 against 100 credits: exactly 100 are placed.
 
     Held totals are read after the row lock, so no hold is granted on a snapshot taken before
     another transaction's hold committed.
     """
-    async with opened(url, schema, min_size=16, max_size=16) as store:
+    async with opened(url, schema, min_size=16, max_size=16, **options) as store:
         await store.add_credits("hot", 100, "purchase")
         results = []
 

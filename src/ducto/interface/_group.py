@@ -9,8 +9,9 @@ operation completes and the call reports it, and the cancellation reaches the ca
 next checkpoint. No caller is answered before the batch that holds its operation is done.
 
 `SQLiteStore` runs one batch at a time (one connection; every operation in one
-``BEGIN IMMEDIATE`` transaction, each in its own savepoint). `PostgresStore` runs up to one
-batch per pooled connection, each batch one transaction over operations on disjoint accounts.
+``BEGIN IMMEDIATE`` transaction, each in its own savepoint). `PostgresStore` runs a few batches
+at once, each one transaction on a pooled connection, in rounds of operations on disjoint
+accounts (an operation comes after the earlier ones that share an account with it).
 """
 
 from __future__ import annotations
@@ -76,8 +77,6 @@ class GroupCommit:
         run: Runs a batch; it sets each job's ``result`` or ``error`` and must not raise.
         max_batch: The most operations one batch carries.
         max_leaders: How many batches may run at once.
-        disjoint: Batch only operations whose account keys do not overlap (each job's
-            ``keys``); a job marked ``alone`` runs in a batch of its own.
     """
 
     def __init__(
@@ -86,12 +85,10 @@ class GroupCommit:
         *,
         max_batch: int,
         max_leaders: int = 1,
-        disjoint: bool = False,
     ) -> None:
         self._run = run
         self._max_batch = max_batch
         self._max_leaders = max_leaders
-        self._disjoint = disjoint
         self._queue: list[Job] = []
         self._leaders = 0
         self._idle: anyio.Event | None = None
@@ -154,24 +151,15 @@ class GroupCommit:
         return job.outcome()
 
     def _take(self, leader: Job) -> list[Job]:
-        """The leader's batch: itself first, then what the queue holds that fits with it."""
+        """The leader's batch: itself first, then what the queue holds, oldest first."""
         queue = self._queue
         queue.remove(leader)
-        batch = [leader]
-        if leader.alone:
-            return batch
-        used = set(leader.keys or ())
-        kept: list[Job] = []
-        for job in queue:
-            fits = len(batch) < self._max_batch and not job.lead
-            if fits and self._disjoint:
-                keys = job.keys or ()
-                fits = not job.alone and used.isdisjoint(keys)
-                if fits:
-                    used.update(keys)
-            (batch if fits else kept).append(job)
-        self._queue = kept
-        return batch
+        room = self._max_batch - 1
+        taken = [job for job in queue if not job.lead][:room]
+        if taken:
+            chosen = set(map(id, taken))
+            self._queue = [job for job in queue if id(job) not in chosen]
+        return [leader, *taken]
 
     def _promote(self) -> None:
         """Hand leadership to the oldest queued callers not yet asked, while slots are free."""

@@ -136,7 +136,7 @@ class Need:
     pricing_versions: set[int] = field(default_factory=set)
     pricing_history: bool = False
     debit_rows: set[str] = field(default_factory=set)
-    page: tuple[Any, ...] | None = None
+    pages: set[tuple[Any, ...]] = field(default_factory=set)
     sweep: bool = False
 
     def merge(self, other: Need) -> None:
@@ -155,7 +155,7 @@ class Need:
         self.pricing_versions |= other.pricing_versions
         self.pricing_history |= other.pricing_history
         self.debit_rows |= other.debit_rows
-        self.page = self.page or other.page
+        self.pages |= other.pages
         self.sweep |= other.sweep
 
 
@@ -217,7 +217,7 @@ def need_for(op: Any, args: Sequence[Any]) -> Need:
     elif op is E.sweep:
         need.sweep = True
     elif op is E.page:
-        need.page = tuple(args)
+        need.pages.add(tuple(args))
     elif op is E.list_lots:
         (user,) = args
         need.accounts.add((u, user))
@@ -469,8 +469,8 @@ class Bundle:
                 (arr(txs), arr(with_keys.get(tx, "") for tx in txs)),
                 partial(_read_rows, "debit_rows", txs, lambda r: r[0], lambda r: r[1:]),
             )
-        if need.page is not None:
-            self._page(*need.page)
+        for page in need.pages:
+            self._page(page)
         if need.sweep:
             self._add(
                 "(SELECT json_agg(json_build_array(kind, account, id, seq, remaining,"
@@ -485,16 +485,9 @@ class Bundle:
         sql = f"WITH n AS MATERIALIZED (SELECT {now_sql} AS t) SELECT {columns} FROM n"
         return sql, (*now_params, *self._params)
 
-    def _page(
-        self,
-        kind: str,
-        account: str,
-        limit: int,
-        before: int | None,
-        types: frozenset[str] | None,
-        start: datetime | None,
-        end: datetime | None,
-    ) -> None:
+    def _page(self, page: tuple[Any, ...]) -> None:
+        """One page of an account's ledger, read into ``data.pages[page]``."""
+        kind, account, limit, before, types, start, end = page
         where = ["kind = %s", "account = %s"]
         params: list[Any] = [kind, account]
         if before is not None:
@@ -515,7 +508,7 @@ class Bundle:
             " spender, model, operation_type, allowance) ORDER BY seq DESC) FROM (SELECT *"
             f" FROM ledger WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT %s) p)",
             (*params, limit + 1),
-            lambda d, v: d.__setattr__("page", v or []),
+            lambda d, v: d.pages.__setitem__(page, v or []),
         )
 
     def read(self, row: Sequence[Any], into: Data | None = None) -> Data:
@@ -592,7 +585,7 @@ class Data:
     versions: dict[int, Any] = field(default_factory=dict)
     history: list[Any] | None = None
     debit_rows: dict[str, Any] = field(default_factory=dict)
-    page: list[Any] | None = None
+    pages: dict[tuple[Any, ...], list[Any]] = field(default_factory=dict)
     sweep: list[Any] | None = None
 
 
@@ -1069,9 +1062,10 @@ class Snapshot:
         start: datetime | None,
         end: datetime | None,
     ) -> tuple[list[E.StoredRow], bool]:
-        rows = self.data.page
+        wanted = (kind, account_id, limit, before, types, start, end)
+        rows = self.data.pages.get(wanted)
         if rows is None:
-            raise Miss(Need(page=(kind, account_id, limit, before, types, start, end)))
+            raise Miss(Need(pages={wanted}))
         return [
             E.StoredRow(
                 seq,

@@ -161,17 +161,24 @@ class PostgresStore(StoreFront):
         pool: A `psycopg_pool.AsyncConnectionPool` (asyncio) or `psycopg_pool.ConnectionPool`
             (trio) to use instead of one the store owns; the store does not close it. Its
             connections must be in autocommit mode with the store's schema first on their
-            ``search_path`` (checked when the store opens).
+            ``search_path`` (checked when the store opens); ``SET plan_cache_mode TO
+            force_generic_plan`` in its ``configure`` makes them as fast as the store's own.
         min_size: Connections the owned pool keeps open.
         max_size: Most connections the owned pool opens.
         connect_timeout: Seconds to wait for a connection before `StoreUnavailableError`.
         clock: Returns the current aware UTC datetime. Without it, "now" is the database
             server's clock, read inside each transaction, so hosts whose clocks disagree
             agree on time.
-        group_commit: Under load, run concurrent operations on different accounts in shared
-            transactions (one round trip pair and one commit for the batch), up to one batch
-            per pooled connection. Off, every operation is a transaction of its own.
+        group_commit: Under load, run concurrent operations in shared transactions: one
+            commit for the batch, and one round trip pair for operations on different
+            accounts (each operation that shares an account with an earlier one in the batch
+            adds a round trip, after the earlier one's writes). Off, every operation is a
+            transaction of its own.
         max_batch: The most operations one transaction carries.
+        max_batches: The most batches in flight at once (at most ``max_size``). Fewer,
+            larger batches cost the server and this process less per operation; more let
+            other operations go on while a batch waits for an account another process has
+            locked.
     """
 
     def __init__(
@@ -188,6 +195,7 @@ class PostgresStore(StoreFront):
         clock: Callable[[], datetime] | None = None,
         group_commit: bool = True,
         max_batch: int = 32,
+        max_batches: int = 1,
     ) -> None:
         if dsn is None and pool is None:
             dsn = os.environ.get("DUCTO_STORE_URL")
@@ -211,6 +219,7 @@ class PostgresStore(StoreFront):
             raise InvalidArgumentError(f"max_size ({max_size}) must be >= min_size ({min_size})")
         L.check_bool("group_commit", group_commit)
         L.check_limit(max_batch, name="max_batch", maximum=1000)
+        L.check_limit(max_batches, name="max_batches", maximum=1000)
         if type(connect_timeout) not in (int, float) or not 0 < connect_timeout <= 600:
             raise InvalidArgumentError(
                 f"connect_timeout must be more than 0 and at most 600 seconds, "
@@ -230,7 +239,7 @@ class PostgresStore(StoreFront):
         self._configs: dict[int, PricingConfigData] = {}
         self._known: set[E.AccountKey] = set()
         self._group: GroupCommit | None = None
-        self._group_options = (group_commit, max_batch)
+        self._group_options = (group_commit, max_batch, max_batches)
         self._closed = False
 
     @property
@@ -300,12 +309,11 @@ class PostgresStore(StoreFront):
         self._start_group()
 
     def _start_group(self) -> None:
-        enabled, max_batch = self._group_options
+        enabled, max_batch, max_batches = self._group_options
         if enabled:
             size = self._pool.max_size if self._given_pool is not None else self._max_size
-            leaders = int(os.environ.get("DUCTO_PG_LEADERS", "0")) or size
             self._group = GroupCommit(
-                self._run_batch, max_batch=max_batch, max_leaders=min(size, leaders), disjoint=True
+                self._run_batch, max_batch=max_batch, max_leaders=min(size, max_batches)
             )
 
     def _check_session(self) -> Steps[None]:
@@ -320,7 +328,12 @@ class PostgresStore(StoreFront):
             )
 
     def _session(self) -> str:
-        return f"SET search_path TO {self._schema}; SET TIME ZONE 'UTC'"
+        # The store's statements are few and keep their shape (arrays, not lists of values),
+        # so one generic plan each serves every batch; custom plans are re-planned each time.
+        return (
+            f"SET search_path TO {self._schema}; SET TIME ZONE 'UTC';"
+            " SET plan_cache_mode TO force_generic_plan"
+        )
 
     async def _configure_async(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute(self._session())
@@ -441,7 +454,12 @@ class PostgresStore(StoreFront):
 
     def _steps(self, jobs: list[Job]) -> Steps[None]:
         """
-        Operations on disjoint accounts as one transaction, in two round trips.
+        A batch of operations as one transaction, in rounds of operations on disjoint accounts.
+
+        The first round trip locks every account the batch writes and reads the first round's
+        bundle; each later one sends the previous round's writes and reads the next round's
+        bundle after them; the last sends the writes and ``COMMIT``. A batch of operations on
+        disjoint accounts is one round: two round trips.
 
         Each job's result or error is set on it. An operation that refuses or raises recorded
         no write; one that read something the bundle did not bring runs again after it is
@@ -449,55 +467,59 @@ class PostgresStore(StoreFront):
         """
         for job in jobs:
             job.result = job.error = None
-        need = Need()
-        for job in jobs:
-            need.merge(need_for(job.fn, job.args))
         write = any(job.write for job in jobs)
         locks = sorted({key for job in jobs if job.write for key in job.keys or ()})
         batch: Batch = []
         if write:
             batch.append(("BEGIN", ()))
             batch.extend(self._locks(jobs, locks))
-        bundle = Bundle(need, self._now())
-        batch.append(bundle.statement())
-        rows = yield batch
-        data = bundle.read(rows[-1][0])
-        writes = Writes()
-        pending = jobs
-        while pending:
-            missed = Need()
-            again = []
-            for job in pending:
-                snapshot = Snapshot(data, self._ids, self._configs)
-                try:
-                    job.result = job.fn(snapshot, *job.args)
-                    writes.merge(snapshot.finish())
-                except Miss as miss:
-                    missed.merge(miss.need)
-                    again.append(job)
-                except Exception as exc:  # the engine refused the arguments: nothing recorded
-                    job.error = exc
-            if not again:
-                break
-            more: Batch = []
-            extra = sorted(set(missed.accounts) - set(locks)) if write else []
-            if extra:
-                # A sweep (alone in its batch) learns its accounts from its first read: lock
-                # them, then read everything again after the locks.
-                locks = sorted({*locks, *extra})
-                more.extend(self._locks(again, extra))
-                need.merge(missed)
-                bundle = Bundle(need, data.now)
-                data = Data(now=data.now)
-            else:
-                bundle = Bundle(missed, data.now)
-                need.merge(missed)
-            more.append(bundle.statement())
-            rows = yield more
-            data = bundle.read(rows[-1][0], data)
-            pending = again
+        for round_jobs in _rounds(jobs):
+            need = Need()
+            for job in round_jobs:
+                need.merge(need_for(job.fn, job.args))
+            bundle = Bundle(need, self._now())
+            batch.append(bundle.statement())
+            rows = yield batch
+            data = bundle.read(rows[-1][0])
+            writes = Writes()
+            pending = round_jobs
+            while pending:
+                missed = Need()
+                again = []
+                for job in pending:
+                    snapshot = Snapshot(data, self._ids, self._configs)
+                    try:
+                        job.result = job.fn(snapshot, *job.args)
+                        writes.merge(snapshot.finish())
+                    except Miss as miss:
+                        missed.merge(miss.need)
+                        again.append(job)
+                    except Exception as exc:  # the engine refused the arguments: nothing recorded
+                        job.error = exc
+                if not again:
+                    break
+                more: Batch = []
+                extra = sorted(set(missed.accounts) - set(locks)) if write else []
+                if extra:
+                    # A sweep (alone in its batch) learns its accounts from its first read:
+                    # lock them, then read everything again after the locks.
+                    locks = sorted({*locks, *extra})
+                    more.extend(self._locks(again, extra))
+                    need.merge(missed)
+                    bundle = Bundle(need, data.now)
+                    data = Data(now=data.now)
+                else:
+                    bundle = Bundle(missed, data.now)
+                    need.merge(missed)
+                more.append(bundle.statement())
+                rows = yield more
+                data = bundle.read(rows[-1][0], data)
+                pending = again
+            batch = writes.statements()
+            if not write:
+                assert not batch, "a read-only operation recorded writes"
         if write:
-            yield [*writes.statements(), ("COMMIT", ())]
+            yield [*batch, ("COMMIT", ())]
             self._remember_accounts(
                 key
                 for job in jobs
@@ -505,8 +527,6 @@ class PostgresStore(StoreFront):
                 for key in job.keys or ()
                 if key[0] == E.USER
             )
-        else:
-            assert not writes.statements(), "a read-only operation recorded writes"
 
     def _remember_accounts(self, keys: Iterable[E.AccountKey]) -> None:
         """Accounts known to exist (rows are never deleted): their INSERT can be skipped."""
@@ -784,8 +804,28 @@ def _classify(exc: BaseException, sent_commit: bool) -> BaseException:
     return _translate(exc)
 
 
+def _rounds(jobs: Sequence[Job]) -> list[list[Job]]:
+    """
+    Jobs in rounds of disjoint accounts, each after every earlier job it shares one with.
+
+    A job without keys reads store-wide rows no write in a batch changes, so it goes first.
+    """
+    rounds: list[list[Job]] = []
+    last: dict[E.AccountKey, int] = {}
+    for job in jobs:
+        keys = job.keys or ()
+        n = max((last[key] + 1 for key in keys if key in last), default=0)
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append(job)
+        for key in keys:
+            last[key] = n
+    return rounds
+
+
 def _wants_rows(sql: str) -> bool:
-    return sql.startswith(("SELECT", "WITH"))
+    # Reads start with SELECT or WITH; a batch's bulk write is the one ``WITH w0 AS (...)``.
+    return sql.startswith(("SELECT", "WITH")) and not sql.startswith("WITH w0 ")
 
 
 async def _queue_async(conn: Any, batch: Batch, read: bool = True) -> list[Any]:
