@@ -1066,44 +1066,9 @@ class Snapshot:
         rows = self.data.pages.get(wanted)
         if rows is None:
             raise Miss(Need(pages={wanted}))
-        return [
-            E.StoredRow(
-                seq,
-                row_id,
-                row_kind,
-                account,
-                amount,
-                type_,
-                balance_after,
-                metadata,
-                _req_dt(created),
-                reservation_id,
-                key,
-                refunded,
-                spender,
-                model,
-                operation_type,
-                allowance,
-            )
-            for (
-                seq,
-                row_id,
-                row_kind,
-                account,
-                amount,
-                type_,
-                balance_after,
-                metadata,
-                created,
-                reservation_id,
-                key,
-                refunded,
-                spender,
-                model,
-                operation_type,
-                allowance,
-            ) in rows[:limit]
-        ], len(rows) > limit
+        # Columns in StoredRow's order; created_at (the ninth) arrives as text.
+        page = [E.StoredRow._make((*row[:8], _req_dt(row[8]), *row[9:])) for row in rows[:limit]]
+        return page, len(rows) > limit
 
     def spend_events(self, start: datetime, end: datetime) -> list[L.SpendEvent]:
         raise AssertionError("PostgresStore computes analytics in SQL")  # pragma: no cover
