@@ -277,7 +277,7 @@ class PostgresStore(StoreFront):
                 self._dsn or "",
                 min_size=self._min_size,
                 max_size=self._max_size,
-                kwargs={"autocommit": True, "connect_timeout": max(1, round(self._timeout))},
+                kwargs=self._connection_options(),
                 configure=self._configure_async,
                 timeout=self._timeout,
                 open=False,
@@ -293,7 +293,7 @@ class PostgresStore(StoreFront):
                 self._dsn or "",
                 min_size=self._min_size,
                 max_size=self._max_size,
-                kwargs={"autocommit": True, "connect_timeout": max(1, round(self._timeout))},
+                kwargs=self._connection_options(),
                 configure=self._configure_sync,
                 timeout=self._timeout,
                 open=False,
@@ -316,6 +316,9 @@ class PostgresStore(StoreFront):
                 self._run_batch, max_batch=max_batch, max_leaders=min(size, max_batches)
             )
 
+    def _connection_options(self) -> dict[str, Any]:
+        return {"autocommit": True, "connect_timeout": max(1, round(self._timeout))}
+
     def _check_session(self) -> Steps[None]:
         """Refuse a given pool whose connections do not look in the store's schema first."""
         rows = yield [("SELECT current_schemas(false)", ())]
@@ -336,10 +339,10 @@ class PostgresStore(StoreFront):
         )
 
     async def _configure_async(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        await conn.execute(self._session())
+        await conn.execute(self._session(), prepare=False)
 
     def _configure_sync(self, conn: psycopg.Connection[Any]) -> None:
-        conn.execute(self._session())
+        conn.execute(self._session(), prepare=False)
 
     async def aclose(self) -> None:
         """Close the owned pool; later calls raise `StoreError`. Closing twice is harmless."""
