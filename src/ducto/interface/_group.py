@@ -153,13 +153,17 @@ class GroupCommit:
     def _take(self, leader: Job) -> list[Job]:
         """The leader's batch: itself first, then what the queue holds, oldest first."""
         queue = self._queue
-        queue.remove(leader)
-        room = self._max_batch - 1
-        taken = [job for job in queue if not job.lead][:room]
-        if taken:
-            chosen = set(map(id, taken))
-            self._queue = [job for job in queue if id(job) not in chosen]
-        return [leader, *taken]
+        queue.remove(leader)  # the oldest, or close to it
+        batch = [leader]
+        # Scan only the front of the queue (thousands may wait): callers asked to lead, but
+        # not yet running, stay queued for their own batch.
+        end = 0
+        while end < len(queue) and len(batch) < self._max_batch:
+            if not queue[end].lead:
+                batch.append(queue[end])
+            end += 1
+        queue[:end] = [job for job in queue[:end] if job.lead]
+        return batch
 
     def _promote(self) -> None:
         """Hand leadership to the oldest queued callers not yet asked, while slots are free."""
