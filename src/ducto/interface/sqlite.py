@@ -40,8 +40,13 @@ from ducto.interface.models import SetupResult
 __all__ = ["SQLiteStore"]
 
 T = TypeVar("T")
-SCHEMA_VERSION: Final = 3
-_MIGRATIONS: Final = ("0001_ledger.sql", "0002_plans_caps_teams.sql", "0003_team_holds.sql")
+SCHEMA_VERSION: Final = 4
+_MIGRATIONS: Final = (
+    "0001_ledger.sql",
+    "0002_plans_caps_teams.sql",
+    "0003_team_holds.sql",
+    "0004_idempotency_rowid.sql",
+)
 
 # Primary result codes (``sqlite3.Error.sqlite_errorcode & 0xFF``) that mean the database
 # cannot be used right now, rather than that a statement was wrong.
@@ -128,6 +133,11 @@ def _translate(exc: BaseException) -> StoreError:
         error = StoreError(message)
     error.__cause__ = exc
     return error
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    """The names of the tables in the database."""
+    return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
 def _statements(script: str) -> Iterable[str]:
@@ -299,6 +309,7 @@ class SQLiteStore(StoreFront):
                 f"the database schema is version {current}, newer than this ducto"
                 f" ({SCHEMA_VERSION}); upgrade ducto"
             )
+        before = _tables(conn)
         created: list[str] = []
         package = resources.files("ducto.interface.sql.sqlite")
         for version, name in enumerate(_MIGRATIONS, start=1):
@@ -309,6 +320,9 @@ class SQLiteStore(StoreFront):
                 if statement.upper().startswith("CREATE TABLE"):
                     created.append(statement.split()[2])
             conn.execute(f"PRAGMA user_version = {version}")
+        # A table rebuilt by a migration (made under a new name, then renamed) is not new.
+        after = _tables(conn) - before
+        created = [table for table in dict.fromkeys(created) if table in after]
         return SetupResult(tables_created=created, schema_version=SCHEMA_VERSION)
 
     def _storage(self) -> SQLiteStorage:
