@@ -34,6 +34,7 @@ from typing import Any, Final, Literal, TypeAlias
 import anyio
 
 from ducto._reporting import Reporter
+from ducto._shown import shown
 from ducto.errors import (
     CreditError,
     ErrorCode,
@@ -99,10 +100,12 @@ def check_credits(name: str, value: object, *, minimum: int) -> int:
     if type(value) is not int:
         raise InvalidArgumentError(
             f"{name} must be UsageMetrics or an int number of credits, "
-            f"got {type(value).__name__} {value!r}"
+            f"got {type(value).__name__} {shown(value)}"
         )
     if not minimum <= value <= MAX_CREDITS:
-        raise InvalidArgumentError(f"{name} must be from {minimum} to 2**62 credits, got {value}")
+        raise InvalidArgumentError(
+            f"{name} must be from {minimum} to 2**62 credits, got {shown(value)}"
+        )
     return value
 
 
@@ -113,10 +116,10 @@ def check_ttl(value: object, name: str) -> float | timedelta:
     elif isinstance(value, int | float) and not isinstance(value, bool):
         valid = 0 < value <= MAX_TTL_SECONDS  # exact for ints of any size; False for NaN
     else:
-        raise InvalidArgumentError(f"{name} must be seconds or a timedelta, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be seconds or a timedelta, got {shown(value)}")
     if not valid:
         raise InvalidArgumentError(
-            f"{name} must be more than 0 and at most {MAX_TTL_SECONDS} seconds, got {value!r}"
+            f"{name} must be more than 0 and at most {MAX_TTL_SECONDS} seconds, got {shown(value)}"
         )
     return value
 

@@ -25,6 +25,7 @@ from typing import Any, Final, TypeAlias
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ducto._shown import shown
 from ducto.errors import InvalidArgumentError
 from ducto.events import (
     CreditEvent,
@@ -50,13 +51,15 @@ def check_thresholds(value: object) -> tuple[int, ...]:
     """The thresholds, highest first, or `InvalidArgumentError` naming the parameter."""
     if isinstance(value, str | bytes) or not isinstance(value, Iterable):
         raise InvalidArgumentError(
-            f"low_balance_thresholds must be a list of ints, got {type(value).__name__} {value!r}"
+            "low_balance_thresholds must be a list of ints,"
+            f" got {type(value).__name__} {shown(value)}"
         )
     thresholds: set[int] = set()
     for threshold in value:
         if type(threshold) is not int or not -MAX_THRESHOLD <= threshold <= MAX_THRESHOLD:
             raise InvalidArgumentError(
-                f"low_balance_thresholds must hold ints from -2**62 to 2**62, got {threshold!r}"
+                "low_balance_thresholds must hold ints from -2**62 to 2**62,"
+                f" got {shown(threshold)}"
             )
         thresholds.add(threshold)
     return tuple(sorted(thresholds, reverse=True))

@@ -53,6 +53,7 @@ from typing import Any, Final, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ducto._shown import shown
 from ducto.errors import InvalidArgumentError
 
 __all__ = ["CreditEvent", "CreditEventEmitter", "CreditEventType", "EventHandler"]
@@ -203,7 +204,7 @@ class CreditEventEmitter:
         """
         kind = _event_type(event_type)
         if not callable(handler):
-            raise InvalidArgumentError(f"handler must be callable, got {handler!r}")
+            raise InvalidArgumentError(f"handler must be callable, got {shown(handler)}")
         if not any(k == kind and h == handler for k, h, _ in self._handlers):
             self._handlers.append((kind, handler, _is_async(handler)))
         return handler
@@ -315,4 +316,4 @@ def _event_type(value: object) -> CreditEventType | None:
         except ValueError:
             pass
     kinds = ", ".join(repr(k.value) for k in CreditEventType)
-    raise InvalidArgumentError(f"event_type must be None or one of {kinds}, got {value!r}")
+    raise InvalidArgumentError(f"event_type must be None or one of {kinds}, got {shown(value)}")

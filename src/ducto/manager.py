@@ -52,6 +52,7 @@ from ducto._charging import (
 )
 from ducto._hold import Hold
 from ducto._reporting import Reporter, check_thresholds
+from ducto._shown import shown
 from ducto.errors import (
     ErrorCode,
     InsufficientCreditsError,
@@ -108,7 +109,7 @@ def _check_timeout(value: object) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 86400:
         return float(value)
     raise InvalidArgumentError(
-        f"handler_timeout must be seconds, more than 0 and at most 86400, got {value!r}"
+        f"handler_timeout must be seconds, more than 0 and at most 86400, got {shown(value)}"
     )
 
 
@@ -166,23 +167,23 @@ class CreditManager:
                 `events` and `emitter` were passed.
         """
         if not callable(getattr(store, "reserve_credits", None)):
-            raise InvalidArgumentError(f"store must be a CreditStore, got {store!r}")
+            raise InvalidArgumentError(f"store must be a CreditStore, got {shown(store)}")
         if engine is not None and not isinstance(engine, PricingEngine):
-            raise InvalidArgumentError(f"engine must be a PricingEngine, got {engine!r}")
+            raise InvalidArgumentError(f"engine must be a PricingEngine, got {shown(engine)}")
         chosen: object = _either("events", events, "emitter", emitter)
         if chosen is None:
             chosen = CreditEventEmitter()
         elif not isinstance(chosen, CreditEventEmitter):
             name = "events" if events is not None else "emitter"
-            raise InvalidArgumentError(f"{name} must be a CreditEventEmitter, got {chosen!r}")
+            raise InvalidArgumentError(f"{name} must be a CreditEventEmitter, got {shown(chosen)}")
         given_clock: object = clock
         if given_clock is not None and not callable(given_clock):
             raise InvalidArgumentError(
-                f"clock must be a callable returning a datetime, got {clock!r}"
+                f"clock must be a callable returning a datetime, got {shown(clock)}"
             )
         if type(event_buffer) is not int or not 1 <= event_buffer <= 10_000_000:
             raise InvalidArgumentError(
-                f"event_buffer must be an int from 1 to 10_000_000, got {event_buffer!r}"
+                f"event_buffer must be an int from 1 to 10_000_000, got {shown(event_buffer)}"
             )
         self._events = chosen
         self._reporter = Reporter(
@@ -418,7 +419,7 @@ class CreditManager:
             kind = "adjustment"
         elif not isinstance(kind, str):
             name = "type" if type is not None else "tx_type"
-            raise InvalidArgumentError(f"{name} must be a transaction type str, got {kind!r}")
+            raise InvalidArgumentError(f"{name} must be a transaction type str, got {shown(kind)}")
         result = await self._store.add_credits(
             user_id, amount, kind, metadata, expires_at, idempotency_key=idempotency_key
         )
@@ -750,7 +751,7 @@ class CreditManager:
         """
         name = _either("job", job, "job_name", job_name)
         if not isinstance(name, str) or not name:
-            raise InvalidArgumentError(f"job must be a non-empty str, got {name!r}")
+            raise InvalidArgumentError(f"job must be a non-empty str, got {shown(name)}")
         priced = Priced(self.engine.get_fixed_cost(name))
         meta = charge_metadata(metadata, fixed_job=name)
         return await self._charger.charge(user_id, priced, "fixed_job", meta, idempotency_key)
@@ -807,7 +808,7 @@ class CreditManager:
         floor = charger.min_balance if min_balance is None else min_balance
         hold_ttl = charger.hold_ttl if ttl is None else check_ttl(ttl, "ttl")
         if type(use_allowance) is not bool:
-            raise InvalidArgumentError(f"use_allowance must be a bool, got {use_allowance!r}")
+            raise InvalidArgumentError(f"use_allowance must be a bool, got {shown(use_allowance)}")
         meta = charge_metadata(metadata, model=model)
         held = await charger.place(
             user_id,

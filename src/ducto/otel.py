@@ -43,6 +43,7 @@ from typing import Any, Final, Self
 
 import anyio
 
+from ducto._shown import shown
 from ducto.errors import ErrorCode, InvalidArgumentError
 from ducto.events import CreditEvent, CreditEventEmitter, CreditEventType
 from ducto.interface.base import CreditStore
@@ -175,7 +176,8 @@ class CreditMetrics:
             meter_provider = otel_metrics.get_meter_provider()
         if not callable(getattr(meter_provider, "get_meter", None)):
             raise InvalidArgumentError(
-                f"meter_provider must be an OpenTelemetry MeterProvider, got {meter_provider!r}"
+                "meter_provider must be an OpenTelemetry MeterProvider,"
+                f" got {shown(meter_provider)}"
             )
         from ducto import __version__
 
@@ -245,7 +247,9 @@ class CreditMetrics:
             InvalidArgumentError: `emitter` is not a `CreditEventEmitter`.
         """
         if not isinstance(emitter, CreditEventEmitter):
-            raise InvalidArgumentError(f"emitter must be a CreditEventEmitter, got {emitter!r}")
+            raise InvalidArgumentError(
+                f"emitter must be a CreditEventEmitter, got {shown(emitter)}"
+            )
         for kind in _COUNTED_EVENTS:
             emitter.on(kind, self.record_event)
 
@@ -436,12 +440,12 @@ class InstrumentedStore:
         missing = [name for name in _PROTOCOL_METHODS if not callable(getattr(store, name, None))]
         if missing:
             raise InvalidArgumentError(
-                f"store must be a CreditStore, got {store!r} (no {', '.join(missing[:3])})"
+                f"store must be a CreditStore, got {shown(store)} (no {', '.join(missing[:3])})"
             )
         if not isinstance(metrics, CreditMetrics):
-            raise InvalidArgumentError(f"metrics must be a CreditMetrics, got {metrics!r}")
+            raise InvalidArgumentError(f"metrics must be a CreditMetrics, got {shown(metrics)}")
         if clock is not None and not callable(clock):
-            raise InvalidArgumentError(f"clock must be callable, got {clock!r}")
+            raise InvalidArgumentError(f"clock must be callable, got {shown(clock)}")
         self._store = store
         self._metrics = metrics
         self._clock = clock or _utc_now

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Literal, ParamSpec, Self, TypeVar
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from ducto._hold import Hold
+from ducto._shown import shown
 from ducto.errors import InvalidArgumentError, StoreError
 from ducto.events import CreditEventEmitter
 from ducto.interface import open_store
@@ -136,14 +137,14 @@ class _Runner:
         close_timeout: float,
     ) -> None:
         if backend not in ("asyncio", "trio"):
-            raise InvalidArgumentError(f"backend must be 'asyncio' or 'trio', got {backend!r}")
+            raise InvalidArgumentError(f"backend must be 'asyncio' or 'trio', got {shown(backend)}")
         if (
             not isinstance(close_timeout, int | float)
             or isinstance(close_timeout, bool)
             or not 0 <= close_timeout <= 86400
         ):
             raise InvalidArgumentError(
-                f"close_timeout must be seconds from 0 to 86400, got {close_timeout!r}"
+                f"close_timeout must be seconds from 0 to 86400, got {shown(close_timeout)}"
             )
         if backend_options is not None and not isinstance(backend_options, Mapping):
             raise InvalidArgumentError(
@@ -429,7 +430,7 @@ class SyncCreditStore(_Facade):
                 is invalid.
         """
         if not callable(getattr(store, "reserve_credits", None)):
-            raise InvalidArgumentError(f"store must be a CreditStore, got {store!r}")
+            raise InvalidArgumentError(f"store must be a CreditStore, got {shown(store)}")
         self._store = store
         self._runner = _Runner(backend, backend_options, close_timeout)
         self._owner = True
@@ -949,7 +950,7 @@ class SyncCreditManager(_Facade):
             InvalidArgumentError: `manager`, `backend` or `close_timeout` is invalid.
         """
         if not isinstance(manager, CreditManager):
-            raise InvalidArgumentError(f"manager must be a CreditManager, got {manager!r}")
+            raise InvalidArgumentError(f"manager must be a CreditManager, got {shown(manager)}")
         self._manager = manager
         self._runner = _Runner(backend, backend_options, close_timeout)
         self._owner = True

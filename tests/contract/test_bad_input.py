@@ -39,6 +39,8 @@ from ducto.interface.models import CreditMetadata, PlanDefinition, PricingConfig
 pytestmark = pytest.mark.anyio
 
 TOO_BIG = 2**62 + 1
+UNPRINTABLE = 10**5000
+"""An int Python refuses to turn into text (``sys.get_int_max_str_digits()`` is 4,300)."""
 LONG_ID = "x" * 257
 _EXTREME_MAX = datetime.max.replace(tzinfo=timezone(timedelta(hours=-5)))
 """An aware instant past the end of UTC's datetime range."""
@@ -122,6 +124,34 @@ def _window(w: World) -> tuple[datetime, datetime]:
 BAD_CALLS = [
     # values that used to leak Python errors: huge ints, unhashables, extreme instants
     bad("reserve-ttl-huge-int", "ttl", lambda s, w: s.reserve_credits(w.user, 5, "c", ttl=10**400)),
+    # ints too long for Python to print (more than 4,300 digits) are still reported by name
+    bad(
+        "add_credits-unprintable",
+        "amount",
+        lambda s, w: s.add_credits(w.user, UNPRINTABLE, "purchase"),
+    ),
+    bad(
+        "reserve-ttl-unprintable",
+        "ttl",
+        lambda s, w: s.reserve_credits(w.user, 5, "c", ttl=UNPRINTABLE),
+    ),
+    bad(
+        "reserve-min_balance-unprintable",
+        "min_balance",
+        lambda s, w: s.reserve_credits(w.user, 5, "c", min_balance=UNPRINTABLE),
+    ),
+    bad(
+        "deduct-unprintable", "amount", lambda s, w: s.deduct_credits(w.user, w.hold, -UNPRINTABLE)
+    ),
+    bad("charge-unprintable", "amount", lambda s, w: s.charge_credits(w.user, UNPRINTABLE, "c")),
+    bad("refund-unprintable", "amount", lambda s, w: s.refund_credits(w.usage, UNPRINTABLE)),
+    bad(
+        "list-limit-unprintable",
+        "limit",
+        lambda s, w: s.list_transactions(w.user, limit=UNPRINTABLE),
+    ),
+    bad("activate-unprintable", "version", lambda s, w: s.activate_pricing(UNPRINTABLE)),
+    bad("team-topup-unprintable", "amount", lambda s, w: s.add_team_credits(w.team, UNPRINTABLE)),
     bad("list-types-unhashable", "types", lambda s, w: s.list_transactions(w.user, types=[[1]])),
     bad("add_credits-type-unhashable", "type", lambda s, w: s.add_credits(w.user, 5, ["x"])),
     bad(
@@ -641,6 +671,16 @@ async def test_misuse_raises_and_changes_nothing(
         ),
         pytest.param(lambda s, w: s.reserve_credits(w.user, -7, "chat"), "-7", id="negative"),
         pytest.param(lambda s, w: s.get_balance(""), "''", id="empty-id"),
+        pytest.param(
+            lambda s, w: s.add_credits(w.user, UNPRINTABLE, "purchase"),
+            "an int of about 5001 digits",
+            id="unprintable",
+        ),
+        pytest.param(
+            lambda s, w: s.get_balance("u" * 10_000),
+            "'" + "u" * 76 + "...",  # a long value is cut, not copied whole into the message
+            id="long-id",
+        ),
         pytest.param(lambda s, w: s.add_credits(w.user, 5, "gift"), "gift", id="type"),
         pytest.param(lambda s, w: s.reserve_credits(w.user, 5, "chat", ttl=-3), "-3", id="ttl"),
         pytest.param(

@@ -34,6 +34,7 @@ from ducto._cli.commands import GRANT_TYPES, applied_before, expires_at, grant_a
 from ducto._cli.context import Context, refusal
 from ducto._cli.output import Output, Progress
 from ducto._cli.values import UsageError, parse_duration
+from ducto._shown import shown
 from ducto.errors import ErrorCode, InvalidArgumentError, StoreError
 from ducto.interface.base import CreditStore
 
@@ -198,7 +199,7 @@ def _row(ctx: Context, values: dict[str, str], line: int, batch: str, seen: Coun
     if not user_id:
         raise UsageError("user_id is empty")
     if grant_type not in GRANT_TYPES:
-        raise UsageError(f"type must be one of {', '.join(GRANT_TYPES)}, got {grant_type!r}")
+        raise UsageError(f"type must be one of {', '.join(GRANT_TYPES)}, got {shown(grant_type)}")
     amount = grant_amount(values["amount"], grant_type, "amount")
     expires = values.get("expires") or ctx.args.expires or ""
     expiry = expires_at(ctx, expires)
@@ -247,7 +248,7 @@ async def cmd_grant_csv(ctx: Context) -> int:
     name: str = args.csv
     batch: str = args.batch if args.batch is not None else Path(name).stem
     if not batch or len(batch) > _MAX_BATCH:
-        raise UsageError(f"--batch must be 1 to {_MAX_BATCH} characters, got {batch!r}")
+        raise UsageError(f"--batch must be 1 to {_MAX_BATCH} characters, got {shown(batch)}")
     rows = read_rows(ctx, name, batch)
     if args.dry_run:
         return _show(ctx, name, batch, rows, Tally(), dry_run=True)

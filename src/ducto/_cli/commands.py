@@ -29,6 +29,7 @@ from ducto._cli.values import (
     parse_duration,
     parse_instant,
 )
+from ducto._shown import shown
 from ducto.errors import ErrorCode, PricingVersionNotFoundError
 from ducto.interface.base import CreditStore
 from ducto.interface.models import (
@@ -121,7 +122,7 @@ def expires_at(ctx: Context, text: str | None) -> datetime | None:
         return None
     moment = parse_instant(text, "--expires", now=ctx.now, future=True)
     if moment <= ctx.now:
-        raise UsageError(f"--expires must be in the future, got {text!r}")
+        raise UsageError(f"--expires must be in the future, got {shown(text)}")
     return moment
 
 
@@ -247,7 +248,7 @@ def _version(text: str) -> int | Literal["active"]:
         return "active"
     if text.isdigit() and int(text) >= 1:
         return int(text)
-    raise UsageError(f"VERSION must be a version number (1, 2, ...) or 'active', got {text!r}")
+    raise UsageError(f"VERSION must be a version number (1, 2, ...) or 'active', got {shown(text)}")
 
 
 async def _load_version(ctx: Context, text: str) -> PricingConfigData:
@@ -353,7 +354,7 @@ def grant_amount(text: str, grant_type: str, name: str = "AMOUNT") -> int:
     if text.strip().startswith("-"):
         raise UsageError(
             f"{name} must be positive for a {grant_type!r} grant "
-            f"(only an 'adjustment' may be negative), got {text!r}"
+            f"(only an 'adjustment' may be negative), got {shown(text)}"
         )
     return parse_credits(text, name)
 

@@ -16,6 +16,7 @@ from typing import Any, Final
 from pydantic import ValidationError
 
 from ducto._cli.values import UsageError
+from ducto._shown import shown
 from ducto.errors import ExpressionError, InvalidArgumentError
 from ducto.interface.models import PricingConfigData
 from ducto.pricing import PricingEngine, validate_pricing_config
@@ -199,8 +200,7 @@ def check_config(data: Mapping[str, Any]) -> list[Problem]:
         for error in exc.errors(include_url=False):
             message = error["msg"]
             if error["type"] not in ("missing", "extra_forbidden"):
-                given = repr(error["input"])
-                message += f", got {given if len(given) <= 60 else given[:57] + '...'}"
+                message += f", got {shown(error['input'])}"
             problems.append(Problem(place(tuple(error["loc"])), message))
 
     base: dict[str, Any] = {"models": {"_default": "0"}}

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 from urllib.parse import urlsplit
 
+from ducto._shown import shown
 from ducto.errors import DuctoError
 
 MAX_CREDITS: Final = 2**62
@@ -47,10 +48,10 @@ def parse_credits(text: str, name: str = "amount", *, minimum: int = 1) -> int:
     """
     cleaned = text.strip().replace(",", "_")
     if not _INTEGER.fullmatch(cleaned):
-        raise UsageError(f"{name} must be a whole number of credits, got {text!r}")
+        raise UsageError(f"{name} must be a whole number of credits, got {shown(text)}")
     value = int(cleaned)
     if value < minimum or value > MAX_CREDITS:
-        raise UsageError(f"{name} must be between {minimum} and {MAX_CREDITS}, got {text!r}")
+        raise UsageError(f"{name} must be between {minimum} and {MAX_CREDITS}, got {shown(text)}")
     return value
 
 
@@ -63,7 +64,9 @@ def parse_count(text: str, name: str, *, minimum: int = 1, maximum: int = 1_000_
     """
     cleaned = text.strip().replace(",", "_")
     if not _INTEGER.fullmatch(cleaned) or not minimum <= int(cleaned) <= maximum:
-        raise UsageError(f"{name} must be a whole number from {minimum} to {maximum}, got {text!r}")
+        raise UsageError(
+            f"{name} must be a whole number from {minimum} to {maximum}, got {shown(text)}"
+        )
     return int(cleaned)
 
 
@@ -82,7 +85,7 @@ def parse_duration(text: str) -> timedelta | None:
         return None
     seconds = sum(int(number) * _UNIT_SECONDS[unit] for number, unit in parts)
     if seconds == 0:
-        raise UsageError(f"duration must be longer than 0, got {text!r}")
+        raise UsageError(f"duration must be longer than 0, got {shown(text)}")
     return timedelta(seconds=seconds)
 
 
@@ -122,7 +125,7 @@ def parse_instant(text: str, name: str, *, now: datetime, future: bool) -> datet
     except ValueError:
         raise UsageError(
             f"{name} must be an ISO 8601 instant (2026-04-01T12:00:00Z) or a duration "
-            f"(30d, 12h, 90m), got {text!r}"
+            f"(30d, 12h, 90m), got {shown(text)}"
         ) from None
     if moment.tzinfo is None:
         moment = moment.astimezone()  # naive: local time

@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping
 from typing import Final
 
+from ducto._shown import shown
 from ducto.errors import InvalidArgumentError
 from ducto.integrations._usage import Api, TokenCounter, _api, heuristic_token_count
 from ducto.pricing import UsageMetrics
@@ -26,7 +27,7 @@ _SKIPPED_KEYS: Final = frozenset({"type", "role", "cache_control", "id", "signat
 def _positive_int(name: str, value: object, *, allow_zero: bool = False) -> int:
     if type(value) is not int or value < (0 if allow_zero else 1):
         least = 0 if allow_zero else 1
-        raise InvalidArgumentError(f"{name} must be an int of at least {least}, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be an int of at least {least}, got {shown(value)}")
     return value
 
 
@@ -77,7 +78,7 @@ class RequestEstimator:
                 overheads), or `counter` is not callable.
         """
         if not callable(counter):
-            raise InvalidArgumentError(f"counter must be callable, got {counter!r}")
+            raise InvalidArgumentError(f"counter must be callable, got {shown(counter)}")
         self.counter = counter
         self.default_max_output_tokens = _positive_int(
             "default_max_output_tokens", default_max_output_tokens
@@ -106,7 +107,7 @@ class RequestEstimator:
             raise InvalidArgumentError(f"body must be a JSON object, got {type(body).__name__}")
         model = body.get("model")
         if model is not None and (not isinstance(model, str) or not model):
-            raise InvalidArgumentError(f"model must be a non-empty string, got {model!r}")
+            raise InvalidArgumentError(f"model must be a non-empty string, got {shown(model)}")
         return UsageMetrics(
             model=model,
             input_tokens=self.input_tokens(kind, body),

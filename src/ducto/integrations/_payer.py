@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ducto._shown import shown
 from ducto.errors import InvalidArgumentError
 
 __all__ = ["Payer"]
@@ -36,14 +37,16 @@ class Payer:
     def __post_init__(self) -> None:
         """Check the fields."""
         if not isinstance(self.user_id, str) or not self.user_id:
-            raise InvalidArgumentError(f"user_id must be a non-empty str, got {self.user_id!r}")
+            raise InvalidArgumentError(
+                f"user_id must be a non-empty str, got {shown(self.user_id)}"
+            )
         if self.metadata is not None and not isinstance(self.metadata, Mapping):
             raise InvalidArgumentError(
                 f"metadata must be a mapping or None, got {type(self.metadata).__name__}"
             )
         if self.team_id is not None and (not isinstance(self.team_id, str) or not self.team_id):
             raise InvalidArgumentError(
-                f"team_id must be a non-empty str or None, got {self.team_id!r}"
+                f"team_id must be a non-empty str or None, got {shown(self.team_id)}"
             )
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from enum import StrEnum
 from typing import Final
 
+from ducto._shown import shown
 from ducto.errors import InvalidArgumentError
 from ducto.pricing import UsageMetrics
 
@@ -100,10 +101,10 @@ def _count(obj: object, name: str, where: str) -> int:
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidArgumentError(f"{where}.{name} must be a number of tokens, got {value!r}")
+        raise InvalidArgumentError(f"{where}.{name} must be a number of tokens, got {shown(value)}")
     if value < 0 or value != int(value):
         raise InvalidArgumentError(
-            f"{where}.{name} must be a non-negative whole number, got {value!r}"
+            f"{where}.{name} must be a non-negative whole number, got {shown(value)}"
         )
     return int(value)
 
@@ -287,7 +288,7 @@ def _api(api: Api | str) -> Api:
         return Api(api)
     except ValueError:
         known = ", ".join(kind.value for kind in Api)
-        raise InvalidArgumentError(f"api must be one of {known}, got {api!r}") from None
+        raise InvalidArgumentError(f"api must be one of {known}, got {shown(api)}") from None
 
 
 # -- streams -----------------------------------------------------------------------------------
@@ -408,7 +409,7 @@ class StreamUsage:
         self._api = _api(api)
         if type(input_estimate) is not int or input_estimate < 0:
             raise InvalidArgumentError(
-                f"input_estimate must be a non-negative int, got {input_estimate!r}"
+                f"input_estimate must be a non-negative int, got {shown(input_estimate)}"
             )
         self._model = model
         self._input_estimate = input_estimate

@@ -51,6 +51,7 @@ from typing import Any, Final
 
 import anyio
 
+from ducto._shown import shown
 from ducto.errors import (
     CreditError,
     DuctoError,
@@ -292,15 +293,17 @@ class BillingMiddleware:
             InvalidArgumentError: An argument has the wrong type or a route an unknown API.
         """
         if not isinstance(manager, CreditManager):
-            raise InvalidArgumentError(f"manager must be a CreditManager, got {manager!r}")
+            raise InvalidArgumentError(f"manager must be a CreditManager, got {shown(manager)}")
         if not callable(payer):
-            raise InvalidArgumentError(f"payer must be callable, got {payer!r}")
+            raise InvalidArgumentError(f"payer must be callable, got {shown(payer)}")
         if type(max_body_bytes) is not int or max_body_bytes < 1:
             raise InvalidArgumentError(
-                f"max_body_bytes must be a positive int, got {max_body_bytes!r}"
+                f"max_body_bytes must be a positive int, got {shown(max_body_bytes)}"
             )
         if estimator is not None and not isinstance(estimator, RequestEstimator):
-            raise InvalidArgumentError(f"estimator must be a RequestEstimator, got {estimator!r}")
+            raise InvalidArgumentError(
+                f"estimator must be a RequestEstimator, got {shown(estimator)}"
+            )
         self.app = app
         self._manager = manager
         self._payer = payer

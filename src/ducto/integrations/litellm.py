@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 from litellm.integrations.custom_logger import CustomLogger
 
+from ducto._shown import shown
 from ducto.errors import CreditError, DuctoError, InvalidArgumentError
 from ducto.integrations._estimate import RequestEstimator
 from ducto.integrations._payer import Payer, _as_payer
@@ -147,11 +148,13 @@ class LiteLLMBilling(CustomLogger):
         """
         super().__init__()
         if not isinstance(manager, CreditManager):
-            raise InvalidArgumentError(f"manager must be a CreditManager, got {manager!r}")
+            raise InvalidArgumentError(f"manager must be a CreditManager, got {shown(manager)}")
         if not callable(payer):
-            raise InvalidArgumentError(f"payer must be callable, got {payer!r}")
+            raise InvalidArgumentError(f"payer must be callable, got {shown(payer)}")
         if estimator is not None and not isinstance(estimator, RequestEstimator):
-            raise InvalidArgumentError(f"estimator must be a RequestEstimator, got {estimator!r}")
+            raise InvalidArgumentError(
+                f"estimator must be a RequestEstimator, got {shown(estimator)}"
+            )
         self._manager = manager
         self._payer = payer
         self._estimator = estimator if estimator is not None else RequestEstimator()

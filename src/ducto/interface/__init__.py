@@ -11,6 +11,7 @@ import importlib
 import os
 from typing import TYPE_CHECKING, Any
 
+from ducto._shown import shown
 from ducto.errors import InvalidArgumentError
 from ducto.interface.base import CreditStore, StoreError
 from ducto.interface.memory import MemoryStore
@@ -54,13 +55,13 @@ def open_store(url: str | None = None, **options: Any) -> CreditStore:
     if not isinstance(url, str):
         raise InvalidArgumentError(f"url must be a str, got {type(url).__name__}")
     if "\x00" in url:
-        raise InvalidArgumentError(f"url must not contain a NUL character, got {url!r}")
+        raise InvalidArgumentError(f"url must not contain a NUL character, got {shown(url)}")
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise InvalidArgumentError(f"url must look like 'scheme://...', got {url!r}")
+        raise InvalidArgumentError(f"url must look like 'scheme://...', got {shown(url)}")
     if scheme == "memory":
         if rest:
-            raise InvalidArgumentError(f"a memory:// url takes no path, got {url!r}")
+            raise InvalidArgumentError(f"a memory:// url takes no path, got {shown(url)}")
         return MemoryStore(**options)
     if scheme == "sqlite":
         from ducto.interface.sqlite import SQLiteStore
@@ -68,10 +69,12 @@ def open_store(url: str | None = None, **options: Any) -> CreditStore:
         if rest == ":memory:":
             return SQLiteStore(":memory:", **options)
         if not rest.startswith("/") or len(rest) < 2:
-            raise InvalidArgumentError(f"a sqlite url looks like 'sqlite:///path.db', got {url!r}")
+            raise InvalidArgumentError(
+                f"a sqlite url looks like 'sqlite:///path.db', got {shown(url)}"
+            )
         if "?" in rest or "#" in rest:
             raise InvalidArgumentError(
-                f"a sqlite url names a file and takes no query options, got {url!r}; "
+                f"a sqlite url names a file and takes no query options, got {shown(url)}; "
                 "pass store options as keyword arguments"
             )
         return SQLiteStore(rest[1:], **options)

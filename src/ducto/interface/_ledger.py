@@ -21,6 +21,7 @@ from typing import Any, Final, Literal
 
 from pydantic import ValidationError
 
+from ducto._shown import shown
 from ducto.errors import ErrorCode, InvalidArgumentError
 from ducto.interface.models import (
     AggregateStatsRow,
@@ -74,11 +75,11 @@ def check_amount(name: str, value: object, *, minimum: int = 1) -> int:
     """
     if type(value) is not int:
         raise InvalidArgumentError(
-            f"{name} must be an int number of credits, got {type(value).__name__} {value!r}"
+            f"{name} must be an int number of credits, got {type(value).__name__} {shown(value)}"
         )
     if not minimum <= value <= MAX_AMOUNT:
         raise InvalidArgumentError(
-            f"{name} must be between {minimum} and {MAX_AMOUNT}, got {value!r}"
+            f"{name} must be between {minimum} and {MAX_AMOUNT}, got {shown(value)}"
         )
     return value
 
@@ -87,11 +88,11 @@ def check_signed_amount(name: str, value: object) -> int:
     """Return `value` if it is a non-zero `int` with ``abs(value) <= MAX_AMOUNT``."""
     if type(value) is not int:
         raise InvalidArgumentError(
-            f"{name} must be an int number of credits, got {type(value).__name__} {value!r}"
+            f"{name} must be an int number of credits, got {type(value).__name__} {shown(value)}"
         )
     if value == 0 or abs(value) > MAX_AMOUNT:
         raise InvalidArgumentError(
-            f"{name} must be non-zero and within +/-{MAX_AMOUNT}, got {value!r}"
+            f"{name} must be non-zero and within +/-{MAX_AMOUNT}, got {shown(value)}"
         )
     return value
 
@@ -99,11 +100,13 @@ def check_signed_amount(name: str, value: object) -> int:
 def check_id(name: str, value: object) -> str:
     """Return `value` if it is a non-empty `str` of at most `MAX_ID_LENGTH` characters."""
     if type(value) is not str:
-        raise InvalidArgumentError(f"{name} must be a str, got {type(value).__name__} {value!r}")
+        raise InvalidArgumentError(
+            f"{name} must be a str, got {type(value).__name__} {shown(value)}"
+        )
     if not value or len(value) > MAX_ID_LENGTH or "\x00" in value:
         raise InvalidArgumentError(
             f"{name} must be a non-empty str of at most {MAX_ID_LENGTH} characters "
-            f"without NUL, got {value[:40]!r}"
+            f"without NUL, got {shown(value)}"
         )
     return value
 
@@ -115,7 +118,7 @@ def check_optional_key(name: str, value: object) -> str | None:
     if type(value) is not str or not value or len(value) > MAX_KEY_LENGTH or "\x00" in value:
         raise InvalidArgumentError(
             f"{name} must be None or a non-empty str of at most {MAX_KEY_LENGTH} characters, "
-            f"got {value!r}"
+            f"got {shown(value)}"
         )
     return value
 
@@ -126,7 +129,7 @@ def check_optional_text(name: str, value: object, *, max_length: int = 4096) -> 
         return None
     if type(value) is not str or len(value) > max_length:
         raise InvalidArgumentError(
-            f"{name} must be None or a str of at most {max_length} characters, got {value!r}"
+            f"{name} must be None or a str of at most {max_length} characters, got {shown(value)}"
         )
     return value
 
@@ -134,7 +137,7 @@ def check_optional_text(name: str, value: object, *, max_length: int = 4096) -> 
 def check_bool(name: str, value: object) -> bool:
     """Return `value` if it is a `bool`."""
     if type(value) is not bool:
-        raise InvalidArgumentError(f"{name} must be a bool, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be a bool, got {shown(value)}")
     return value
 
 
@@ -154,7 +157,7 @@ def to_utc(name: str, value: object) -> datetime:
         return value
     if not isinstance(value, datetime):
         raise InvalidArgumentError(
-            f"{name} must be a datetime, got {type(value).__name__} {value!r}"
+            f"{name} must be a datetime, got {type(value).__name__} {shown(value)}"
         )
     try:
         return value.astimezone(UTC)
@@ -186,11 +189,11 @@ def check_ttl(value: object) -> timedelta:
         seconds = value
     else:
         raise InvalidArgumentError(
-            f"ttl must be seconds (int or float) or a timedelta, got {value!r}"
+            f"ttl must be seconds (int or float) or a timedelta, got {shown(value)}"
         )
     if not math.isfinite(seconds) or not 0 < seconds <= MAX_TTL_SECONDS:
         raise InvalidArgumentError(
-            f"ttl must be more than 0 and at most {MAX_TTL_SECONDS} seconds, got {value!r}"
+            f"ttl must be more than 0 and at most {MAX_TTL_SECONDS} seconds, got {shown(value)}"
         )
     return timedelta(seconds=seconds)
 
@@ -225,7 +228,7 @@ def check_metadata(value: object, name: str = "metadata") -> CreditMetadata | No
 def check_grant_type(value: object) -> str:
     """Return a grant type (``purchase``, ``subscription``, ``signup_bonus``, ``adjustment``)."""
     if type(value) is not str or value not in GRANT_TYPES:
-        raise InvalidArgumentError(f"type must be one of {sorted(GRANT_TYPES)}, got {value!r}")
+        raise InvalidArgumentError(f"type must be one of {sorted(GRANT_TYPES)}, got {shown(value)}")
     return value
 
 
@@ -234,11 +237,12 @@ def check_types_filter(value: object) -> frozenset[str] | None:
     if value is None:
         return None
     if isinstance(value, str) or not isinstance(value, Iterable):
-        raise InvalidArgumentError(f"types must be a list of transaction types, got {value!r}")
+        raise InvalidArgumentError(f"types must be a list of transaction types, got {shown(value)}")
     items = list(value)
     if not items or any(type(item) is not str or item not in TRANSACTION_TYPES for item in items):
         raise InvalidArgumentError(
-            f"types must be a non-empty list drawn from {sorted(TRANSACTION_TYPES)}, got {items!r}"
+            f"types must be a non-empty list drawn from {sorted(TRANSACTION_TYPES)},"
+            f" got {shown(items)}"
         )
     return frozenset(items)
 
@@ -246,7 +250,7 @@ def check_types_filter(value: object) -> frozenset[str] | None:
 def check_limit(value: object, *, name: str = "limit", maximum: int = MAX_PAGE) -> int:
     """Return a page size or row limit in ``[1, maximum]``."""
     if type(value) is not int or not 1 <= value <= maximum:
-        raise InvalidArgumentError(f"{name} must be an int from 1 to {maximum}, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be an int from 1 to {maximum}, got {shown(value)}")
     return value
 
 
@@ -268,7 +272,7 @@ def check_spend_cap(cap: object) -> SpendCap:
     check_cap_type(cap.cap_type, "cap.cap_type")
     if cap.action not in ("deny", "warn", "notify"):
         raise InvalidArgumentError(
-            f"cap.action must be 'deny', 'warn' or 'notify', got {cap.action!r}"
+            f"cap.action must be 'deny', 'warn' or 'notify', got {shown(cap.action)}"
         )
     check_amount("cap.limit", cap.limit, minimum=0)
     if cap.model is not None:
@@ -282,13 +286,15 @@ def check_cap_type(value: object, name: str = "cap_type") -> Literal["daily", "m
         return "daily"
     if value == "monthly":
         return "monthly"
-    raise InvalidArgumentError(f"{name} must be 'daily' or 'monthly', got {value!r}")
+    raise InvalidArgumentError(f"{name} must be 'daily' or 'monthly', got {shown(value)}")
 
 
 def check_version(value: object) -> int:
     """Return a pricing version number (an int >= 1)."""
     if type(value) is not int or not 1 <= value <= MAX_AMOUNT:
-        raise InvalidArgumentError(f"version must be an int from 1 to {MAX_AMOUNT}, got {value!r}")
+        raise InvalidArgumentError(
+            f"version must be an int from 1 to {MAX_AMOUNT}, got {shown(value)}"
+        )
     return value
 
 
@@ -525,7 +531,7 @@ def read_clock(clock: Any) -> datetime:
     if type(now) is datetime and now.tzinfo is UTC:
         return now
     if not isinstance(now, datetime) or now.tzinfo is None:
-        raise InvalidArgumentError(f"clock must return an aware datetime, got {now!r}")
+        raise InvalidArgumentError(f"clock must return an aware datetime, got {shown(now)}")
     return now if now.tzinfo is UTC else now.astimezone(UTC)
 
 
@@ -908,7 +914,7 @@ def decode_cursor(cursor: object) -> int | None:
         and _CURSOR_BODY.fullmatch(cursor, len(_CURSOR_PREFIX))
     ):
         return int(cursor[len(_CURSOR_PREFIX) :], 16)
-    raise InvalidArgumentError(f"cursor is not a cursor this store returned: {cursor!r}")
+    raise InvalidArgumentError(f"cursor is not a cursor this store returned: {shown(cursor)}")
 
 
 # -- Analytics ---------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import anyio
 import sniffio
 from anyio.lowlevel import checkpoint
 
+from ducto._shown import shown
 from ducto.errors import (
     InvalidArgumentError,
     StoreError,
@@ -204,14 +205,14 @@ class PostgresStore(StoreFront):
                     "dsn is required: pass a postgresql:// URL or set DUCTO_STORE_URL"
                 )
         if dsn is not None and (not isinstance(dsn, str) or "\x00" in dsn):
-            raise InvalidArgumentError(f"dsn must be a str without NUL, got {dsn!r}")
+            raise InvalidArgumentError(f"dsn must be a str without NUL, got {shown(dsn)}")
         url_schema = None
         if dsn is not None and dsn.startswith(("postgresql://", "postgres://")):
             dsn, url_schema = _split_url(dsn)
         name = schema if schema is not None else url_schema or "ducto"
         if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
             raise InvalidArgumentError(
-                f"schema must be a lowercase SQL identifier (a-z, 0-9, _), got {name!r}"
+                f"schema must be a lowercase SQL identifier (a-z, 0-9, _), got {shown(name)}"
             )
         L.check_limit(min_size, name="min_size", maximum=1000)
         L.check_limit(max_size, name="max_size", maximum=1000)
@@ -223,7 +224,7 @@ class PostgresStore(StoreFront):
         if type(connect_timeout) not in (int, float) or not 0 < connect_timeout <= 600:
             raise InvalidArgumentError(
                 f"connect_timeout must be more than 0 and at most 600 seconds, "
-                f"got {connect_timeout!r}"
+                f"got {shown(connect_timeout)}"
             )
         self._dsn = dsn
         self._schema = name

@@ -30,6 +30,7 @@ from typing import Any, Final, Literal, Protocol, TypeVar
 import anyio
 import sniffio
 
+from ducto._shown import shown
 from ducto.errors import DuctoError, InvalidArgumentError, StoreError, StoreUnavailableError
 from ducto.interface import _ledger as L
 from ducto.interface._front import Keys, StoreFront
@@ -161,7 +162,7 @@ def _resolve(path: str | os.PathLike[str]) -> str:
     """
     name = os.fspath(path)
     if "\x00" in name:
-        raise InvalidArgumentError(f"path must not contain a NUL character, got {name!r}")
+        raise InvalidArgumentError(f"path must not contain a NUL character, got {shown(name)}")
     if name == ":memory:":
         return name
     if not name:
@@ -196,14 +197,14 @@ class SQLiteStore(StoreFront):
         max_batch: int = 100,
     ) -> None:
         if not isinstance(path, str | os.PathLike):
-            raise InvalidArgumentError(f"path must be a str or path, got {path!r}")
+            raise InvalidArgumentError(f"path must be a str or path, got {shown(path)}")
         if synchronous not in ("FULL", "NORMAL"):
             raise InvalidArgumentError(
-                f"synchronous must be 'FULL' or 'NORMAL', got {synchronous!r}"
+                f"synchronous must be 'FULL' or 'NORMAL', got {shown(synchronous)}"
             )
         if type(busy_timeout) not in (int, float) or not 0 <= busy_timeout <= 3600:
             raise InvalidArgumentError(
-                f"busy_timeout must be 0 to 3600 seconds, got {busy_timeout!r}"
+                f"busy_timeout must be 0 to 3600 seconds, got {shown(busy_timeout)}"
             )
         L.check_bool("group_commit", group_commit)
         L.check_limit(max_batch, name="max_batch", maximum=10_000)

@@ -49,6 +49,7 @@ from typing import Final, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ducto._shown import shown
 from ducto.errors import ConfigError, ConfigExpressionError, ExpressionError, InvalidArgumentError
 from ducto.interface.models import PlanDefinition, PricingConfigData, RoundingMode
 from ducto.pricing._expr import Expression, compile_expression
@@ -341,7 +342,7 @@ class _Section:
 def _check_keys(section: str, keys: Iterable[object]) -> None:
     for key in keys:
         if not isinstance(key, str) or not key:
-            raise ConfigError(f"{section}: every key must be a non-empty str, got {key!r}")
+            raise ConfigError(f"{section}: every key must be a non-empty str, got {shown(key)}")
 
 
 class _Table:
@@ -641,7 +642,7 @@ class PricingEngine:
             return self._base
         if isinstance(plan, str):
             if plan not in self._plans:
-                raise InvalidArgumentError(f"plan {plan!r} is not in the pricing config")
+                raise InvalidArgumentError(f"plan {shown(plan)} is not in the pricing config")
             return self._plans[plan] or self._base
         if not isinstance(plan, PlanDefinition):
             raise InvalidArgumentError(

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ducto._shown import shown
 from ducto.errors import InvalidArgumentError
 
 __all__ = ["METRIC_VARIABLES", "MAX_COUNT", "ToolCall", "UsageMetrics"]
@@ -56,8 +57,7 @@ def _problems(exc: ValidationError, outer: tuple[str | int, ...]) -> list[str]:
         where = ".".join(str(part) for part in loc) or "value"
         detail = error["msg"]
         if error["type"] not in ("missing", "extra_forbidden"):
-            given = repr(error["input"])
-            detail += f", got {given if len(given) <= 80 else given[:77] + '...'}"
+            detail += f", got {shown(error['input'])}"
         problems.append(f"{where}: {detail}")
     return problems
 
