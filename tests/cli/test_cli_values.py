@@ -31,7 +31,9 @@ def test_credits(text: str, expected: int) -> None:
     assert expected == parse_credits(text)
 
 
-@pytest.mark.parametrize("text", ["1.5", "1e3", "abc", "", "0x10", "0", str(2**62 + 1), "--5"])
+@pytest.mark.parametrize(
+    "text", ["1.5", "1e3", "abc", "", "0x10", "0", str(2**62 + 1), "--5", "9" * 5000]
+)
 def test_not_credits(text: str) -> None:
     """Fractions, words, zero and numbers past the store's range are refused by name."""
     with pytest.raises(UsageError, match=r"^amount must be"):
@@ -59,6 +61,19 @@ def test_durations(text: str, expected: timedelta) -> None:
 def test_not_durations(text: str) -> None:
     """Anything else is not a duration (and may be an instant)."""
     assert parse_duration(text) is None
+
+
+@pytest.mark.parametrize("text", ["99999999999d", "9" * 5000 + "d", "1d" + "9" * 40 + "s"])
+def test_durations_too_long_are_refused(text: str) -> None:
+    """Durations past what a datetime can hold (or Python can read) are a usage error."""
+    with pytest.raises(UsageError, match=r"^duration is too long"):
+        parse_duration(text)
+
+
+def test_an_instant_too_far_away_is_refused() -> None:
+    """A duration a datetime holds but that lands past year 9999 is refused by option name."""
+    with pytest.raises(UsageError, match=r"^--expires is too far away"):
+        parse_instant("999999999d", "--expires", now=NOW, future=True)
 
 
 def test_durations_count_forwards_or_backwards() -> None:

@@ -21,6 +21,9 @@ MAX_CREDITS: Final = 2**62
 _DURATION: Final = re.compile(r"(\d+)\s*(w|d|h|m|s)", re.IGNORECASE)
 _UNIT_SECONDS: Final = {"w": 604_800, "d": 86_400, "h": 3_600, "m": 60, "s": 1}
 _INTEGER: Final = re.compile(r"[+-]?\d+(_\d+)*")
+_MAX_DIGITS: Final = 30
+"""More digits than any value here can have; longer numbers are refused before `int()`, which
+raises on numbers of more than 4,300 digits."""
 
 
 class UsageError(DuctoError):
@@ -49,8 +52,8 @@ def parse_credits(text: str, name: str = "amount", *, minimum: int = 1) -> int:
     cleaned = text.strip().replace(",", "_")
     if not _INTEGER.fullmatch(cleaned):
         raise UsageError(f"{name} must be a whole number of credits, got {shown(text)}")
-    value = int(cleaned)
-    if value < minimum or value > MAX_CREDITS:
+    value = _whole(cleaned)
+    if value is None or value < minimum or value > MAX_CREDITS:
         raise UsageError(f"{name} must be between {minimum} and {MAX_CREDITS}, got {shown(text)}")
     return value
 
@@ -63,11 +66,19 @@ def parse_count(text: str, name: str, *, minimum: int = 1, maximum: int = 1_000_
         UsageError: The text is not a whole number in ``[minimum, maximum]``.
     """
     cleaned = text.strip().replace(",", "_")
-    if not _INTEGER.fullmatch(cleaned) or not minimum <= int(cleaned) <= maximum:
+    value = _whole(cleaned) if _INTEGER.fullmatch(cleaned) else None
+    if value is None or not minimum <= value <= maximum:
         raise UsageError(
             f"{name} must be a whole number from {minimum} to {maximum}, got {shown(text)}"
         )
-    return int(cleaned)
+    return value
+
+
+def _whole(digits: str) -> int | None:
+    """`int(digits)` for a matched integer, or None when it has too many digits to be valid."""
+    if sum(char.isdigit() for char in digits) > _MAX_DIGITS:
+        return None
+    return int(digits)
 
 
 def parse_duration(text: str) -> timedelta | None:
@@ -83,10 +94,15 @@ def parse_duration(text: str) -> timedelta | None:
     parts = _DURATION.findall(cleaned)
     if "".join(f"{n}{u}" for n, u in parts) != cleaned:
         return None
+    if any(len(number) > _MAX_DIGITS for number, _ in parts):
+        raise UsageError(f"duration is too long, got {shown(text)}")
     seconds = sum(int(number) * _UNIT_SECONDS[unit] for number, unit in parts)
     if seconds == 0:
         raise UsageError(f"duration must be longer than 0, got {shown(text)}")
-    return timedelta(seconds=seconds)
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:
+        raise UsageError(f"duration is too long, got {shown(text)}") from None
 
 
 def parse_instant(text: str, name: str, *, now: datetime, future: bool) -> datetime:
@@ -115,7 +131,7 @@ def parse_instant(text: str, name: str, *, now: datetime, future: bool) -> datet
         try:
             moment = now + duration if future else now - duration
         except OverflowError:
-            raise UsageError(f"{name} is too far away: {text!r}") from None
+            raise UsageError(f"{name} is too far away: {shown(text)}") from None
         return moment.astimezone(UTC)
     cleaned = text.strip()
     if cleaned.endswith(("z", "Z")):
