@@ -629,6 +629,9 @@ def test_usage_from_response_dispatches_on_the_api() -> None:
         ({"usage": {"prompt_tokens": "12", "completion_tokens": 2}}, "prompt_tokens"),
         ({"usage": {"prompt_tokens": 1.5, "completion_tokens": 2}}, "prompt_tokens"),
         ({"usage": {"prompt_tokens": True, "completion_tokens": 2}}, "prompt_tokens"),
+        ({"usage": {"prompt_tokens": float("nan"), "completion_tokens": 2}}, "prompt_tokens"),
+        ({"usage": {"prompt_tokens": 1, "completion_tokens": float("inf")}}, "completion_tokens"),
+        ({"usage": {"prompt_tokens": 10**5000, "completion_tokens": 2}}, "input_tokens"),
         ({"choices": []}, "usage"),
     ],
 )

@@ -18,6 +18,7 @@ OpenAI counts cached tokens inside its input count (``prompt_tokens`` /
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from enum import StrEnum
 from typing import Final
@@ -102,7 +103,7 @@ def _count(obj: object, name: str, where: str) -> int:
         return 0
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidArgumentError(f"{where}.{name} must be a number of tokens, got {shown(value)}")
-    if value < 0 or value != int(value):
+    if value < 0 or not math.isfinite(value) or value != int(value):
         raise InvalidArgumentError(
             f"{where}.{name} must be a non-negative whole number, got {shown(value)}"
         )
