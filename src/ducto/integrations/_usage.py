@@ -103,7 +103,7 @@ def _count(obj: object, name: str, where: str) -> int:
         return 0
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidArgumentError(f"{where}.{name} must be a number of tokens, got {shown(value)}")
-    if value < 0 or not math.isfinite(value) or value != int(value):
+    if value < 0 or (isinstance(value, float) and not math.isfinite(value)) or value != int(value):
         raise InvalidArgumentError(
             f"{where}.{name} must be a non-negative whole number, got {shown(value)}"
         )
