@@ -3,10 +3,11 @@ Group commit: callers queue their operations, and a leader runs a batch of them 
 
 There is no background task. A caller that finds a free leader slot leads: it takes what is
 queued (itself first), runs the batch, answers every caller in it, and hands leadership to the
-oldest caller still queued. Others wait to be taken into a batch or asked to lead. A caller
-cancelled before its operation was taken withdraws (nothing happened); once taken, its
-operation completes and the call reports it, and the cancellation reaches the caller at its
-next checkpoint. No caller is answered before the batch that holds its operation is done.
+oldest caller still queued. Others wait (on one event each, made only for a caller that waits)
+until asked to lead, or until the batch that took their operation is done. A caller cancelled
+before its operation was taken withdraws (nothing happened); once taken, its operation
+completes and the call reports it, and the cancellation reaches the caller at its next
+checkpoint. No caller is answered before the batch that holds its operation is done.
 
 `SQLiteStore` runs one batch at a time (one connection; every operation in one
 ``BEGIN IMMEDIATE`` transaction, each in its own savepoint). `PostgresStore` runs a few batches
@@ -31,7 +32,6 @@ class Job:
     __slots__ = (
         "alone",
         "args",
-        "done",
         "error",
         "fn",
         "keys",
@@ -55,8 +55,9 @@ class Job:
         self.write = write
         self.keys = keys
         self.alone = alone
-        self.wake = anyio.Event()  # taken into a batch, or asked to lead one
-        self.done = anyio.Event()
+        # Made only for a caller that waits: set when it is asked to lead a batch, or when the
+        # batch that took its operation is done.
+        self.wake: anyio.Event | None = None
         self.lead = False
         self.taken = False
         self.result: Any = None
@@ -108,8 +109,9 @@ class GroupCommit:
         """Queue `job`, run it in some batch, and return its result (or raise its error)."""
         self._queue.append(job)
         if self._leaders >= self._max_leaders:
+            wake = job.wake = anyio.Event()
             try:
-                await job.wake.wait()
+                await wake.wait()
             except BaseException:
                 if not job.taken:
                     # Nothing happened yet: withdraw (passing on leadership if it came).
@@ -121,10 +123,10 @@ class GroupCommit:
                 # A leader took the operation as the cancellation arrived. It will run, so the
                 # call completes and reports it; the cancellation, which anyio delivers at
                 # every checkpoint of a cancelled scope, reaches the caller at its next one.
-            if not job.lead:
                 with anyio.CancelScope(shield=True):
-                    await job.done.wait()
-                return job.outcome()
+                    await wake.wait()
+            if not job.lead:
+                return job.outcome()  # woken because the batch that took it is done
         else:
             self._leaders += 1
             job.lead = True
@@ -139,12 +141,11 @@ class GroupCommit:
             batch = self._take(job)
             for queued in batch:
                 queued.taken = True
-                if queued is not job:
-                    queued.wake.set()
             with anyio.CancelScope(shield=True):
                 await self._run(batch)
             for queued in batch:
-                queued.done.set()
+                if queued.wake is not None:
+                    queued.wake.set()
         finally:
             self._leaders -= 1
             self._promote()
@@ -173,6 +174,7 @@ class GroupCommit:
             if not job.lead:
                 self._leaders += 1
                 job.lead = True
+                assert job.wake is not None  # a queued caller waits on it
                 job.wake.set()
         if not self._leaders and self._idle is not None:
             self._idle.set()

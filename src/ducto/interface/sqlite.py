@@ -344,7 +344,9 @@ class SQLiteStore(StoreFront):
         if not self._schema_ready:
             await self._call(self._check_schema, write=False)
             self._schema_ready = True
-        return await self._call(op, self._storage(), *args, write=write)
+        # `_call`, inlined: one coroutine frame less for each operation in flight.
+        result: T = await self._group.submit(Job(op, (self._storage(), *args), write))
+        return result
 
     # -- the transaction pipeline ------------------------------------------------------------
 
