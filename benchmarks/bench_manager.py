@@ -1,10 +1,12 @@
 """
 `CreditManager.deduct` throughput: priced charges per second through a store.
 
-Each charge prices one usage record and charges it with an idempotency key. Prints charges/s
-and latency percentiles for USERS x TASKS concurrent tasks, each making --per-task charges,
-on asyncio and trio. Uses only the public API, so the same script can measure another
-version of ducto (put its ``src`` first on ``PYTHONPATH``) for a same-run comparison.
+Each charge prices one usage record and charges it with an idempotency key. Prints charges/s,
+latency percentiles and the share of the run spent in the cyclic garbage collector (which
+walks every object of every task in flight) for USERS x TASKS concurrent tasks, each making
+--per-task charges, on asyncio and trio. Uses only the public API, so the same script can
+measure another version of ducto (put its ``src`` first on ``PYTHONPATH``) for a same-run
+comparison.
 
     python benchmarks/bench_manager.py --store sqlite --users 1000 --tasks 10
     python benchmarks/bench_manager.py --store memory
@@ -13,6 +15,7 @@ version of ducto (put its ``src`` first on ``PYTHONPATH``) for a same-run compar
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import tempfile
@@ -31,8 +34,29 @@ PRICING = {
 CALL = UsageMetrics(model="gpt-4o", input_tokens=1200, output_tokens=300)
 
 
-async def run(url: str, users: int, tasks: int, per_task: int) -> tuple[float, list[float]]:
-    """Charges per second and each charge's latency."""
+class _GcClock:
+    """Time spent in the cyclic garbage collector while installed (through `gc.callbacks`)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+
+    def __enter__(self) -> _GcClock:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
+
+
+async def run(url: str, users: int, tasks: int, per_task: int) -> tuple[float, list[float], float]:
+    """Charges per second, each charge's latency, and the share of the time spent in GC."""
     options = {"synchronous": "FULL"} if url.startswith("sqlite") else {}
     latencies: list[float] = []
     async with CreditManager(open_store(url, **options)) as manager:
@@ -48,13 +72,14 @@ async def run(url: str, users: int, tasks: int, per_task: int) -> tuple[float, l
                 await manager.deduct(name, CALL, idempotency_key=f"{name}-{task}-{step}")
                 latencies.append(time.perf_counter() - started)
 
-        start = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            for name in names:
-                for task in range(tasks):
-                    tg.start_soon(worker, name, task)
-        elapsed = time.perf_counter() - start
-    return users * tasks * per_task / elapsed, latencies
+        with _GcClock() as collector:
+            start = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for name in names:
+                    for task in range(tasks):
+                        tg.start_soon(worker, name, task)
+            elapsed = time.perf_counter() - start
+    return users * tasks * per_task / elapsed, latencies, collector.seconds / elapsed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,23 +97,29 @@ def main(argv: list[str] | None = None) -> int:
         f"ducto {ducto.__version__} from {Path(ducto.__file__).parent}"
         f"  python {sys.version.split()[0]}"
     )
-    print(f"{'backend':8} {'charges':>8} {'charges/s':>10}  {'p50 ms':>7} {'p99 ms':>8}  runs")
+    print(
+        f"{'backend':8} {'charges':>8} {'charges/s':>10}  {'p50 ms':>7} {'p99 ms':>8}"
+        f"  {'gc':>4}  runs"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends.split(","):
             rates: list[float] = []
             latencies: list[float] = []
+            gc_shares: list[float] = []
             for n in range(args.repeat):
                 url = (
                     "memory://" if args.store == "memory" else f"sqlite:///{tmp}/m-{backend}-{n}.db"
                 )
-                rate, latencies = anyio.run(
+                rate, latencies, gc_share = anyio.run(
                     run, url, args.users, args.tasks, args.per_task, backend=backend
                 )
                 rates.append(rate)
+                gc_shares.append(gc_share)
             qs = statistics.quantiles(latencies, n=100)
             print(
                 f"{backend:8} {args.users * args.tasks * args.per_task:>8,}"
                 f" {statistics.median(rates):>10,.0f}  {qs[49] * 1e3:7.2f} {qs[98] * 1e3:8.2f}"
+                f"  {statistics.median(gc_shares):4.0%}"
                 f"  {' '.join(f'{r:,.0f}' for r in rates)}"
             )
     return 0
