@@ -21,7 +21,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from importlib import resources
 from threading import Thread
@@ -344,17 +344,20 @@ class SQLiteStore(StoreFront):
         if not self._schema_ready:
             await self._call(self._check_schema, write=False)
             self._schema_ready = True
-        # `_call`, inlined: one coroutine frame less for each operation in flight.
-        result: T = await self._group.submit(Job(op, (self._storage(), *args), write))
-        return result
+        return await self._call(op, self._storage(), *args, write=write)
 
     # -- the transaction pipeline ------------------------------------------------------------
 
-    async def _call(self, fn: Callable[..., T], *args: Any, write: bool = True) -> T:
+    def _call(self, fn: Callable[..., T], *args: Any, write: bool = True) -> Awaitable[T]:
+        """
+        Queue `fn(*args)` for the connection thread; await the result.
+
+        A plain function returning the queue's coroutine, so an operation in flight holds no
+        coroutine frame of its own here (thousands may wait, and the collector walks each).
+        """
         if self._closed or self._runner is None:
             raise StoreError("the store is closed" if self._closed else "the store is not open")
-        result: T = await self._group.submit(Job(fn, args, write))
-        return result
+        return self._group.submit(Job(fn, args, write))
 
     async def _execute_batch(self, batch: list[Job]) -> None:
         runner = self._runner
