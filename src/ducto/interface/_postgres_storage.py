@@ -1,28 +1,34 @@
 """
-The engine's `Storage` for `PostgresStore`: a snapshot read in one round trip, writes recorded.
+The engine's `Storage` for `PostgresStore`: one document of rows read, one of rows written.
 
-An operation on Postgres runs in one short transaction. Its first round trip sends, in one
-pipeline: ``BEGIN``; the account rows it changes, created if missing and locked in a fixed order
-(teams before users); then one *bundle* query that reads, after the lock, everything the
-operation's arguments say it may read (the `Need`): the accounts, their holds and lots due to
-lapse, the hold and idempotency keys it names, the lots a debit of the requested amount can
-reach, caps and their window spend, the plan allowance, team membership. The engine then runs
-the operation synchronously on a `Snapshot` of those rows, which records every write as a
-statement; the second round trip sends the writes and ``COMMIT``.
+A batch of operations runs in one short transaction. Its first round trip sends ``BEGIN`` and
+one call of the schema's ``ducto_read`` function with a JSON document saying what the
+operations may read (the `Need`, sized from their arguments): the function creates and locks
+the accounts they change, in one fixed order, and answers with one JSON document of every row
+asked for, read after the locks. The engine then runs each operation on a `Snapshot` of those
+rows, one operation after another; the snapshot keeps what each one writes, so the next one
+reads it (as `MemoryStore`'s dicts do), and gathers every write into one document
+(`Writes`). The last round trip sends ``ducto_write`` with that document, and ``COMMIT``. A
+batch is two round trips, however many operations share an account.
 
-When the operation reads something the bundle did not bring (rare: a replayed key that names an
-earlier hold, a pricing version this process has not parsed yet, a sweep's accounts), the
-snapshot raises `Miss`; the store fetches it inside the same transaction and runs the operation
-again from the start. Nothing was sent: writes are only recorded until the end.
+When an operation reads something the document did not bring (rare: a replayed key that names
+an earlier hold, a pricing version this process has not parsed yet, more lots than its amount
+suggested), the snapshot raises `Miss`; the store fetches it inside the same transaction (the
+locks are still held) and runs the batch again from the start on a fresh snapshot. Nothing was
+sent: writes are only recorded until the end. The few reads a snapshot cannot answer after an
+earlier operation of the batch wrote what they read (a page of the ledger, the list of lots or
+of a team's members) raise `Defer`: the operation moves to a later round, after the batch's
+writes so far are applied.
+
+The two functions only move data; every rule stays in the engine.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any, Final, TypeVar
 
 from ducto.interface import _engine as E
@@ -30,83 +36,28 @@ from ducto.interface import _ledger as L
 from ducto.interface.models import PlanDefinition, PricingConfigData, SpendCap, TeamMember
 
 T = TypeVar("T")
-Statement = tuple[str, tuple[Any, ...]]
 
 _ALL_MODELS: Final = ""
-# The UTC day (as `datetime.toordinal`) and month (`_ledger.month_key`) of the instant `n.t`.
-_DAY: Final = "((n.t AT TIME ZONE 'UTC')::date - date '0001-01-01' + 1)"
-_MONTH: Final = (
-    "(extract(year FROM n.t AT TIME ZONE 'UTC')::int * 12"
-    " + extract(month FROM n.t AT TIME ZONE 'UTC')::int - 1)"
-)
-
-
-def _totals(table: str, columns: str, types: Sequence[str]) -> tuple[str, Sequence[str]]:
-    names = ", ".join(f"%s::{t}[]" for t in types)
-    return (
-        f"INSERT INTO {table} ({columns}, amount) SELECT * FROM unnest({names})"
-        f" ON CONFLICT ({columns}) DO UPDATE SET amount = {table}.amount + excluded.amount",
-        types,
-    )
-
-
-_TOTALS: Final = {
-    "model": _totals("reserved_by_model", "kind, account, model", ("text",) * 3 + ("bigint",)),
-    "member": _totals("reserved_by_member", "kind, account, member", ("text",) * 3 + ("bigint",)),
-    "spend": _totals(
-        "spend", "user_id, cap_type, period, model", ("text", "text", "int", "text", "bigint")
-    ),
-    "member_spend": _totals(
-        "member_spend", "team_id, user_id, month", ("text", "text", "int", "bigint")
-    ),
-    "allowance": _totals("allowance_used", "user_id, month", ("text", "int", "bigint")),
-}
-"""Running totals an operation adds to: the upsert of each, and its columns' types."""
-
-
-def _add(table: dict[tuple[Any, ...], int], key: tuple[Any, ...], delta: int) -> None:
-    table[key] = table.get(key, 0) + delta
-
-
-def _element(value: Any) -> str:
-    if value is None:
-        return "NULL"
-    kind = type(value)
-    if kind is str:
-        text: str = value
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if kind is bool:
-        return "t" if value else "f"
-    if kind is int:
-        return str(value)
-    if isinstance(value, datetime):
-        return '"' + value.isoformat() + '"'
-    if isinstance(value, str | int):  # subclasses, as their plain values
-        return _element(str.__str__(value) if isinstance(value, str) else int(value))
-    raise TypeError(f"cannot send {kind.__name__} in an array")  # pragma: no cover
-
-
-def arr(values: Iterable[Any]) -> str:
-    """
-    `values` as an array literal, sent as text and cast in the SQL (``%s::bigint[]``).
-
-    psycopg's list adaptation inspects every element in Python; a batch's columns are plain
-    str, int, bool, datetime or None, so the literal is built directly. A NUL in a string
-    is refused by the driver when the literal is sent, as for any text.
-    """
-    return "{" + ",".join(map(_element, values)) + "}"
+_NEW_SEQ: Final = 1 << 62
+"""Sequence numbers given to lots made in a batch: after every stored lot, in creation order."""
+_NEVER: Final = datetime.max.replace(tzinfo=UTC)
 
 
 class Miss(Exception):
-    """The operation read something the bundle did not bring; `need` says what."""
+    """The operation read something the document did not bring; `need` says what."""
 
     def __init__(self, need: Need) -> None:
         super().__init__("the snapshot lacks what the operation read")
         self.need = need
 
 
+class Defer(Exception):
+    """The operation reads what an earlier operation of the batch wrote and the snapshot cannot
+    show: run it in a later round, after the writes so far are applied."""
+
+
 def _dt(value: str | None) -> datetime | None:
-    """A timestamptz rendered by Postgres in JSON (session time zone UTC)."""
+    """A timestamptz rendered by Postgres in JSON."""
     if value is None:
         return None
     moment = datetime.fromisoformat(value)
@@ -119,9 +70,28 @@ def _req_dt(value: str) -> datetime:
     return moment
 
 
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
+def literal(document: Any) -> bytes:
+    """
+    `document` as JSON inside an SQL string literal, for ``ducto_read`` and ``ducto_write``.
+
+    The JSON is ASCII (``ensure_ascii``), so it reads the same in any client encoding, and
+    with ``standard_conforming_strings`` (which every store session has) only quotes need
+    doubling.
+    """
+    text = json.dumps(document, separators=(",", ":"))
+    return b"'" + text.replace("'", "''").encode("ascii") + b"'"
+
+
+# -- what to read --------------------------------------------------------------------------------
+
+
 @dataclass(slots=True)
 class Need:
-    """What one operation may read; every field adds fragments to the bundle query."""
+    """What a batch may read; each field becomes one part of the ``ducto_read`` document."""
 
     accounts: set[tuple[str, str]] = field(default_factory=set)
     user_data: set[str] = field(default_factory=set)
@@ -135,18 +105,27 @@ class Need:
     pricing: bool = False
     pricing_versions: set[int] = field(default_factory=set)
     pricing_history: bool = False
-    debit_rows: set[str] = field(default_factory=set)
-    pages: set[tuple[Any, ...]] = field(default_factory=set)
+    refunds: dict[str, str] = field(default_factory=dict)
+    """Refunded ledger rows by id, with the refund's idempotency key ("" for none)."""
+    pages: dict[tuple[Any, ...], None] = field(default_factory=dict)
     sweep: bool = False
 
-    def merge(self, other: Need) -> None:
-        """Add everything `other` needs."""
+    def merge(self, other: Need, *, add_debits: bool = False) -> None:
+        """
+        Add everything `other` needs.
+
+        Args:
+            other: What to add.
+            add_debits: Add the debited amounts of an account (two operations that both debit
+                it draw one after the other) instead of keeping the larger.
+        """
         self.accounts |= other.accounts
         self.user_data |= other.user_data
         self.keys |= other.keys
         self.holds |= other.holds
         for account, amount in other.debits.items():
-            self.debits[account] = max(amount, self.debits.get(account, 0))
+            before = self.debits.get(account, 0)
+            self.debits[account] = before + amount if add_debits else max(amount, before)
         self.all_lots |= other.all_lots
         self.members |= other.members
         self.member_lists |= other.member_lists
@@ -154,9 +133,50 @@ class Need:
         self.pricing |= other.pricing
         self.pricing_versions |= other.pricing_versions
         self.pricing_history |= other.pricing_history
-        self.debit_rows |= other.debit_rows
-        self.pages |= other.pages
+        for tx, key in other.refunds.items():
+            if key or tx not in self.refunds:
+                self.refunds[tx] = key
+        self.pages.update(other.pages)
         self.sweep |= other.sweep
+
+    def document(self) -> dict[str, Any]:
+        """The ``ducto_read`` document (without the locks and the clock, which the store adds)."""
+        doc: dict[str, Any] = {}
+        if self.accounts:
+            doc["accounts"] = sorted(self.accounts)
+        if self.user_data:
+            doc["users"] = sorted(self.user_data)
+        if self.keys:
+            doc["keys"] = list(self.keys)
+        if self.holds:
+            doc["holds"] = list(self.holds)
+        if self.debits:
+            doc["debits"] = [[*key, amount] for key, amount in self.debits.items()]
+        if self.all_lots:
+            doc["all_lots"] = list(self.all_lots)
+        if self.members:
+            doc["members"] = list(self.members)
+        if self.member_lists:
+            doc["member_lists"] = list(self.member_lists)
+        if self.member_counts:
+            doc["member_counts"] = list(self.member_counts)
+        if self.pricing:
+            doc["pricing"] = True
+        if self.pricing_versions:
+            doc["versions"] = list(self.pricing_versions)
+        if self.pricing_history:
+            doc["history"] = True
+        if self.refunds:
+            doc["debit_rows"] = [[tx, key] for tx, key in self.refunds.items()]
+        if self.pages:
+            doc["pages"] = [
+                [kind, account, limit, before, None if types is None else sorted(types),
+                 _iso(start), _iso(end)]
+                for kind, account, limit, before, types, start, end in self.pages
+            ]  # fmt: skip
+        if self.sweep:
+            doc["sweep"] = True
+        return doc
 
 
 def need_for(op: Any, args: Sequence[Any]) -> Need:
@@ -210,14 +230,11 @@ def need_for(op: Any, args: Sequence[Any]) -> Need:
         need.holds.add((*owner, rid))
     elif op is E.refund:
         tx, _, _, _, key = args
-        need.debit_rows.add(tx)
-        need.pricing = False
-        if key is not None:
-            need.keys.add(("?", tx, key))  # resolved once the debit row names its account
+        need.refunds[tx] = key or ""
     elif op is E.sweep:
         need.sweep = True
     elif op is E.page:
-        need.pages.add(tuple(args))
+        need.pages[tuple(args)] = None
     elif op is E.list_lots:
         (user,) = args
         need.accounts.add((u, user))
@@ -285,297 +302,19 @@ def _key(need: Need, kind: str, account: str, key: str | None) -> None:
         need.keys.add((kind, account, key))
 
 
-class Bundle:
-    """
-    Builds the bundle query for a `Need` and reads its one row back into `Data`.
-
-    Each kind of read is one fragment driven by arrays of keys, so the query's text depends
-    only on which kinds of read a batch needs, not on how many operations it holds: the
-    server and psycopg reuse its prepared plan.
-    """
-
-    def __init__(self, need: Need, now: datetime | None) -> None:
-        self.need = need
-        self._fragments: list[str] = []
-        self._params: list[Any] = []
-        self._readers: list[Any] = []
-        self._now = now
-
-    def _add(self, sql: str, params: Sequence[Any], reader: Any) -> None:
-        self._fragments.append(sql)
-        self._params.extend(params)
-        self._readers.append(reader)
-
-    def statement(self) -> Statement:
-        """The bundle query: one row, one column per fragment, after the now column."""
-        need = self.need
-        if need.accounts:
-            keys = sorted(need.accounts)
-            self._add(
-                "(SELECT json_agg(json_build_array(a.kind, a.id, a.balance,"
-                " a.lifetime_purchased, a.reserved, a.expired_unswept, a.plan_id, a.name, a.caps,"
-                " (SELECT json_agg(json_build_array(h.id, h.amount, h.model, h.member,"
-                " h.expires_at)) FROM holds h WHERE h.kind = a.kind AND h.account = a.id AND"
-                " h.counted AND h.expires_at <= n.t), (SELECT json_agg(json_build_array(l.id,"
-                " l.remaining)) FROM lots l WHERE l.kind = a.kind AND l.account = a.id AND"
-                " l.remaining > 0 AND NOT l.expired AND l.expires_at <= n.t), (SELECT"
-                " json_object_agg(r.model, r.amount) FROM reserved_by_model r WHERE"
-                " r.kind = a.kind AND r.account = a.id))) FROM unnest(%s::text[], %s::text[])"
-                " AS k(kind, id) JOIN accounts a ON a.kind = k.kind AND a.id = k.id)",
-                (arr(k for k, _ in keys), arr(i for _, i in keys)),
-                partial(_read_accounts, keys),
-            )
-        if need.user_data:
-            users = sorted(need.user_data)
-            self._add(
-                "(SELECT json_agg(json_build_array(u.id,"
-                " (SELECT json_agg(json_build_array(c.cap_type, c.model, c.cap_limit, c.action))"
-                " FROM caps c WHERE c.user_id = u.id),"
-                " (SELECT json_agg(json_build_array(s.cap_type, s.period, s.model, s.amount))"
-                f" FROM spend s WHERE s.user_id = u.id AND ((s.cap_type = 'daily' AND"
-                f" s.period = {_DAY}) OR (s.cap_type = 'monthly' AND s.period = {_MONTH}))),"
-                f" (SELECT w.amount FROM allowance_used w WHERE w.user_id = u.id AND"
-                f" w.month = {_MONTH}))) FROM unnest(%s::text[]) AS u(id))",
-                (arr(users),),
-                partial(_read_rows, "users", users, lambda row: row[0], lambda row: row[1:]),
-            )
-        keys3 = sorted(k for k in need.keys if k[0] != "?")
-        if keys3:
-            self._add(
-                "(SELECT json_agg(json_build_array(i.kind, i.account, i.key, i.op,"
-                " i.fingerprint, i.result)) FROM unnest(%s::text[], %s::text[], %s::text[])"
-                " AS k(kind, account, key) JOIN idempotency i ON i.kind = k.kind AND"
-                " i.account = k.account AND i.key = k.key)",
-                tuple(arr(k[n] for k in keys3) for n in range(3)),
-                partial(_read_keys, keys3),
-            )
-        holds = sorted(need.holds)
-        if holds:
-            self._add(
-                "(SELECT json_agg(json_build_array(h.kind, h.account, h.id, h.amount,"
-                " h.operation_type, h.model, h.use_allowance, h.expires_at, h.member, h.state,"
-                " h.counted)) FROM unnest(%s::text[], %s::text[], %s::text[])"
-                " AS k(kind, account, id) JOIN holds h ON h.id = k.id AND h.kind = k.kind AND"
-                " h.account = k.account)",
-                tuple(arr(k[n] for k in holds) for n in range(3)),
-                partial(_read_rows, "holds", holds, lambda row: tuple(row[:3]), lambda r: r[3:]),
-            )
-        debits = sorted(need.debits.items())
-        if debits:
-            # Unexpired lots, in burn-down order, until they cover the amount; then expired
-            # ones (including those lapsing now), oldest expiry first, likewise.
-            self._add(
-                "(SELECT json_agg(json_build_array(k.kind, k.account, k.amount,"
-                " (SELECT json_agg(json_build_array(id, seq, remaining, expires_at)"
-                " ORDER BY coalesce(expires_at, 'infinity'), seq) FROM (SELECT id, seq,"
-                " remaining, expires_at, sum(remaining) OVER (ORDER BY coalesce(expires_at,"
-                " 'infinity'), seq) AS run FROM lots WHERE kind = k.kind AND account = k.account"
-                " AND remaining > 0 AND NOT expired AND (expires_at IS NULL OR"
-                " expires_at > n.t)) x WHERE run - remaining < k.amount),"
-                " (SELECT json_agg(json_build_array(id, seq, remaining, expires_at)"
-                " ORDER BY expires_at, seq) FROM (SELECT id, seq, remaining, expires_at,"
-                " sum(remaining) OVER (ORDER BY expires_at, seq) AS run FROM lots"
-                " WHERE kind = k.kind AND account = k.account AND remaining > 0 AND"
-                " (expired OR expires_at <= n.t)) x WHERE run - remaining < k.amount)))"
-                " FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS k(kind, account, amount))",
-                (
-                    arr(d[0][0] for d in debits),
-                    arr(d[0][1] for d in debits),
-                    arr(d[1] for d in debits),
-                ),
-                _read_debits,
-            )
-        all_lots = sorted(need.all_lots)
-        if all_lots:
-            self._add(
-                "(SELECT json_agg(json_build_array(k.kind, k.account, (SELECT"
-                " json_agg(json_build_array(l.id, l.seq, l.remaining, l.expires_at,"
-                " l.expired OR l.expires_at <= n.t) ORDER BY l.expired OR l.expires_at <= n.t,"
-                " CASE WHEN l.expired OR l.expires_at <= n.t THEN l.expires_at"
-                " ELSE coalesce(l.expires_at, 'infinity') END, l.seq) FROM lots l"
-                " WHERE l.kind = k.kind AND l.account = k.account AND l.remaining > 0)))"
-                " FROM unnest(%s::text[], %s::text[]) AS k(kind, account))",
-                (arr(k for k, _ in all_lots), arr(a for _, a in all_lots)),
-                partial(
-                    _read_rows, "all_lots", all_lots, lambda r: tuple(r[:2]), lambda r: r[2] or []
-                ),
-            )
-        members = sorted(need.members)
-        if members:
-            self._add(
-                "(SELECT json_agg(json_build_array(k.team, k.uid,"
-                " (SELECT json_build_array(m.role, m.spend_cap) FROM team_members m"
-                " WHERE m.team_id = k.team AND m.user_id = k.uid),"
-                " (SELECT s.amount FROM member_spend s WHERE s.team_id = k.team AND"
-                f" s.user_id = k.uid AND s.month = {_MONTH}),"
-                " (SELECT r.amount FROM reserved_by_member r WHERE r.kind = 't' AND"
-                " r.account = k.team AND r.member = k.uid)))"
-                " FROM unnest(%s::text[], %s::text[]) AS k(team, uid))",
-                (arr(t for t, _ in members), arr(u for _, u in members)),
-                partial(_read_rows, "members", members, lambda r: tuple(r[:2]), lambda r: r[2:]),
-            )
-        teams = sorted(need.member_lists)
-        if teams:
-            self._add(
-                "(SELECT json_agg(json_build_array(k.team, (SELECT"
-                " json_agg(json_build_array(m.user_id, m.role, m.spend_cap, s.amount)"
-                " ORDER BY m.user_id) FROM team_members m LEFT JOIN member_spend s"
-                f" ON s.team_id = m.team_id AND s.user_id = m.user_id AND s.month = {_MONTH}"
-                " WHERE m.team_id = k.team))) FROM unnest(%s::text[]) AS k(team))",
-                (arr(teams),),
-                partial(_read_rows, "member_lists", teams, lambda r: r[0], lambda r: r[1] or []),
-            )
-        counted = sorted(need.member_counts)
-        if counted:
-            self._add(
-                "(SELECT json_agg(json_build_array(k.team, (SELECT count(*) FROM team_members m"
-                " WHERE m.team_id = k.team))) FROM unnest(%s::text[]) AS k(team))",
-                (arr(counted),),
-                partial(_read_rows, "member_counts", counted, lambda r: r[0], lambda r: r[1]),
-            )
-        if need.pricing:
-            self._add(
-                "(SELECT json_build_array(s.value, (SELECT coalesce(max(version), 0)"
-                " FROM pricing)) FROM settings s WHERE s.key = 'pricing')",
-                (),
-                _read_pricing,
-            )
-        versions = sorted(need.pricing_versions)
-        if versions:
-            self._add(
-                "(SELECT json_agg(json_build_array(version, id, config, label, created_at))"
-                " FROM pricing WHERE version = ANY(%s::int[]))",
-                (arr(versions),),
-                partial(_read_rows, "versions", versions, lambda r: r[0], lambda r: r),
-            )
-        if need.pricing_history:
-            self._add(
-                "(SELECT json_agg(json_build_array(version, id, config, label, created_at)"
-                " ORDER BY version DESC) FROM pricing)",
-                (),
-                lambda d, v: d.__setattr__("history", v or []),
-            )
-        txs = sorted(need.debit_rows)
-        if txs:
-            with_keys = {a: k for kind, a, k in need.keys if kind == "?"}
-            self._add(
-                "(SELECT json_agg(json_build_array(g.id, g.kind, g.account, g.amount, g.type,"
-                " g.created_at, g.draws, g.draw_refunds, g.spender, g.model, (SELECT"
-                " json_agg(json_build_array(l.id, l.seq, l.remaining, l.expires_at)) FROM lots l"
-                " WHERE l.id IN (SELECT jsonb_array_elements(g.draws)->>0)), (SELECT"
-                " json_agg(json_build_array(i.op, i.fingerprint, i.result)) FROM idempotency i"
-                " WHERE i.kind = g.kind AND i.account = g.account AND i.key = k.key)))"
-                " FROM unnest(%s::text[], %s::text[]) AS k(id, key) JOIN ledger g ON g.id = k.id)",
-                (arr(txs), arr(with_keys.get(tx, "") for tx in txs)),
-                partial(_read_rows, "debit_rows", txs, lambda r: r[0], lambda r: r[1:]),
-            )
-        for page in need.pages:
-            self._page(page)
-        if need.sweep:
-            self._add(
-                "(SELECT json_agg(json_build_array(kind, account, id, seq, remaining,"
-                " expires_at) ORDER BY kind, account, seq) FROM lots"
-                " WHERE remaining > 0 AND expires_at IS NOT NULL AND expires_at <= n.t)",
-                (),
-                lambda d, v: d.__setattr__("sweep", v or []),
-            )
-        now_sql = "clock_timestamp()" if self._now is None else "%s::timestamptz"
-        now_params: tuple[Any, ...] = () if self._now is None else (self._now,)
-        columns = ", ".join(["n.t", *self._fragments])
-        sql = f"WITH n AS MATERIALIZED (SELECT {now_sql} AS t) SELECT {columns} FROM n"
-        return sql, (*now_params, *self._params)
-
-    def _page(self, page: tuple[Any, ...]) -> None:
-        """One page of an account's ledger, read into ``data.pages[page]``."""
-        kind, account, limit, before, types, start, end = page
-        where = ["kind = %s", "account = %s"]
-        params: list[Any] = [kind, account]
-        if before is not None:
-            where.append("seq < %s")
-            params.append(before)
-        if types is not None:
-            where.append("type = ANY(%s::text[])")
-            params.append(arr(sorted(types)))
-        if start is not None:
-            where.append("created_at >= %s")
-            params.append(start)
-        if end is not None:
-            where.append("created_at < %s")
-            params.append(end)
-        self._add(
-            "(SELECT json_agg(json_build_array(seq, id, kind, account, amount, type,"
-            " balance_after, metadata, created_at, reservation_id, idempotency_key, refunded,"
-            " spender, model, operation_type, allowance) ORDER BY seq DESC) FROM (SELECT *"
-            f" FROM ledger WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT %s) p)",
-            (*params, limit + 1),
-            lambda d, v: d.pages.__setitem__(page, v or []),
-        )
-
-    def read(self, row: Sequence[Any], into: Data | None = None) -> Data:
-        """The bundle's row as `Data` (merged into `into` when given)."""
-        data = into if into is not None else Data(now=_as_utc(row[0]))
-        for reader, value in zip(self._readers, row[1:], strict=True):
-            reader(data, value)
-        return data
-
-
-def _read_accounts(keys: Sequence[tuple[str, str]], data: Data, value: Any) -> None:
-    """Accounts by key: the row after its kind and id, or None for a missing account."""
-    accounts = data.accounts
-    for key in keys:
-        accounts[key] = None
-    for row in value or ():
-        accounts[(row[0], row[1])] = row[2:]
-
-
-def _read_rows(
-    field_name: str,
-    keys: Sequence[Any],
-    key_of: Callable[[Any], Any],
-    value_of: Callable[[Any], Any],
-    data: Data,
-    value: Any,
-) -> None:
-    """Rows of one kind of read into ``data.<field_name>``; keys that found none get None."""
-    table = getattr(data, field_name)
-    for key in keys:
-        table[key] = None
-    for row in value or ():
-        table[key_of(row)] = value_of(row)
-
-
-def _read_keys(keys: Sequence[tuple[str, str, str]], data: Data, value: Any) -> None:
-    for key in keys:
-        data.keys[key] = {}
-    for kind, account, key, op, fingerprint, result in value or ():
-        data.keys[(kind, account, key)][op] = (fingerprint, result)
-
-
-def _read_debits(data: Data, value: Any) -> None:
-    for kind, account, amount, live, expired in value or ():
-        data.debits[(kind, account)] = (amount, (live, expired))
-
-
-def _as_utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is UTC else moment.astimezone(UTC)
-
-
-def _read_pricing(data: Data, value: Any) -> None:
-    active, last = value
-    data.active_version = int(active) if active else None
-    data.last_version = last
+# -- what was read -------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class Data:
-    """The rows a bundle brought, as plain values, keyed like the `Need` that asked."""
+    """The rows a ``ducto_read`` document brought, as plain values, keyed like the `Need`."""
 
     now: datetime
     accounts: dict[tuple[str, str], Any] = field(default_factory=dict)
     users: dict[str, Any] = field(default_factory=dict)
     keys: dict[tuple[str, str, str], dict[str, tuple[str, str]]] = field(default_factory=dict)
     holds: dict[tuple[str, str, str], Any] = field(default_factory=dict)
-    debits: dict[tuple[str, str], tuple[int, Any]] = field(default_factory=dict)
+    debits: dict[tuple[str, str], tuple[int, Any, Any]] = field(default_factory=dict)
     all_lots: dict[tuple[str, str], Any] = field(default_factory=dict)
     members: dict[tuple[str, str], Any] = field(default_factory=dict)
     member_lists: dict[str, Any] = field(default_factory=dict)
@@ -588,33 +327,109 @@ class Data:
     pages: dict[tuple[Any, ...], list[Any]] = field(default_factory=dict)
     sweep: list[Any] | None = None
 
+    def read(self, need: Need, doc: dict[str, Any]) -> None:
+        """Add what a ``ducto_read`` document for `need` brought (missing rows as None)."""
+        accounts = self.accounts
+        for key in need.accounts:
+            accounts[key] = None
+        for row in doc["accounts"] or ():
+            accounts[(row[0], row[1])] = row[2:]
+        users = self.users
+        for user in need.user_data:
+            users[user] = None
+        for row in doc["users"] or ():
+            users[row[0]] = row[1:]
+        keys = self.keys
+        for key3 in need.keys:
+            keys[key3] = {}
+        for kind, account, key, op, fingerprint, result in doc["keys"] or ():
+            keys[(kind, account, key)][op] = (fingerprint, result)
+        holds = self.holds
+        for hold_key in need.holds:
+            holds[hold_key] = None
+        for row in doc["holds"] or ():
+            holds[(row[0], row[1], row[2])] = row[3:]
+        for kind, account, amount, live, expired in doc["debits"] or ():
+            self.debits[(kind, account)] = (amount, live or [], expired or [])
+        for kind, account, lots in doc["all_lots"] or ():
+            self.all_lots[(kind, account)] = lots or []
+        for team, user, membership, spent, held in doc["members"] or ():
+            self.members[(team, user)] = (membership, spent, held)
+        for team, rows in doc["member_lists"] or ():
+            self.member_lists[team] = rows or []
+        for team, count in doc["member_counts"] or ():
+            self.member_counts[team] = count
+        if doc["pricing"] is not None:
+            active, last = doc["pricing"]
+            self.active_version = int(active) if active else None
+            self.last_version = last
+        for version in need.pricing_versions:
+            self.versions[version] = None
+        for row in doc["versions"] or ():
+            self.versions[row[0]] = row
+        if doc["history"] is not None:
+            self.history = doc["history"]
+        for tx in need.refunds:
+            self.debit_rows[tx] = None
+        for row in doc["debit_rows"] or ():
+            self.debit_rows[row[0]] = row[1:]
+            refund_key = need.refunds.get(row[0])
+            if refund_key:  # the refund's key, on the account the row names
+                keys[(row[1], row[2], refund_key)] = {e[0]: (e[1], e[2]) for e in row[11] or ()}
+        for page, rows in zip(need.pages, doc["pages"] or (), strict=False):
+            self.pages[page] = rows
+        if doc["sweep"] is not None:
+            self.sweep = doc["sweep"]
 
-@dataclass(slots=True, eq=False)
-class _Account(E.Account):
-    caps: int = 0
-    exists: bool = False
+
+def parse(need: Need, text: bytes) -> Data:
+    """A ``ducto_read`` document as new `Data`."""
+    doc = json.loads(text)
+    data = Data(now=_req_dt(doc["now"]))
+    data.read(need, doc)
+    return data
+
+
+# -- what was written ----------------------------------------------------------------------------
 
 
 class Writes:
-    """
-    What operations wrote, gathered per table so a batch sends one statement per table.
+    """What a batch's operations wrote, gathered per table into one ``ducto_write`` document."""
 
-    Operations of one batch touch disjoint accounts, so their rows never collide; within one
-    operation, later values for a row win (a hold lapsed then settled, a lot expired then
-    drawn) and running totals add up.
-    """
+    __slots__ = (
+        "accounts",
+        "activate",
+        "caps",
+        "caps_removed",
+        "holds",
+        "holds_new",
+        "keys",
+        "ledger",
+        "lots",
+        "lots_new",
+        "members",
+        "members_removed",
+        "pricing",
+        "refunds",
+        "totals",
+    )
 
     def __init__(self) -> None:
-        self.accounts: dict[tuple[str, str], tuple[bool, tuple[Any, ...]]] = {}
-        self.holds_new: list[tuple[Any, ...]] = []
+        self.accounts: dict[tuple[str, str], tuple[bool, list[Any]]] = {}
+        self.holds_new: list[list[Any]] = []
         self.holds: dict[str, int | None] = {}
+        self.lots_new: list[list[Any]] = []
         self.lots: dict[str, list[Any]] = {}
-        self.lots_new: list[tuple[Any, ...]] = []
-        self.ledger: list[tuple[Any, ...]] = []
-        self.refunds: dict[str, tuple[int, str]] = {}
-        self.keys: list[tuple[Any, ...]] = []
+        self.ledger: list[list[Any]] = []
+        self.refunds: dict[str, list[Any]] = {}
+        self.keys: list[list[Any]] = []
         self.totals: dict[tuple[Any, ...], int] = {}
-        self.other: list[Statement] = []
+        self.caps: dict[tuple[str, str, str], list[Any] | None] = {}
+        self.caps_removed: list[list[Any]] = []
+        self.members: dict[tuple[str, str], list[Any] | None] = {}
+        self.members_removed: list[list[Any]] = []
+        self.pricing: list[list[Any]] = []
+        self.activate: int | None = None
 
     def hold(self, hold_id: str, state: int | None) -> None:
         """Mark a hold no longer counted, and closed in `state` when given."""
@@ -625,131 +440,93 @@ class Writes:
 
     def lot(self, lot_id: str, remaining: int | None = None, expired: bool | None = None) -> None:
         """Set a lot's remainder and/or its expired flag."""
-        entry = self.lots.setdefault(lot_id, [None, None])
+        entry = self.lots.setdefault(lot_id, [lot_id, None, None])
         if remaining is not None:
-            entry[0] = remaining
+            entry[1] = remaining
         if expired is not None:
-            entry[1] = expired
+            entry[2] = expired
 
-    def merge(self, other: Writes) -> None:
-        """Add another operation's writes (on other accounts)."""
-        self.accounts.update(other.accounts)
-        self.holds_new += other.holds_new
-        self.holds.update(other.holds)
-        self.lots.update(other.lots)
-        self.lots_new += other.lots_new
-        self.ledger += other.ledger
-        self.refunds.update(other.refunds)
-        self.keys += other.keys
-        for key, delta in other.totals.items():
-            _add(self.totals, key, delta)
-        self.other += other.other
+    def add(self, table: str, key: tuple[Any, ...], delta: int) -> None:
+        """Add `delta` to a running total (``model``, ``member``, ``spend``, ...)."""
+        full = (table, *key)
+        self.totals[full] = self.totals.get(full, 0) + delta
 
-    def statements(self) -> list[Statement]:
-        """What applies everything: one statement over the tables written in bulk, then the rest."""
-        out: list[Statement] = []
-        new = [(k, v) for k, (exists, v) in self.accounts.items() if not exists]
-        old = [(k, v) for k, (exists, v) in self.accounts.items() if exists]
+    def document(self) -> dict[str, Any]:
+        """The ``ducto_write`` document: one list of rows per table written."""
+        doc: dict[str, Any] = {}
+        new = [v for exists, v in self.accounts.values() if not exists]
+        old = [v for exists, v in self.accounts.values() if exists]
         if new:
-            out.append(_columns(_NEW_ACCOUNTS, [(*k, *v) for k, v in new], 9))
+            doc["accounts_new"] = new
         if old:
-            out.append(_columns(_UPDATE_ACCOUNTS, [(*k, *v) for k, v in old], 9))
+            doc["accounts"] = old
         if self.holds_new:
-            out.append(_columns(_NEW_HOLDS, self.holds_new, 11))
+            doc["holds_new"] = self.holds_new
         if self.holds:
-            out.append(_columns(_UPDATE_HOLDS, list(self.holds.items()), 2))
-        if self.lots:
-            out.append(_columns(_UPDATE_LOTS, [(i, *v) for i, v in self.lots.items()], 3))
+            doc["holds"] = list(self.holds.items())
         if self.lots_new:
-            out.append(_columns(_NEW_LOTS, self.lots_new, 6))
+            doc["lots_new"] = self.lots_new
+        if self.lots:
+            doc["lots"] = list(self.lots.values())
         if self.ledger:
-            out.append(_columns(_NEW_ROWS, self.ledger, 15))
+            doc["ledger"] = self.ledger
         if self.refunds:
-            out.append(_columns(_REFUNDS, [(i, *v) for i, v in self.refunds.items()], 3))
+            doc["refunds"] = list(self.refunds.values())
         if self.keys:
-            out.append(_columns(_NEW_KEYS, self.keys, 6))
-        groups: dict[str, list[tuple[Any, ...]]] = {}
+            doc["keys"] = self.keys
         for (table, *key), delta in self.totals.items():
             if delta:
-                groups.setdefault(table, []).append((*key, delta))
-        for table, rows in groups.items():
-            sql, types = _TOTALS[table]
-            out.append(_columns(sql, rows, len(types)))
-        if len(out) > 1:
-            # One statement: each table's write a data-modifying CTE of the last one. They
-            # touch different tables (or different rows of one), so none needs another's effect.
-            ctes = ", ".join(f"w{n} AS ({sql})" for n, (sql, _) in enumerate(out[:-1]))
-            params = tuple(p for _, ps in out for p in ps)
-            out = [(f"WITH {ctes} {out[-1][0]}", params)]
-        return out + self.other
+                doc.setdefault(table, []).append([*key, delta])
+        removed_caps = [[*k] for k, v in self.caps.items() if v is None]
+        if removed_caps:
+            doc["caps_removed"] = removed_caps
+        caps = [v for v in self.caps.values() if v is not None]
+        if caps:
+            doc["caps"] = caps
+        removed = [[*k] for k, v in self.members.items() if v is None]
+        if removed:
+            doc["members_removed"] = removed
+        members = [v for v in self.members.values() if v is not None]
+        if members:
+            doc["members"] = members
+        if self.pricing:
+            doc["pricing"] = self.pricing
+        if self.activate is not None:
+            doc["activate"] = str(self.activate)
+        return doc
 
 
-def _columns(sql: str, rows: Sequence[tuple[Any, ...]], width: int) -> Statement:
-    """A statement over `unnest` of arrays: the rows' values, column by column."""
-    return sql, tuple(arr(row[i] for row in rows) for i in range(width))
+# -- the snapshot --------------------------------------------------------------------------------
 
 
-_NEW_ACCOUNTS: Final = (
-    "INSERT INTO accounts (kind, id, balance, lifetime_purchased, reserved, expired_unswept,"
-    " plan_id, name, caps) SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[],"
-    " %s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::int[])"
-)
-_UPDATE_ACCOUNTS: Final = (
-    "UPDATE accounts a SET balance = v.balance, lifetime_purchased = v.lifetime,"
-    " reserved = v.reserved, expired_unswept = v.expired, plan_id = v.plan, name = v.name,"
-    " caps = v.caps FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[],"
-    " %s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::int[]) AS v(kind, id, balance,"
-    " lifetime, reserved, expired, plan, name, caps) WHERE a.kind = v.kind AND a.id = v.id"
-)
-_NEW_HOLDS: Final = (
-    "INSERT INTO holds (id, kind, account, amount, operation_type, model, use_allowance,"
-    " expires_at, state, counted, member) SELECT * FROM unnest(%s::text[], %s::text[],"
-    " %s::text[], %s::bigint[], %s::text[], %s::text[], %s::boolean[], %s::timestamptz[],"
-    " %s::smallint[], %s::boolean[], %s::text[])"
-)
-_UPDATE_HOLDS: Final = (
-    "UPDATE holds h SET state = coalesce(v.state, h.state), counted = false"
-    " FROM unnest(%s::text[], %s::smallint[]) AS v(id, state) WHERE h.id = v.id"
-)
-_UPDATE_LOTS: Final = (
-    "UPDATE lots l SET remaining = coalesce(v.remaining, l.remaining),"
-    " expired = coalesce(v.expired, l.expired) FROM unnest(%s::text[], %s::bigint[],"
-    " %s::boolean[]) AS v(id, remaining, expired) WHERE l.id = v.id"
-)
-_NEW_LOTS: Final = (
-    "INSERT INTO lots (id, kind, account, remaining, expires_at, expired) SELECT * FROM"
-    " unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::timestamptz[],"
-    " %s::boolean[])"
-)
-_NEW_ROWS: Final = (
-    "INSERT INTO ledger (id, kind, account, amount, type, balance_after, metadata, created_at,"
-    " reservation_id, idempotency_key, draws, spender, model, operation_type, allowance)"
-    " SELECT id, kind, account, amount, type, balance_after, metadata::jsonb, created_at,"
-    " reservation_id, idempotency_key, draws::jsonb, spender, model, operation_type,"
-    " allowance FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[],"
-    " %s::bigint[], %s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[],"
-    " %s::text[], %s::text[], %s::text[], %s::bigint[]) WITH ORDINALITY AS v(id, kind,"
-    " account, amount, type, balance_after, metadata, created_at, reservation_id,"
-    " idempotency_key, draws, spender, model, operation_type, allowance, position)"
-    " ORDER BY position"
-)
-_REFUNDS: Final = (
-    "UPDATE ledger g SET refunded = v.refunded, draw_refunds = v.draws::jsonb"
-    " FROM unnest(%s::text[], %s::bigint[], %s::text[]) AS v(id, refunded, draws)"
-    " WHERE g.id = v.id"
-)
-_NEW_KEYS: Final = (
-    "INSERT INTO idempotency (kind, account, op, key, fingerprint, result) SELECT * FROM"
-    " unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[])"
-)
+@dataclass(slots=True, eq=False)
+class _Account(E.Account):
+    caps: int = 0
+    exists: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Lot(L.Lot):
+    owner: tuple[str, str] = ("", "")
+
+
+def _live_order(lot: L.Lot) -> tuple[datetime, int]:
+    return (_NEVER if lot.expires_at is None else lot.expires_at, lot.seq)
+
+
+def _expired_order(lot: L.Lot) -> tuple[datetime, int]:
+    assert lot.expires_at is not None
+    return (lot.expires_at, lot.seq)
 
 
 class Snapshot:
     """
-    The engine's `Storage` over one bundle's `Data`; writes are recorded in `writes`.
+    The engine's `Storage` over one batch's `Data`, shared by the batch's operations.
+
+    Reads see the batch's earlier writes; every write is also recorded in `out`.
 
     Args:
-        data: What the bundle read.
+        data: What the batch read.
         ids: The store's id source.
         configs: Parsed pricing configs by version (versions never change once written).
     """
@@ -759,22 +536,40 @@ class Snapshot:
         self._ids = ids
         self._configs = configs
         self.out = Writes()
+        self._now = data.now
+        self._month = L.month_key(data.now)
         self._accounts: dict[tuple[str, str], _Account] = {}
         self._dirty: dict[tuple[str, str], _Account] = {}
         self._held: dict[tuple[str, str], dict[str, int]] = {}
         self._member_held: dict[tuple[str, str], int] = {}
         self._caps: dict[str, dict[tuple[str, str | None], SpendCap]] = {}
         self._spend: dict[str, dict[tuple[str, int, str], int]] = {}
+        self._allowance: dict[str, int] = {}
         self._lapsed: set[tuple[str, str, str]] = set()
         self._lapsed_ids: set[str] = set()
+        self._holds: dict[tuple[str, str, str], E.Hold | None] = {}
+        self._lots: dict[str, _Lot] = {}
+        self._fetched: dict[tuple[tuple[str, str], int], tuple[list[_Lot], bool]] = {}
+        self._extra_lots: dict[tuple[str, str], list[_Lot]] = {}
+        self._lots_written: set[tuple[str, str]] = set()
         self._keys: dict[tuple[str, str, str], dict[str, tuple[str, str]]] = {}
+        self._debits: dict[str, E.Debit | None] = {}
+        self._appended: dict[str, E.Debit] = {}
+        self._ledger_written: set[tuple[str, str]] = set()
+        self._members: dict[tuple[str, str], E.Member | None] = {}
+        self._member_spend: dict[tuple[str, str], int] = {}
+        self._memberships_written: set[str] = set()
+        self._member_spend_written: set[str] = set()
 
     def finish(self) -> Writes:
-        """What the operation wrote, each changed account once."""
+        """Everything the batch wrote, each changed account once."""
+        out = self.out
         for key, acct in self._dirty.items():
-            self.out.accounts[key] = (
+            out.accounts[key] = (
                 acct.exists,
-                (
+                [
+                    acct.kind,
+                    acct.id,
                     acct.balance,
                     acct.lifetime_purchased,
                     acct.reserved,
@@ -782,16 +577,13 @@ class Snapshot:
                     acct.plan_id,
                     acct.name,
                     acct.caps,
-                ),
+                ],
             )
         self._dirty.clear()
-        return self.out
-
-    def _write(self, sql: str, *params: Any) -> None:
-        self.out.other.append((sql, params))
+        return out
 
     def now(self) -> datetime:
-        return self.data.now
+        return self._now
 
     def new_id(self, kind: str) -> str:
         return self._ids.next(kind)
@@ -803,9 +595,10 @@ class Snapshot:
         acct = self._accounts.get(key)
         if acct is not None:
             return acct
-        if key not in self.data.accounts:
-            raise Miss(Need(accounts={key}))
-        row = self.data.accounts[key]
+        try:
+            row = self.data.accounts[key]
+        except KeyError:
+            raise Miss(Need(accounts={key})) from None
         if row is None:
             return None
         acct = _Account(
@@ -836,15 +629,20 @@ class Snapshot:
 
     def lapse_holds(self, acct: E.Account, now: datetime) -> Sequence[E.Hold]:
         key = (acct.kind, acct.id)
-        if ("h", *key) in self._lapsed:
+        mark = ("h", *key)
+        if mark in self._lapsed:
             return ()
-        self._lapsed.add(("h", *key))
-        rows = self.data.accounts[key][7] or ()
+        self._lapsed.add(mark)
+        row = self.data.accounts.get(key)
+        rows = row[7] if row is not None else None
         if not rows:
             return ()
-        self._lapsed_ids.update(row[0] for row in rows)
-        ids = arr(row[0] for row in rows)
-        self._write("UPDATE holds SET counted = false WHERE id = ANY(%s::text[])", ids)
+        for hold_id, *_ in rows:
+            self._lapsed_ids.add(hold_id)
+            self.out.hold(hold_id, None)
+            cached = self._holds.get((*key, hold_id))
+            if cached is not None:
+                cached.counted = False
         return [
             E.Hold(hold_id, amount, "", model, False, _req_dt(expires), member=member)
             for hold_id, amount, model, member, expires in rows
@@ -852,43 +650,49 @@ class Snapshot:
 
     def lapse_lots(self, acct: E.Account, now: datetime) -> Sequence[int]:
         key = (acct.kind, acct.id)
-        if ("l", *key) in self._lapsed:
+        mark = ("l", *key)
+        if mark in self._lapsed:
             return ()
-        self._lapsed.add(("l", *key))
-        rows = self.data.accounts[key][8] or ()
+        self._lapsed.add(mark)
+        row = self.data.accounts.get(key)
+        rows = row[8] if row is not None else None
         if not rows:
             return ()
-        for row in rows:
-            self.out.lot(row[0], expired=True)
-        return [row[1] for row in rows]
+        for lot_id, _ in rows:
+            self.out.lot(lot_id, expired=True)
+        return [remaining for _, remaining in rows]
 
     # -- holds -------------------------------------------------------------------------------
 
     def hold(self, acct: E.Account, hold_id: str) -> E.Hold | None:
         key = (acct.kind, acct.id, hold_id)
-        if key not in self.data.holds:
-            raise Miss(Need(holds={key}))
-        row = self.data.holds[key]
-        if row is None:
-            return None
-        amount, operation_type, model, use_allowance, expires, member, state, counted = row
-        if hold_id in self._lapsed_ids:
-            counted = False
-        return E.Hold(
-            hold_id,
-            amount,
-            operation_type,
-            model,
-            use_allowance,
-            _req_dt(expires),
-            member=member,
-            state=state,
-            counted=counted,
-        )
+        if key in self._holds:
+            return self._holds[key]
+        try:
+            row = self.data.holds[key]
+        except KeyError:
+            raise Miss(Need(holds={key})) from None
+        hold = None
+        if row is not None:
+            amount, operation_type, model, use_allowance, expires, member, state, counted = row
+            hold = E.Hold(
+                hold_id,
+                amount,
+                operation_type,
+                model,
+                use_allowance,
+                _req_dt(expires),
+                member=member,
+                state=state,
+                counted=counted and hold_id not in self._lapsed_ids,
+            )
+        self._holds[key] = hold
+        return hold
 
     def add_hold(self, acct: E.Account, hold: E.Hold) -> None:
+        self._holds[(acct.kind, acct.id, hold.id)] = hold
         self.out.holds_new.append(
-            (
+            [
                 hold.id,
                 acct.kind,
                 acct.id,
@@ -896,11 +700,11 @@ class Snapshot:
                 hold.operation_type,
                 hold.model,
                 hold.use_allowance,
-                hold.expires_at,
+                hold.expires_at.isoformat(),
                 hold.state,
                 hold.counted,
                 hold.member,
-            )
+            ]
         )
 
     def close_hold(self, acct: E.Account, hold: E.Hold, state: int) -> None:
@@ -912,11 +716,11 @@ class Snapshot:
         if hold.model is not None:
             held = self._held.setdefault(key, {})
             held[hold.model] = held.get(hold.model, 0) + delta
-            _add(self.out.totals, ("model", *key, hold.model), delta)
+            self.out.add("model", (*key, hold.model), delta)
         if hold.member is not None:
             member_key = (acct.id, hold.member)
             self._member_held[member_key] = self.held_by_member(acct, hold.member) + delta
-            _add(self.out.totals, ("member", *key, hold.member), delta)
+            self.out.add("member", (*key, hold.member), delta)
 
     def held_for(self, acct: E.Account, model: str) -> int:
         return self._held.get((acct.kind, acct.id), {}).get(model, 0)
@@ -925,67 +729,124 @@ class Snapshot:
         key = (team.id, user_id)
         if key in self._member_held:
             return self._member_held[key]
-        if key not in self.data.members:
-            raise Miss(Need(members={key}))
-        return int(self.data.members[key][2] or 0)
+        return int(self._member_row(key)[2] or 0)
 
     # -- lots --------------------------------------------------------------------------------
 
-    def _lots(self, acct: E.Account, which: int) -> Iterator[L.Lot]:
+    def _lot_of(self, owner: tuple[str, str], row: Sequence[Any]) -> _Lot:
+        lot = self._lots.get(row[0])
+        if lot is None:
+            lot = _Lot(row[0], row[1], row[2], _dt(row[3]), owner=owner)
+            self._lots[lot.id] = lot
+        return lot
+
+    def _fetched_lots(self, acct: E.Account, which: int) -> tuple[list[_Lot], bool]:
+        """The lots one of a debit's lists brought, and whether more may exist in the store."""
         key = (acct.kind, acct.id)
+        found = self._fetched.get((key, which))
+        if found is not None:
+            return found
         fetched = self.data.debits.get(key)
         if fetched is None:
-            raise Miss(Need(debits={key: max(1, -acct.balance, acct.balance)}))
-        amount, rows = fetched
-        covered = 0
-        for lot_id, seq, remaining, expires in rows[which] or ():
-            covered += remaining
-            yield L.Lot(lot_id, seq, remaining, _dt(expires))
-        if covered >= amount:
+            raise Miss(Need(debits={key: max(1, acct.balance)}))
+        amount = fetched[0]
+        rows = fetched[1 + which]
+        lots = [self._lot_of(key, row) for row in rows]
+        found = (lots, sum(row[2] for row in rows) >= amount)
+        self._fetched[(key, which)] = found
+        return found
+
+    def _draw_order(self, acct: E.Account, which: int) -> Iterator[L.Lot]:
+        """
+        Lots with credits for a draw, stored and made in this batch, in their order.
+
+        The document brought the stored lots in order until they covered the requested
+        amount; past the last of them (when it may have left some out) the order is not
+        known here, so a draw that goes on raises `Miss` for more.
+        """
+        key = (acct.kind, acct.id)
+        lots, partial = self._fetched_lots(acct, which)
+        now = self._now
+        order = _live_order if which == 0 else _expired_order
+        extra = [
+            lot
+            for lot in self._extra_lots.get(key, ())
+            if lot.remaining > 0 and (which == 1) == _expired(lot, now)
+        ]
+        if extra:
+            known = {lot.id for lot in lots}
+            merged = sorted([*lots, *(x for x in extra if x.id not in known)], key=order)
+        else:
+            merged = lots
+        last = order(lots[-1]) if lots else None
+        for lot in merged:
+            if partial and (last is None or order(lot) > last):
+                break
+            if lot.remaining > 0:
+                yield lot
+        if partial:
+            amount = self.data.debits[key][0]
             raise Miss(Need(debits={key: amount * 2 + 1}))
 
     def live_lots(self, acct: E.Account) -> Iterator[L.Lot]:
-        return self._lots(acct, 0)
+        return self._draw_order(acct, 0)
 
     def expired_lots(self, acct: E.Account) -> Iterator[L.Lot]:
-        return self._lots(acct, 1)
+        return self._draw_order(acct, 1)
 
     def lots_in_order(self, acct: E.Account) -> tuple[Sequence[L.Lot], Sequence[L.Lot]]:
         key = (acct.kind, acct.id)
-        if key not in self.data.all_lots:
-            raise Miss(Need(all_lots={key}))
+        if key in self._lots_written:
+            raise Defer
+        try:
+            rows = self.data.all_lots[key]
+        except KeyError:
+            raise Miss(Need(all_lots={key})) from None
         live: list[L.Lot] = []
         expired: list[L.Lot] = []
-        for lot_id, seq, remaining, expires, gone in self.data.all_lots[key]:
+        for lot_id, seq, remaining, expires, gone in rows:
             (expired if gone else live).append(L.Lot(lot_id, seq, remaining, _dt(expires)))
         return live, expired
 
     def lots_drawn(self, acct: E.Account, draws: Sequence[tuple[L.Lot, int]]) -> None:
+        self._lots_written.add((acct.kind, acct.id))
         for lot, _ in draws:
             self.out.lot(lot.id, remaining=lot.remaining)
 
     def add_lot(
         self, acct: E.Account, amount: int, expires_at: datetime | None, expired: bool
     ) -> None:
-        self.out.lots_new.append(
-            (self._ids.next("lot"), acct.kind, acct.id, amount, expires_at, expired)
-        )
+        key = (acct.kind, acct.id)
+        lot = _Lot(self._ids.next("lot"), _NEW_SEQ + len(self._lots), amount, expires_at, key)
+        self._lots[lot.id] = lot
+        self._extra_lots.setdefault(key, []).append(lot)
+        self._lots_written.add(key)
+        self.out.lots_new.append([lot.id, acct.kind, acct.id, amount, _iso(expires_at), expired])
 
     def lot(self, acct: E.Account, lot_id: str) -> L.Lot:
+        lot = self._lots.get(lot_id)
+        if lot is not None:
+            return lot
         for row in self.data.debit_rows.values():
-            for found_id, seq, remaining, expires in (row or [None] * 10)[9] or ():
-                if found_id == lot_id:
-                    return L.Lot(found_id, seq, remaining, _dt(expires))
-        raise AssertionError(f"lot {lot_id!r} was not prefetched")  # pragma: no cover
+            for found in (row or [None] * 10)[9] or ():
+                if found[0] == lot_id:
+                    return self._lot_of((acct.kind, acct.id), found)
+        raise AssertionError(f"lot {lot_id!r} was not read")  # pragma: no cover
 
     def lot_refilled(self, acct: E.Account, lot: L.Lot, expired: bool) -> None:
+        key = (acct.kind, acct.id)
+        assert isinstance(lot, _Lot)
+        self._lots_written.add(key)
+        extra = self._extra_lots.setdefault(key, [])
+        if lot not in extra:
+            extra.append(lot)  # a lot drawn empty before may come back into the draw order
         self.out.lot(lot.id, remaining=lot.remaining, expired=expired)
 
     def sweep_due(self, now: datetime, consume: bool) -> list[tuple[str, str, L.Lot]]:
         if self.data.sweep is None:
             raise Miss(Need(sweep=True))
         return [
-            (kind, account, L.Lot(lot_id, seq, remaining, _dt(expires)))
+            (kind, account, self._lot_of((kind, account), (lot_id, seq, remaining, expires)))
             for kind, account, lot_id, seq, remaining, expires in self.data.sweep
         ]
 
@@ -1008,49 +869,71 @@ class Snapshot:
         allowance: int = 0,
     ) -> str:
         row_id = self._ids.next("tx")
+        self._ledger_written.add((acct.kind, acct.id))
         self.out.ledger.append(
-            (
+            [
                 row_id,
                 acct.kind,
                 acct.id,
                 amount,
                 type_,
                 acct.balance,
-                json.dumps(metadata, separators=(",", ":")),
-                now,
+                metadata,
+                now.isoformat(),
                 reservation_id,
                 idempotency_key,
-                None if draws is None else json.dumps(draws, separators=(",", ":")),
+                draws,
                 spender,
                 model,
                 operation_type,
                 allowance,
-            )
+            ]
         )
+        if type_ in L.REFUNDABLE_TYPES:
+            self._appended[row_id] = E.Debit(
+                row_id,
+                acct.kind,
+                acct.id,
+                amount,
+                type_,
+                now,
+                list(draws or ()),
+                None,
+                spender,
+                model,
+            )
         return row_id
 
     def debit(self, transaction_id: str) -> E.Debit | None:
-        if transaction_id not in self.data.debit_rows:
-            raise Miss(Need(debit_rows={transaction_id}))
-        row = self.data.debit_rows[transaction_id]
-        if row is None:
-            return None
-        kind, account, amount, type_, created, draws, refunds, spender, model = row[:9]
-        return E.Debit(
-            transaction_id,
-            kind,
-            account,
-            amount,
-            type_,
-            _req_dt(created),
-            [(str(d[0]), int(d[1])) for d in draws or ()],
-            list(refunds) if refunds else None,
-            spender,
-            model,
-        )
+        if transaction_id in self._debits:
+            return self._debits[transaction_id]
+        found = self._appended.get(transaction_id)
+        if found is None:
+            try:
+                row = self.data.debit_rows[transaction_id]
+            except KeyError:
+                raise Miss(Need(refunds={transaction_id: ""})) from None
+            if row is not None:
+                kind, account, amount, type_, created, draws, refunds, spender, model = row[:9]
+                found = E.Debit(
+                    transaction_id,
+                    kind,
+                    account,
+                    amount,
+                    type_,
+                    _req_dt(created),
+                    [(str(d[0]), int(d[1])) for d in draws or ()],
+                    list(refunds) if refunds else None,
+                    spender,
+                    model,
+                )
+        self._debits[transaction_id] = found
+        return found
 
     def set_refunds(self, debit: E.Debit, refunds: list[int]) -> None:
-        self.out.refunds[debit.id] = (refunds[0], json.dumps(refunds))
+        debit.refunds = refunds
+        self._ledger_written.add((debit.kind, debit.account))
+        self.out.refunds[debit.id] = [debit.id, refunds[0], refunds]
 
     def page(
         self,
@@ -1062,10 +945,12 @@ class Snapshot:
         start: datetime | None,
         end: datetime | None,
     ) -> tuple[list[E.StoredRow], bool]:
+        if (kind, account_id) in self._ledger_written:
+            raise Defer
         wanted = (kind, account_id, limit, before, types, start, end)
         rows = self.data.pages.get(wanted)
         if rows is None:
-            raise Miss(Need(pages={wanted}))
+            raise Miss(Need(pages={wanted: None}))
         # Columns in StoredRow's order; created_at (the ninth) arrives as text.
         page = [E.StoredRow._make((*row[:8], _req_dt(row[8]), *row[9:])) for row in rows[:limit]]
         return page, len(rows) > limit
@@ -1080,15 +965,10 @@ class Snapshot:
         entries = self._keys.get(full)
         if entries is not None:
             return entries
-        if full in self.data.keys:
+        try:
             entries = dict(self.data.keys[full])
-        else:
-            entries = None
-            for row in self.data.debit_rows.values():
-                if row is not None and (row[0], row[1]) == (acct.kind, acct.id):
-                    entries = {e[0]: (e[1], e[2]) for e in row[10] or ()}
-            if entries is None:
-                raise Miss(Need(keys={full}))
+        except KeyError:
+            raise Miss(Need(keys={full})) from None
         self._keys[full] = entries
         return entries
 
@@ -1101,7 +981,7 @@ class Snapshot:
         result_type: type[T],
     ) -> tuple[bool, T | None]:
         assert isinstance(acct, _Account)
-        if not acct.exists:
+        if not acct.exists and (acct.kind, acct.id, key) not in self._keys:
             return False, None
         entry = self._entries(acct, key).get(op)
         if entry is None:
@@ -1115,10 +995,16 @@ class Snapshot:
     def remember(
         self, acct: E.Account, op: str, key: str, fingerprint: tuple[object, ...], result: Any
     ) -> None:
+        assert isinstance(acct, _Account)
         text = L.fingerprint(*fingerprint)
         dumped = result.model_dump_json()
-        self._keys.setdefault((acct.kind, acct.id, key), {})[op] = (text, dumped)
-        self.out.keys.append((acct.kind, acct.id, op, key, text, dumped))
+        full = (acct.kind, acct.id, key)
+        entries = self._keys.get(full)
+        if entries is None:
+            entries = self._entries(acct, key) if acct.exists else {}
+            self._keys[full] = entries
+        entries[op] = (text, dumped)
+        self.out.keys.append([acct.kind, acct.id, op, key, text, dumped])
 
     # -- plans and allowance -----------------------------------------------------------------
 
@@ -1138,17 +1024,26 @@ class Snapshot:
         return (self._config(version).plans or {}).get(plan_id)
 
     def _user_row(self, user_id: str) -> Any:
-        if user_id not in self.data.users:
-            raise Miss(Need(user_data={user_id}))
-        return self.data.users[user_id]
+        try:
+            row = self.data.users[user_id]
+        except KeyError:
+            raise Miss(Need(user_data={user_id})) from None
+        return row if row is not None else (None, None, None)
 
     def allowance_used(self, acct: E.Account, month: int) -> int:
-        if month != L.month_key(self.data.now):
+        if month != self._month:
             raise AssertionError("only this month's allowance is read")  # pragma: no cover
-        return int(self._user_row(acct.id)[2] or 0)
+        used = self._allowance.get(acct.id)
+        if used is None:
+            used = self._allowance[acct.id] = int(self._user_row(acct.id)[2] or 0)
+        return used
 
     def use_allowance(self, acct: E.Account, month: int, amount: int) -> None:
-        _add(self.out.totals, ("allowance", acct.id, month), amount)
+        if month == self._month and acct.id in self._allowance:
+            self._allowance[acct.id] += amount
+        elif month == self._month and acct.id in self.data.users:
+            self._allowance[acct.id] = self.allowance_used(acct, month) + amount
+        self.out.add("allowance", (acct.id, month), amount)
 
     # -- caps and spend windows --------------------------------------------------------------
 
@@ -1178,16 +1073,14 @@ class Snapshot:
         caps = self._cap_table(acct.id)
         caps[(cap.cap_type, cap.model)] = cap
         acct.caps = len(caps)
-        self._write(
-            "INSERT INTO caps (user_id, cap_type, model, cap_limit, action)"
-            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (user_id, cap_type, model)"
-            " DO UPDATE SET cap_limit = excluded.cap_limit, action = excluded.action",
+        model = cap.model or _ALL_MODELS
+        self.out.caps[(acct.id, cap.cap_type, model)] = [
             acct.id,
             cap.cap_type,
-            cap.model or _ALL_MODELS,
+            model,
             cap.limit,
             cap.action,
-        )
+        ]
 
     def remove_cap(self, acct: E.Account, cap_type: str, model: str | None) -> bool:
         assert isinstance(acct, _Account)
@@ -1195,12 +1088,7 @@ class Snapshot:
         removed = caps.pop((cap_type, model), None) is not None
         acct.caps = len(caps)
         if removed:
-            self._write(
-                "DELETE FROM caps WHERE user_id = %s AND cap_type = %s AND model = %s",
-                acct.id,
-                cap_type,
-                model or _ALL_MODELS,
-            )
+            self.out.caps[(acct.id, cap_type, model or _ALL_MODELS)] = None
         return removed
 
     def _spend_table(self, user_id: str) -> dict[tuple[str, int, str], int]:
@@ -1213,7 +1101,7 @@ class Snapshot:
         return spend
 
     def window_spend(self, user_id: str, cap_type: str, window: int, model: str | None) -> int:
-        if window != L.cap_window_key(cap_type, self.data.now):
+        if window != L.cap_window_key(cap_type, self._now):
             raise AssertionError("only the current windows are read")  # pragma: no cover
         return self._spend_table(user_id).get((cap_type, window, model or _ALL_MODELS), 0)
 
@@ -1223,64 +1111,75 @@ class Snapshot:
             for cap_type in ("daily", "monthly")
             for key in ((_ALL_MODELS, model) if model is not None else (_ALL_MODELS,))
         ]
-        if user_id in self.data.users:  # keep the windows this operation may read current
-            spend = self._spend_table(user_id)
+        if user_id in self._spend or user_id in self.data.users:
+            spend = self._spend_table(user_id)  # keep the windows later reads see current
             for _, cap_type, period, key in rows:
                 spend[(cap_type, period, key)] = spend.get((cap_type, period, key), 0) + amount
         for row in rows:
-            _add(self.out.totals, ("spend", *row), amount)
+            self.out.add("spend", row, amount)
 
     # -- teams -------------------------------------------------------------------------------
 
+    def _member_row(self, key: tuple[str, str]) -> Any:
+        try:
+            return self.data.members[key]
+        except KeyError:
+            raise Miss(Need(members={key})) from None
+
     def member(self, team: E.Account, user_id: str) -> E.Member | None:
         key = (team.id, user_id)
-        if key not in self.data.members:
-            raise Miss(Need(members={key}))
-        row = self.data.members[key][0]
-        return None if row is None else E.Member(row[0], row[1])
+        if key in self._members:
+            return self._members[key]
+        row = self._member_row(key)[0]
+        member = None if row is None else E.Member(row[0], row[1])
+        self._members[key] = member
+        return member
 
     def put_member(self, team: E.Account, user_id: str, member: E.Member) -> None:
-        self._write(
-            "INSERT INTO team_members (team_id, user_id, role, spend_cap) VALUES (%s, %s, %s, %s)"
-            " ON CONFLICT (team_id, user_id)"
-            " DO UPDATE SET role = excluded.role, spend_cap = excluded.spend_cap",
-            team.id,
-            user_id,
-            member.role,
-            member.spend_cap,
-        )
+        self._members[(team.id, user_id)] = member
+        self._memberships_written.add(team.id)
+        self.out.members[(team.id, user_id)] = [team.id, user_id, member.role, member.spend_cap]
 
     def remove_member(self, team: E.Account, user_id: str) -> bool:
-        # The engine reads the answer: it is fetched (not inferred) with the membership.
-        key = (team.id, user_id)
-        if key not in self.data.members:
-            raise Miss(Need(members={key}))
-        self._write(
-            "DELETE FROM team_members WHERE team_id = %s AND user_id = %s", team.id, user_id
-        )
-        return self.data.members[key][0] is not None
+        existed = self.member(team, user_id) is not None
+        self._members[(team.id, user_id)] = None
+        self._memberships_written.add(team.id)
+        self.out.members[(team.id, user_id)] = None
+        return existed
 
     def members(self, team: E.Account, month: int) -> list[TeamMember]:
-        if team.id not in self.data.member_lists:
-            raise Miss(Need(member_lists={team.id}))
+        if team.id in self._memberships_written or team.id in self._member_spend_written:
+            raise Defer
+        try:
+            rows = self.data.member_lists[team.id]
+        except KeyError:
+            raise Miss(Need(member_lists={team.id})) from None
         return [
             TeamMember(user_id=user_id, role=role, spend_cap=cap, total_spent=spent or 0)
-            for user_id, role, cap, spent in self.data.member_lists[team.id]
+            for user_id, role, cap, spent in rows
         ]
 
     def member_count(self, team: E.Account) -> int:
-        if team.id not in self.data.member_counts:
-            raise Miss(Need(member_counts={team.id}))
-        return self.data.member_counts[team.id]
+        if team.id in self._memberships_written:
+            raise Defer
+        try:
+            return self.data.member_counts[team.id]
+        except KeyError:
+            raise Miss(Need(member_counts={team.id})) from None
 
     def member_spend(self, team: E.Account, user_id: str, month: int) -> int:
         key = (team.id, user_id)
-        if key not in self.data.members:
-            raise Miss(Need(members={key}))
-        return int(self.data.members[key][1] or 0)
+        spent = self._member_spend.get(key)
+        if spent is None:
+            spent = self._member_spend[key] = int(self._member_row(key)[1] or 0)
+        return spent
 
     def add_member_spend(self, team: E.Account, user_id: str, month: int, amount: int) -> None:
-        _add(self.out.totals, ("member_spend", team.id, user_id, month), amount)
+        key = (team.id, user_id)
+        self._member_spend_written.add(team.id)
+        if month == self._month and (key in self._member_spend or key in self.data.members):
+            self._member_spend[key] = self.member_spend(team, user_id, month) + amount
+        self.out.add("member_spend", (team.id, user_id, month), amount)
 
     # -- pricing -----------------------------------------------------------------------------
 
@@ -1316,14 +1215,14 @@ class Snapshot:
         return [self._version(row) for row in self.data.history]
 
     def add_pricing(self, item: E.PricingVersion) -> None:
-        self._write(
-            "INSERT INTO pricing (version, id, config, label, created_at)"
-            " VALUES (%s, %s, %s, %s, %s)",
-            item.version,
-            item.id,
-            item.config.model_dump_json(),
-            item.label,
-            item.created_at,
+        self.out.pricing.append(
+            [
+                item.version,
+                item.id,
+                item.config.model_dump_json(),
+                item.label,
+                item.created_at.isoformat(),
+            ]
         )
 
     def last_pricing_version(self) -> int:
@@ -1332,4 +1231,8 @@ class Snapshot:
         return self.data.last_version
 
     def activate(self, version: int) -> None:
-        self._write("UPDATE settings SET value = %s WHERE key = 'pricing'", str(version))
+        self.out.activate = version
+
+
+def _expired(lot: L.Lot, now: datetime) -> bool:
+    return lot.expires_at is not None and lot.expires_at <= now

@@ -1,23 +1,26 @@
 """
 `PostgresStore`: the contract on PostgreSQL, for fleets of processes on many hosts.
 
-Every operation is the engine's (`_engine`), run in one short transaction in at most two round
-trips in the common case (see `_postgres_storage` and ``docs/architecture.md``): the accounts
-it changes are created if missing and locked in a fixed order (teams before users), everything
-its arguments name is read *after* the lock in the same pipeline, the engine runs on that
-snapshot, and the writes go with ``COMMIT`` in a second pipeline. The rules stay in Python;
-nothing is written in PL/pgSQL.
+Every operation is the engine's (`_engine`), run in one short transaction of two round trips
+(see `_postgres_storage` and ``docs/architecture.md``): ``BEGIN`` and one call of the schema's
+``ducto_read`` function, which creates and locks the accounts the operation changes, in one
+fixed order, and returns every row its arguments name, read after the locks; the engine runs on
+that snapshot; then one call of ``ducto_write`` with what it wrote, and ``COMMIT``. Under load,
+concurrent operations share these two round trips and one commit (group commit), operations
+on one account included. The two functions only move data: every rule stays in Python.
 
-Under asyncio it uses psycopg 3's async connections from a `psycopg_pool.AsyncConnectionPool`
-(no thread hop per operation). psycopg's async side does not run under trio, so there the same
-transactions run on psycopg's synchronous connections (a `psycopg_pool.ConnectionPool`) on
-worker threads, one hop per operation. Serialization failures and deadlocks are retried inside
-the store; "now" comes from the database server's clock, read after the locks, unless the
-store is given a `clock`.
+The same code runs on asyncio and trio: each round trip is one message sent through psycopg's
+libpq wrapper and awaited on the socket with anyio (`_pg_wire`), so there is no thread hop per
+operation on either loop. Once a transaction's first message is on the wire it runs to its end
+shielded from cancellation (bounded by ``statement_timeout``): a cancelled caller gets its
+cancellation, the operation is applied whole or not at all, and no connection is lost to it.
+Serialization failures and deadlocks are retried inside the store; "now" comes from the
+database server's clock, read after the locks, unless the store is given a `clock`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Generator, Iterable, Sequence
@@ -29,8 +32,8 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import anyio
-import sniffio
 from anyio.lowlevel import checkpoint
+from pydantic import BaseModel, ConfigDict
 
 from ducto._shown import shown
 from ducto.errors import (
@@ -44,14 +47,13 @@ from ducto.interface import _ledger as L
 from ducto.interface._front import Keys, StoreFront
 from ducto.interface._group import GroupCommit, Job
 from ducto.interface._postgres_storage import (
-    Bundle,
-    Data,
+    Defer,
     Miss,
     Need,
     Snapshot,
-    Writes,
-    arr,
+    literal,
     need_for,
+    parse,
 )
 from ducto.interface.models import (
     AggregateStatsRow,
@@ -64,19 +66,24 @@ from ducto.interface.models import (
 )
 
 if TYPE_CHECKING:
-    import psycopg
     import psycopg_pool
 
-__all__ = ["PostgresStore"]
+    from ducto.interface._pg_wire import BorrowedPool, Connection, Pool
+
+__all__ = ["PostgresStats", "PostgresStore"]
 
 T = TypeVar("T")
-SCHEMA_VERSION: Final = 2
-_MIGRATIONS: Final = ("0001_schema.sql", "0002_team_holds.sql")
+SCHEMA_VERSION: Final = 3
+_MIGRATIONS: Final = ("0001_schema.sql", "0002_team_holds.sql", "0003_data_path.sql")
 _SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_TABLE: Final = re.compile(r"^CREATE TABLE (\w+)", re.MULTILINE)
 _MAX_ATTEMPTS: Final = 8
+_MAX_FETCHES: Final = 16
+"""Most extra reads one batch makes for what its snapshot missed (each is rare)."""
 _RETRY: Final = frozenset({"40001", "40P01"})  # serialization failure, deadlock detected
 # Class 08 (connection exception) and the administrator/crash shutdowns of class 57P.
 _LOST: Final = re.compile(r"^(08|57P)")
+_TIMED_OUT: Final = "57014"  # query_canceled: statement_timeout
 
 # Operations that may create the account of a user they lock (INSERT ... ON CONFLICT DO
 # NOTHING before the lock, since FOR UPDATE on a missing row locks nothing).
@@ -90,7 +97,6 @@ _CREATES: Final = frozenset(
         E.increment_usage_window,
         E.set_spend_cap,
         E.deduct_team,
-        E.refund,
     }
 )
 _PRICING_WRITES: Final = frozenset({E.set_active_pricing, E.activate_pricing})
@@ -99,10 +105,52 @@ _ALONE: Final = frozenset({*_PRICING_WRITES, E.sweep})
 _KNOWN_ACCOUNTS: Final = 100_000
 """Most account keys remembered as existing (the set is emptied when it grows past this)."""
 
-Batch = list[tuple[str, tuple[Any, ...]]]
-Steps = Generator[Batch, list[Any], T]
-"""An operation as batches of statements: each yield is one round trip; the return value is
-the operation's result (see `PostgresStore._transaction`)."""
+Query = bytes | tuple[bytes, Sequence[bytes | None]]
+Steps = Generator[Query, bytes | None, T]
+"""A transaction as round trips: each yield is one message (simple protocol, or one statement
+with parameters), sent with the answer's value; the return value is the transaction's."""
+
+
+class PostgresStats(BaseModel):
+    """What a `PostgresStore` has done since it opened, and its connections now."""
+
+    model_config = ConfigDict(frozen=True)
+
+    operations: int
+    """Operations run (each public call that reaches the database is one)."""
+    transactions: int
+    """Transactions committed, and read-only batches answered."""
+    round_trips: int
+    """Messages sent and answered."""
+    retries: int
+    """Transactions run again after a serialization failure, a deadlock or a lost connection."""
+    connections_opened: int
+    """Connections the store opened (0 with a pool it was given)."""
+    connections_lost: int
+    """Connections found broken, or abandoned with no answer in time, and closed."""
+    connections_closed: int
+    """Connections closed with the store."""
+    pool_size: int
+    """Connections open now."""
+    pool_available: int
+    """Idle connections now."""
+    requests_waiting: int
+    """Requests waiting for a connection now."""
+
+
+class _Counters:
+    __slots__ = ("operations", "retries", "round_trips", "transactions")
+
+    def __init__(self) -> None:
+        self.operations = self.transactions = self.round_trips = self.retries = 0
+
+
+class _Retry(Exception):
+    """A serialization failure or deadlock: run the transaction again from the start."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__()
+        self.cause = cause
 
 
 class _Lost(Exception):
@@ -114,20 +162,27 @@ class _Lost(Exception):
         self.sent_commit = sent_commit
 
 
-def _statements(script: str) -> list[str]:
-    """The statements of a migration script (split on semicolons at line ends)."""
-    lines = [line for line in script.splitlines() if not line.lstrip().startswith("--")]
-    return [part.strip() for part in "\n".join(lines).split(";\n") if part.strip()]
-
-
 def _translate(exc: BaseException) -> StoreError:
-    """A driver error as a `StoreError`, by SQLSTATE, with the cause chained."""
+    """A driver or server error as a `StoreError`, by SQLSTATE, with the cause chained."""
     sqlstate = getattr(exc, "sqlstate", None) or ""
     message = str(exc).strip() or type(exc).__name__
     lost = bool(_LOST.match(sqlstate)) or type(exc).__name__ in ("OperationalError", "PoolTimeout")
-    error: StoreError = StoreUnavailableError(message) if lost else StoreError(message)
+    if sqlstate == _TIMED_OUT:
+        message = f"the database did not finish in time (statement_timeout): {message}"
+    error: StoreError = (
+        StoreUnavailableError(message) if lost or sqlstate == _TIMED_OUT else StoreError(message)
+    )
     error.__cause__ = exc
     return error
+
+
+def _classify(exc: BaseException, sent_commit: bool) -> BaseException:
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    if sqlstate in _RETRY:
+        return _Retry(exc)
+    if _LOST.match(sqlstate):
+        return _Lost(exc, sent_commit)
+    return _translate(exc)
 
 
 def _split_url(url: str) -> tuple[str, str | None]:
@@ -149,6 +204,14 @@ def _split_url(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(query=urlencode(rest, quote_via=quote))), schema
 
 
+def _check_seconds(name: str, value: object) -> float:
+    if type(value) not in (int, float) or not 0 < value <= 600:  # type: ignore[operator]
+        raise InvalidArgumentError(
+            f"{name} must be more than 0 and at most 600 seconds, got {shown(value)}"
+        )
+    return float(value)  # type: ignore[arg-type]
+
+
 class PostgresStore(StoreFront):
     """
     The complete store contract on PostgreSQL, on asyncio and trio, across many processes.
@@ -160,21 +223,25 @@ class PostgresStore(StoreFront):
         schema: The schema holding the tables (created by `setup`); several deployments or
             test runs can share one database in separate schemas. Overrides the URL's.
         pool: A `psycopg_pool.AsyncConnectionPool` (asyncio) or `psycopg_pool.ConnectionPool`
-            (trio) to use instead of one the store owns; the store does not close it. Its
-            connections must be in autocommit mode with the store's schema first on their
-            ``search_path`` (checked when the store opens); ``SET plan_cache_mode TO
-            force_generic_plan`` in its ``configure`` makes them as fast as the store's own.
-        min_size: Connections the owned pool keeps open.
-        max_size: Most connections the owned pool opens.
+            (trio) to borrow connections from instead of the store's own; the store does not
+            close it. Its connections must be in autocommit mode, with the store's schema first
+            on their ``search_path``, ``client_encoding`` UTF8 and
+            ``standard_conforming_strings`` on (checked when the store opens); ``SET
+            plan_cache_mode TO force_generic_plan`` in its ``configure`` makes them as fast as
+            the store's own.
+        min_size: Connections the store's own pool keeps open.
+        max_size: Most connections the store's own pool opens.
         connect_timeout: Seconds to wait for a connection before `StoreUnavailableError`.
+        statement_timeout: Seconds the server may spend on one statement (lock waits
+            included) before it gives up and the call raises `StoreUnavailableError`; a
+            transaction is also bounded by it on the client side, so a call never waits for
+            a server that stopped answering for longer than about this.
         clock: Returns the current aware UTC datetime. Without it, "now" is the database
             server's clock, read inside each transaction, so hosts whose clocks disagree
             agree on time.
-        group_commit: Under load, run concurrent operations in shared transactions: one
-            commit for the batch, and one round trip pair for operations on different
-            accounts (each operation that shares an account with an earlier one in the batch
-            adds a round trip, after the earlier one's writes). Off, every operation is a
-            transaction of its own.
+        group_commit: Under load, run concurrent operations in shared transactions: the same
+            two round trips and one commit for the whole batch, operations on the same
+            account included. Off, every operation is a transaction of its own.
         max_batch: The most operations one transaction carries.
         max_batches: The most batches in flight at once (at most ``max_size``). Fewer,
             larger batches cost the server and this process less per operation; more let
@@ -193,6 +260,7 @@ class PostgresStore(StoreFront):
         min_size: int = 1,
         max_size: int = 10,
         connect_timeout: float = 5.0,
+        statement_timeout: float = 30.0,
         clock: Callable[[], datetime] | None = None,
         group_commit: bool = True,
         max_batch: int = 32,
@@ -221,26 +289,21 @@ class PostgresStore(StoreFront):
         L.check_bool("group_commit", group_commit)
         L.check_limit(max_batch, name="max_batch", maximum=1000)
         L.check_limit(max_batches, name="max_batches", maximum=1000)
-        if type(connect_timeout) not in (int, float) or not 0 < connect_timeout <= 600:
-            raise InvalidArgumentError(
-                f"connect_timeout must be more than 0 and at most 600 seconds, "
-                f"got {shown(connect_timeout)}"
-            )
+        self._timeout = _check_seconds("connect_timeout", connect_timeout)
+        self._statement_timeout = _check_seconds("statement_timeout", statement_timeout)
         self._dsn = dsn
         self._schema = name
         self._given_pool = pool
         self._min_size = min_size
         self._max_size = max_size
-        self._timeout = float(connect_timeout)
         self._clock = clock
-        self._pool: Any = None
-        self._async = True
-        self._limiter: anyio.CapacityLimiter | None = None
+        self._pool: Pool | BorrowedPool | None = None
         self._ids = L.IdSource()
         self._configs: dict[int, PricingConfigData] = {}
         self._known: set[E.AccountKey] = set()
         self._group: GroupCommit | None = None
         self._group_options = (group_commit, max_batch, max_batches)
+        self._counters = _Counters()
         self._closed = False
 
     @property
@@ -248,121 +311,145 @@ class PostgresStore(StoreFront):
         """The schema holding the store's tables."""
         return self._schema
 
+    def statistics(self) -> PostgresStats:
+        """Counts of what the store did since it opened, and its connections now."""
+        counters = self._counters
+        pool = self._pool
+        return PostgresStats(
+            operations=counters.operations,
+            transactions=counters.transactions,
+            round_trips=counters.round_trips,
+            retries=counters.retries,
+            connections_opened=pool.opened if pool is not None else 0,
+            connections_lost=pool.lost if pool is not None else 0,
+            connections_closed=pool.closed if pool is not None else 0,
+            pool_size=pool.size if pool is not None else 0,
+            pool_available=pool.available if pool is not None else 0,
+            requests_waiting=pool.waiting if pool is not None else 0,
+        )
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Open (or adopt) the connection pool; ``async with`` does this for you."""
+        """Open the store's connections (or adopt the given pool); ``async with`` does this."""
         if self._closed:
             raise StoreError("the store is closed")
         if self._pool is not None:
             return
         try:
-            import psycopg_pool
+            from ducto.interface import _pg_wire
         except ImportError as exc:  # pragma: no cover - the extra is missing
             raise StoreError(
                 "PostgresStore needs the 'postgres' extra: pip install ducto[postgres]"
             ) from exc
-        self._async = sniffio.current_async_library() == "asyncio"
-        if not self._async:
-            self._limiter = anyio.CapacityLimiter(self._max_size)
         given = self._given_pool
         if given is not None:
-            if self._async != isinstance(given, psycopg_pool.AsyncConnectionPool):
+            import psycopg_pool
+            import sniffio
+
+            on_asyncio = sniffio.current_async_library() == "asyncio"
+            if on_asyncio != isinstance(given, psycopg_pool.AsyncConnectionPool):
                 raise UnsupportedAsyncLibraryError(
                     "give an AsyncConnectionPool under asyncio and a ConnectionPool under trio"
                 )
-            self._pool = given
-            await self._with_connection(self._check_session)
-        elif self._async:
-            pool = psycopg_pool.AsyncConnectionPool(
-                self._dsn or "",
-                min_size=self._min_size,
-                max_size=self._max_size,
-                kwargs=self._connection_options(),
-                configure=self._configure_async,
-                timeout=self._timeout,
-                open=False,
-            )
+            borrowed = _pg_wire.BorrowedPool(given, timeout=self._timeout)
+            self._pool = borrowed
             try:
-                await pool.open(wait=True, timeout=self._timeout)
-            except Exception as exc:
-                await pool.close()
-                raise _translate(exc) from exc
-            self._pool = pool
+                await self._transact(self._check_session)
+            except BaseException:
+                self._pool = None
+                raise
+            size = given.max_size
         else:
-            sync_pool = psycopg_pool.ConnectionPool(
-                self._dsn or "",
+            own = _pg_wire.Pool(
+                self._connect,
                 min_size=self._min_size,
                 max_size=self._max_size,
-                kwargs=self._connection_options(),
-                configure=self._configure_sync,
                 timeout=self._timeout,
-                open=False,
             )
             try:
-                await anyio.to_thread.run_sync(
-                    lambda: sync_pool.open(wait=True, timeout=self._timeout)
-                )
-            except Exception as exc:
-                await anyio.to_thread.run_sync(sync_pool.close)
-                raise _translate(exc) from exc
-            self._pool = sync_pool
-        self._start_group()
-
-    def _start_group(self) -> None:
+                await own.open()
+            except BaseException:
+                await own.aclose()
+                raise
+            self._pool = own
+            size = self._max_size
         enabled, max_batch, max_batches = self._group_options
         if enabled:
-            size = self._pool.max_size if self._given_pool is not None else self._max_size
             self._group = GroupCommit(
                 self._run_batch, max_batch=max_batch, max_leaders=min(size, max_batches)
             )
 
-    def _connection_options(self) -> dict[str, Any]:
-        return {"autocommit": True, "connect_timeout": max(1, round(self._timeout))}
+    async def _connect(self) -> Connection:
+        """One new connection, its session set up for the store."""
+        import psycopg
+
+        from ducto.interface._pg_wire import Connection, ConnectionLost, ServerError
+
+        connect = partial(
+            psycopg.Connection.connect,
+            self._dsn or "",
+            autocommit=True,
+            connect_timeout=max(1, round(self._timeout)),
+        )
+        try:
+            owner = await anyio.to_thread.run_sync(connect)
+        except psycopg.Error as exc:
+            raise _translate(exc) from exc
+        conn = Connection(owner)
+        try:
+            with anyio.fail_after(self._timeout):
+                await conn.query(self._session())
+        except (ServerError, ConnectionLost, TimeoutError) as exc:
+            conn.close()
+            raise StoreUnavailableError(f"the new connection's session setup failed: {exc}") from exc
+        return conn
+
+    def _session(self) -> bytes:
+        # The store's statements are few and keep their shape, so one generic plan each
+        # serves every batch; custom plans would be re-planned each time.
+        timeout = round(self._statement_timeout * 1000)
+        return (
+            f"SET search_path TO {self._schema};SET TIME ZONE 'UTC';"
+            "SET plan_cache_mode TO force_generic_plan;SET client_encoding TO 'UTF8';"
+            "SET standard_conforming_strings TO on;"
+            f"SET statement_timeout TO {timeout};"
+            f"SET idle_in_transaction_session_timeout TO {timeout}"
+        ).encode()
 
     def _check_session(self) -> Steps[None]:
-        """Refuse a given pool whose connections do not look in the store's schema first."""
-        rows = yield [("SELECT current_schemas(false)", ())]
-        schemas = rows[0][0][0]
+        """Refuse a given pool whose sessions would not read the store's statements right."""
+        text = yield (
+            b"SELECT json_build_array(current_schemas(false),"
+            b" current_setting('client_encoding'),"
+            b" current_setting('standard_conforming_strings'))::text"
+        )
+        assert text is not None
+        schemas, encoding, conforming = json.loads(text)
         if not schemas or schemas[0] != self._schema:
-            self._pool = None
             raise InvalidArgumentError(
                 f"pool connections must use the store's schema first (search_path = "
                 f"{self._schema}), found {schemas!r}; set it with configure= or options="
             )
-
-    def _session(self) -> str:
-        # The store's statements are few and keep their shape (arrays, not lists of values),
-        # so one generic plan each serves every batch; custom plans are re-planned each time.
-        return (
-            f"SET search_path TO {self._schema}; SET TIME ZONE 'UTC';"
-            " SET plan_cache_mode TO force_generic_plan"
-        )
-
-    async def _configure_async(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        await conn.execute(self._session(), prepare=False)
-
-    def _configure_sync(self, conn: psycopg.Connection[Any]) -> None:
-        conn.execute(self._session(), prepare=False)
+        if encoding.upper() not in ("UTF8", "UTF-8") or conforming != "on":
+            raise InvalidArgumentError(
+                "pool connections must use client_encoding UTF8 and"
+                f" standard_conforming_strings on, found {encoding!r} and {conforming!r}"
+            )
 
     async def aclose(self) -> None:
-        """Close the owned pool; later calls raise `StoreError`. Closing twice is harmless."""
+        """Close the store's connections; later calls raise `StoreError`. Twice is harmless."""
         if self._closed:
             return
         self._closed = True
-        if self._group is not None:
-            with anyio.CancelScope(shield=True):
-                await self._group.wait_idle()
-        pool, self._pool = self._pool, None
-        if pool is None or pool is self._given_pool:
-            return
         with anyio.CancelScope(shield=True):
-            if self._async:
-                await pool.close()
-            else:
-                await anyio.to_thread.run_sync(pool.close)
+            if self._group is not None:
+                await self._group.wait_idle()
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                await pool.aclose()
 
-    def _check_open(self) -> Any:
+    def _check_open(self) -> Pool | BorrowedPool:
         if self._closed or self._pool is None:
             raise StoreError("the store is closed" if self._closed else "the store is not open")
         return self._pool
@@ -380,157 +467,195 @@ class PostgresStore(StoreFront):
         Raises:
             StoreError: The schema is newer than this version of ducto.
         """
-        return await self._with_connection(self._migrate_steps)
+        return await self._transact(self._migrate_steps)
 
     def _migrate_steps(self) -> Steps[SetupResult]:
         schema = self._schema
-        rows = yield [
-            ("BEGIN", ()),
-            ("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"ducto:{schema}",)),
-            (f"CREATE SCHEMA IF NOT EXISTS {schema}", ()),
-            (
-                f"CREATE TABLE IF NOT EXISTS {schema}.ducto_schema (version integer NOT NULL)",
-                (),
-            ),
-            (f"SELECT coalesce(max(version), 0) FROM {schema}.ducto_schema", ()),
-        ]
-        current = rows[-1][0][0]
+        lock = "ducto:" + schema
+        text = yield (
+            f"BEGIN;SELECT pg_advisory_xact_lock(hashtext('{lock}'));"
+            f"CREATE SCHEMA IF NOT EXISTS {schema};"
+            f"CREATE TABLE IF NOT EXISTS {schema}.ducto_schema (version integer NOT NULL);"
+            f"SELECT coalesce(max(version), 0) FROM {schema}.ducto_schema"
+        ).encode()
+        current = int(text or 0)
         if current > SCHEMA_VERSION:
-            yield [("ROLLBACK", ())]
+            yield b"ROLLBACK"
             raise StoreError(
                 f"the database schema {schema!r} is version {current}, newer than this ducto"
                 f" ({SCHEMA_VERSION}); upgrade ducto"
             )
         created: list[str] = []
-        batch: Batch = []
+        scripts: list[str] = []
         package = resources.files("ducto.interface.sql.postgres")
         for version, name in enumerate(_MIGRATIONS, start=1):
             if version <= current:
                 continue
-            for statement in _statements(package.joinpath(name).read_text(encoding="utf-8")):
-                batch.append((statement, ()))
-                if statement.upper().startswith("CREATE TABLE"):
-                    created.append(statement.split()[2])
-        if batch:
-            batch.append((f"DELETE FROM {schema}.ducto_schema", ()))
-            batch.append((f"INSERT INTO {schema}.ducto_schema VALUES (%s)", (SCHEMA_VERSION,)))
-        yield [*batch, ("COMMIT", ())]
+            script = package.joinpath(name).read_text(encoding="utf-8")
+            scripts.append(script)
+            created.extend(_TABLE.findall(script))
+        if scripts:
+            scripts.append(
+                f"DELETE FROM {schema}.ducto_schema;"
+                f"INSERT INTO {schema}.ducto_schema VALUES ({SCHEMA_VERSION})"
+            )
+        yield ";\n".join([*scripts, "COMMIT"]).encode()
         return SetupResult(tables_created=created, schema_version=SCHEMA_VERSION)
 
     # -- running operations --------------------------------------------------------------------
 
     async def _refund_keys(self, transaction_id: str) -> Keys:
-        def steps() -> Steps[Keys]:
-            rows = yield [
-                ("SELECT kind, account, spender FROM ledger WHERE id = %s", (transaction_id,))
-            ]
-            if not rows[0]:
-                return ()
-            kind, account, spender = rows[0][0]
-            return ((kind, account), (E.USER, spender or account))
-
-        return await self._with_connection(steps)
+        # ducto_read finds and locks a refund's accounts itself, in the same round trip.
+        return ()
 
     async def _run(self, op: Callable[..., T], keys: Keys, *args: Any, write: bool = True) -> T:
         self._check_open()
         job = Job(op, args, write, sorted(set(keys)), op in _ALONE)
+        self._counters.operations += 1
         if self._group is not None and not job.alone:
             result: T = await self._group.submit(job)
             return result
-        await self._with_connection(lambda: self._steps([job]))
+        await self._transact(lambda: self._steps([job]))
         return job.outcome()  # type: ignore[no-any-return]
 
     async def _run_batch(self, jobs: list[Job]) -> None:
         """Run a batch of operations in one transaction (see `_group`); never raises."""
         try:
-            await self._with_connection(lambda: self._steps(jobs))
+            await self._transact(lambda: self._steps(jobs))
         except StoreUnavailableError as exc:
             for job in jobs:
                 job.result, job.error = None, exc
         except Exception:
+            if len(jobs) == 1:
+                raise
             # The transaction failed as a whole (nothing committed): run each operation in
             # a transaction of its own, so one cannot fail the others.
             for job in jobs:
                 try:
-                    await self._with_connection(partial(self._steps, [job]))
+                    await self._transact(partial(self._steps, [job]))
                 except Exception as exc:
                     job.result, job.error = None, exc
 
+    def _now(self) -> datetime | None:
+        return None if self._clock is None else L.read_clock(self._clock)
+
     def _steps(self, jobs: list[Job]) -> Steps[None]:
         """
-        A batch of operations as one transaction, in rounds of operations on disjoint accounts.
+        A batch of operations as one transaction on one shared snapshot.
 
-        The first round trip locks every account the batch writes and reads the first round's
-        bundle; each later one sends the previous round's writes and reads the next round's
-        bundle after them; the last sends the writes and ``COMMIT``. A batch of operations on
-        disjoint accounts is one round: two round trips.
+        The first round trip locks every account the batch writes and reads what every
+        operation may read; the engine runs the operations one after another on one
+        `Snapshot`, which shows each the writes of those before it; the last round trip sends
+        every write and ``COMMIT``. An operation whose snapshot missed something runs again
+        (with the whole batch, from the start, on a fresh snapshot) after it is fetched; one
+        that must see the batch's writes in the database (`Defer`) runs in a later round,
+        after them. Read-only operations go first: they see the batch's accounts as locked.
 
-        Each job's result or error is set on it. An operation that refuses or raises recorded
-        no write; one that read something the bundle did not bring runs again after it is
-        fetched (its first writes dropped).
+        Each job's result or error is set on it; an operation that refuses or raises leaves
+        no write.
         """
         for job in jobs:
             job.result = job.error = None
         write = any(job.write for job in jobs)
-        locks = sorted({key for job in jobs if job.write for key in job.keys or ()})
-        batch: Batch = []
+        pending = [job for job in jobs if not job.write] + [job for job in jobs if job.write]
+        head = b""
+        lock_doc: dict[str, Any] = {}
         if write:
-            batch.append(("BEGIN", ()))
-            batch.extend(self._locks(jobs, locks))
-        for round_jobs in _rounds(jobs):
+            head = b"BEGIN;"
+            locks = sorted({key for job in jobs if job.write for key in job.keys or ()})
+            known = self._known
+            lock_doc["lock"] = locks
+            creates = sorted(
+                {
+                    key
+                    for job in jobs
+                    if job.fn in _CREATES
+                    for key in job.keys or ()
+                    if key[0] == E.USER and key not in known
+                }
+            )
+            if creates:
+                lock_doc["create"] = creates
+            if any(job.fn in _PRICING_WRITES for job in jobs):
+                lock_doc["pricing_lock"] = True
+        now = self._now()
+        wrote = False
+        while pending:
             need = Need()
-            for job in round_jobs:
-                need.merge(need_for(job.fn, job.args))
-            bundle = Bundle(need, self._now())
-            batch.append(bundle.statement())
-            rows = yield batch
-            data = bundle.read(rows[-1][0])
-            writes = Writes()
-            pending = round_jobs
-            while pending:
-                missed = Need()
-                again = []
-                for job in pending:
-                    snapshot = Snapshot(data, self._ids, self._configs)
+            for job in pending:
+                need.merge(need_for(job.fn, job.args), add_debits=True)
+            doc = need.document()
+            doc.update(lock_doc)
+            if now is not None:
+                doc["now"] = now.isoformat()
+            text = yield head + b"SELECT ducto_read(" + literal(doc) + b")"
+            assert text is not None
+            head, lock_doc = b"", {}
+            data = parse(need, text)
+            now = data.now
+            run = pending
+            deferred: list[Job] = []
+            fetches = 0
+            while True:
+                snapshot = Snapshot(data, self._ids, self._configs)
+                missed: Need | None = None
+                blocked: set[E.AccountKey] = set()
+                drop: Job | None = None
+                for job in run:
+                    keys = job.keys or ()
+                    if missed is not None and any(key in blocked for key in keys):
+                        continue
                     try:
                         job.result = job.fn(snapshot, *job.args)
-                        writes.merge(snapshot.finish())
+                        job.error = None
                     except Miss as miss:
+                        missed = missed or Need()
                         missed.merge(miss.need)
-                        again.append(job)
-                    except Exception as exc:  # the engine refused the arguments: nothing recorded
-                        job.error = exc
-                if not again:
+                        blocked.update(keys)
+                    except Defer:
+                        if missed is None:
+                            deferred.append(job)
+                            drop = job
+                            break
+                    except Exception as exc:
+                        # Trusted only in a pass that missed nothing (else the snapshot may
+                        # hold a missed operation's half-done writes).
+                        if missed is None:
+                            job.result, job.error = None, exc
+                            drop = job
+                            break
+                if drop is not None:
+                    # Run the batch again without it, on a fresh snapshot: whatever it did
+                    # before it stopped is dropped with the old one.
+                    run = [job for job in run if job is not drop]
+                    continue
+                if missed is None:
                     break
-                more: Batch = []
-                extra = sorted(set(missed.accounts) - set(locks)) if write else []
-                if extra:
-                    # A sweep (alone in its batch) learns its accounts from its first read:
-                    # lock them, then read everything again after the locks.
-                    locks = sorted({*locks, *extra})
-                    more.extend(self._locks(again, extra))
-                    need.merge(missed)
-                    bundle = Bundle(need, data.now)
-                    data = Data(now=data.now)
-                else:
-                    bundle = Bundle(missed, data.now)
-                    need.merge(missed)
-                more.append(bundle.statement())
-                rows = yield more
-                data = bundle.read(rows[-1][0], data)
-                pending = again
-            batch = writes.statements()
-            if not write:
-                assert not batch, "a read-only operation recorded writes"
+                fetches += 1
+                if fetches > _MAX_FETCHES:  # pragma: no cover - a prefetch plan that never fits
+                    raise AssertionError("the snapshot kept missing rows")
+                more = missed.document()
+                more["now"] = data.now.isoformat()
+                text = yield b"SELECT ducto_read(" + literal(more) + b")"
+                assert text is not None
+                data.read(missed, json.loads(text))
+            writes = snapshot.finish().document()
+            if writes:
+                if not write:  # pragma: no cover - a read-only operation wrote
+                    raise AssertionError("a read-only operation recorded writes")
+                head = b"SELECT ducto_write(" + literal(writes) + b");"
+                wrote = True
+            pending = deferred
         if write:
-            yield [*batch, ("COMMIT", ())]
-            self._remember_accounts(
-                key
-                for job in jobs
-                if job.fn in _CREATES
-                for key in job.keys or ()
-                if key[0] == E.USER
-            )
+            yield head + b"COMMIT"
+            if wrote:
+                self._remember_accounts(
+                    key
+                    for job in jobs
+                    if job.fn in _CREATES and job.error is None
+                    for key in job.keys or ()
+                    if key[0] == E.USER
+                )
 
     def _remember_accounts(self, keys: Iterable[E.AccountKey]) -> None:
         """Accounts known to exist (rows are never deleted): their INSERT can be skipped."""
@@ -538,66 +663,32 @@ class PostgresStore(StoreFront):
             self._known.clear()
         self._known.update(keys)
 
-    def _now(self) -> datetime | None:
-        return None if self._clock is None else L.read_clock(self._clock)
-
-    def _locks(self, jobs: Sequence[Job], locks: Sequence[E.AccountKey]) -> Batch:
-        batch: Batch = []
-        known = self._known
-        wanted = set(locks)
-        creates = sorted(
-            {
-                key
-                for job in jobs
-                if job.fn in _CREATES
-                for key in job.keys or ()
-                if key[0] == E.USER and key not in known and key in wanted
-            }
-        )
-        if creates:
-            batch.append(
-                (
-                    "INSERT INTO accounts (kind, id) SELECT * FROM unnest(%s::text[], %s::text[])"
-                    " ON CONFLICT DO NOTHING",
-                    (arr(k for k, _ in creates), arr(i for _, i in creates)),
-                )
-            )
-        if locks:
-            # Locked in the order of the rows' keys: teams ('t') before users ('u').
-            batch.append(
-                (
-                    "SELECT 1 FROM accounts WHERE (kind, id) IN (SELECT * FROM"
-                    " unnest(%s::text[], %s::text[])) ORDER BY kind, id FOR UPDATE",
-                    (arr(k for k, _ in locks), arr(i for _, i in locks)),
-                )
-            )
-        if any(job.fn in _PRICING_WRITES for job in jobs):
-            batch.append(("SELECT 1 FROM settings WHERE key = 'pricing' FOR UPDATE", ()))
-        return batch
-
-    async def _with_connection(self, make_steps: Callable[[], Steps[T]]) -> T:
+    async def _transact(self, make_steps: Callable[[], Steps[T]]) -> T:
         """
-        Run an operation's steps on a pooled connection, again from the start when that is safe.
+        Run a transaction's steps on a pooled connection, again from the start when that is
+        safe.
 
-        A serialization failure or deadlock, or a connection lost before ``COMMIT`` was sent,
-        rolled everything back, so the steps run again (on another connection). A connection
-        lost after ``COMMIT`` was sent leaves the outcome unknown, which the caller is told.
+        Waiting for a connection can be cancelled (nothing was sent). From the first message
+        on, the transaction runs to its end shielded from cancellation and bounded by the
+        statement timeout; a cancellation then reaches the caller at its next checkpoint. A
+        serialization failure or deadlock, or a connection lost before ``COMMIT`` was sent,
+        rolled everything back, so the steps run again. A connection lost after ``COMMIT``
+        was sent leaves the outcome unknown, which the caller is told.
         """
         pool = self._check_open()
-        # psycopg may finish a round trip without yielding to the loop (a local server answers
-        # before it polls): make every call a checkpoint, where a cancellation lands before
-        # anything happened.
+        # A local server may answer before the loop polls: make every call a checkpoint,
+        # where a cancellation lands before anything happened.
         await checkpoint()
         attempts = 0
         while True:
             attempts += 1
+            conn = await pool.acquire()
             try:
-                if self._async:
-                    return await self._drive_async(pool, make_steps())
-                assert self._limiter is not None
-                return await anyio.to_thread.run_sync(
-                    self._drive_sync, pool, make_steps(), limiter=self._limiter
-                )
+                with anyio.CancelScope(shield=True):
+                    try:
+                        return await self._drive(conn, make_steps())
+                    finally:
+                        await pool.release(conn)
             except _Retry as retry:
                 if attempts >= _MAX_ATTEMPTS:
                     raise _translate(retry.cause) from retry.cause
@@ -609,129 +700,97 @@ class PostgresStore(StoreFront):
                         " not have been applied; retry it with the same idempotency key"
                     ) from cause
                 if attempts >= _MAX_ATTEMPTS:
-                    raise _translate(cause) from cause
+                    raise StoreUnavailableError(str(cause) or "the connection was lost") from cause
+            self._counters.retries += 1
 
-    async def _drive_async(self, pool: Any, steps: Steps[T]) -> T:
-        """
-        Run `steps` on one pooled connection, in one pipeline.
+    async def _drive(self, conn: Connection, steps: Steps[T]) -> T:
+        """Send each of `steps`' messages in turn on `conn`, each bounded in time."""
+        from ducto.interface._pg_wire import ConnectionLost, ServerError
 
-        Each batch but the last is one round trip (a sync); the last, ending in ``COMMIT``,
-        goes with the sync that leaves the pipeline, so an operation costs two round trips.
-        """
-        import psycopg
-
+        counters = self._counters
+        limit = self._statement_timeout + 5.0
+        in_transaction = sent_commit = False
         try:
-            conn = await pool.getconn(timeout=self._timeout)
-        except Exception as exc:
-            raise _translate(exc) from exc
-        sent_commit = False
-        ok = False
-        try:
-            batch = next(steps)
-            pipeline_cm = conn.pipeline()
-            pipeline = await pipeline_cm.__aenter__()
-            in_pipeline = True
-            try:
-                while True:
-                    if batch and batch[-1][0] == "COMMIT":
-                        # Once the writes and COMMIT are sent the call completes and reports
-                        # it; a cancellation then reaches the caller at its next checkpoint.
-                        sent_commit = True
-                        with anyio.CancelScope(shield=True):
-                            await _queue_async(conn, batch, read=False)
-                            in_pipeline = False
-                            await pipeline_cm.__aexit__(None, None, None)
-                        results: list[Any] = []
-                    else:
-                        cursors = await _queue_async(conn, batch)
-                        await pipeline.sync()
-                        results = [None if c is None else await c.fetchall() for c in cursors]
-                    try:
-                        batch = steps.send(results)
-                    except StopIteration as done:
-                        value: T = done.value
-                        break
-            finally:
-                if in_pipeline:
-                    with anyio.CancelScope(shield=True):
-                        await pipeline_cm.__aexit__(None, None, None)
-            ok = True
-            return value
-        except psycopg.Error as exc:
-            raise _classify(exc, sent_commit) from exc
-        finally:
-            with anyio.CancelScope(shield=True):
-                if not ok and not conn.closed:
-                    try:
-                        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                            await conn.rollback()
-                    except psycopg.Error:
-                        await conn.close()
-                await pool.putconn(conn)
-
-    def _drive_sync(self, pool: Any, steps: Steps[T]) -> T:
-        """`_drive_async` on a synchronous connection, on a worker thread."""
-        import psycopg
-
-        try:
-            conn = pool.getconn(timeout=self._timeout)
-        except Exception as exc:
-            raise _translate(exc) from exc
-        sent_commit = False
-        ok = False
-        try:
-            batch = next(steps)
-            with conn.pipeline() as pipeline:
-                while True:
-                    commit = bool(batch) and batch[-1][0] == "COMMIT"
-                    cursors = _queue_sync(conn, batch, read=not commit)
-                    if commit:
-                        sent_commit = True
-                        results: list[Any] = []
-                    else:
-                        pipeline.sync()
-                        results = [None if c is None else c.fetchall() for c in cursors]
-                    try:
-                        batch = steps.send(results)
-                    except StopIteration as done:
-                        value: T = done.value
-                        break
-            ok = True
-            return value
-        except psycopg.Error as exc:
-            raise _classify(exc, sent_commit) from exc
-        finally:
-            if not ok and not conn.closed:
+            query = next(steps)
+            while True:
+                if type(query) is bytes:
+                    if query.startswith(b"BEGIN"):
+                        in_transaction = True
+                    sent_commit = query.endswith(b"COMMIT")
+                    with anyio.fail_after(limit):
+                        text = await conn.query(query)
+                else:
+                    sql, params = query  # type: ignore[misc]
+                    with anyio.fail_after(limit):
+                        text = await conn.query_params(sql, params)
+                counters.round_trips += 1
+                if sent_commit or query == b"ROLLBACK":
+                    in_transaction = False
                 try:
-                    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                        conn.rollback()
-                except psycopg.Error:
-                    conn.close()
-            pool.putconn(conn)
+                    query = steps.send(text)
+                except StopIteration as done:
+                    counters.transactions += 1
+                    value: T = done.value
+                    return value
+        except ServerError as exc:
+            if in_transaction:
+                await self._rollback(conn)
+            raise _classify(exc, sent_commit) from exc
+        except ConnectionLost as exc:
+            raise _Lost(exc, sent_commit) from exc
+        except TimeoutError as exc:
+            raise _Lost(
+                StoreUnavailableError(f"the database did not answer in {limit:g} s"), sent_commit
+            ) from exc
+        except BaseException:
+            if in_transaction and conn.usable:
+                await self._rollback(conn)
+            raise
+
+    async def _rollback(self, conn: Connection) -> None:
+        from ducto.interface._pg_wire import ConnectionLost, ServerError
+
+        with anyio.move_on_after(self._timeout):
+            try:
+                await conn.query(b"ROLLBACK")
+                return
+            except (ServerError, ConnectionLost):
+                pass
+        conn.usable = False
 
     # -- analytics, as SQL aggregates ------------------------------------------------------------
 
-    async def _query(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
-        def steps() -> Steps[list[Any]]:
-            rows = yield [(sql, params)]
-            return list(rows[0])
+    async def _query(self, sql: str, *params: object) -> Any:
+        """One read-only statement whose one value is JSON, with ``$n`` parameters."""
+        encoded = [
+            (p.isoformat() if isinstance(p, datetime) else str(p)).encode() for p in params
+        ]
 
-        return await self._with_connection(steps)
+        def steps() -> Steps[Any]:
+            text = yield (sql.encode(), encoded)
+            return json.loads(text) if text is not None else None
 
-    async def _spend(self, select: str, lo: datetime, hi: datetime, *more: Any) -> list[Any]:
-        """Rows of `select` over ``w``: each usage debit in the window, net of refunds."""
+        return await self._transact(steps)
+
+    async def _spend(self, select: str, lo: datetime, hi: datetime, *more: object) -> Any:
+        """`select` (one JSON value) over ``w``: each usage debit in the window, net of refunds."""
         return await self._query(
-            "WITH w AS (SELECT coalesce(spender, account) AS u, coalesce(model, %s) AS m,"
+            "WITH w AS (SELECT coalesce(spender, account) AS u, coalesce(model, $1) AS m,"
             " (created_at AT TIME ZONE 'UTC')::date AS d, -amount - refunded AS net"
-            " FROM ledger WHERE type IN ('usage', 'team_usage') AND created_at >= %s"
-            f" AND created_at < %s) {select}",
-            (L.UNKNOWN_MODEL, lo, hi, *more),
+            " FROM ledger WHERE type IN ('usage', 'team_usage') AND created_at >= $2"
+            f" AND created_at < $3) {select}",
+            L.UNKNOWN_MODEL,
+            lo,
+            hi,
+            *more,
         )
 
     async def spend_by_user(self, start: datetime, end: datetime) -> list[SpendByUserRow]:
         lo, hi = L.check_window(start, end)
         rows = await self._spend(
-            'SELECT u, sum(net), count(*) FROM w GROUP BY u ORDER BY 2 DESC, u COLLATE "C"',
+            "SELECT coalesce(json_agg(json_build_array(u, s, c) ORDER BY s DESC,"
+            ' u COLLATE "C"), \'[]\') FROM (SELECT u, sum(net) AS s, count(*) AS c FROM w'
+            " GROUP BY u) x",
             lo,
             hi,
         )
@@ -740,7 +799,9 @@ class PostgresStore(StoreFront):
     async def spend_by_model(self, start: datetime, end: datetime) -> list[SpendByModelRow]:
         lo, hi = L.check_window(start, end)
         rows = await self._spend(
-            'SELECT m, sum(net), count(*) FROM w GROUP BY m ORDER BY 2 DESC, m COLLATE "C"',
+            "SELECT coalesce(json_agg(json_build_array(m, s, c) ORDER BY s DESC,"
+            ' m COLLATE "C"), \'[]\') FROM (SELECT m, sum(net) AS s, count(*) AS c FROM w'
+            " GROUP BY m) x",
             lo,
             hi,
         )
@@ -749,18 +810,20 @@ class PostgresStore(StoreFront):
     async def daily_spend(self, start: datetime, end: datetime) -> list[DailySpendRow]:
         lo, hi = L.check_window(start, end)
         rows = await self._spend(
-            "SELECT d, sum(net), count(*) FROM w GROUP BY d ORDER BY d", lo, hi
+            "SELECT coalesce(json_agg(json_build_array(d, s, c) ORDER BY d), '[]') FROM"
+            " (SELECT d, sum(net) AS s, count(*) AS c FROM w GROUP BY d) x",
+            lo,
+            hi,
         )
-        return [
-            DailySpendRow(date=d.isoformat(), total_spend=s, transaction_count=c)
-            for d, s, c in rows
-        ]
+        return [DailySpendRow(date=d, total_spend=s, transaction_count=c) for d, s, c in rows]
 
     async def top_users(self, limit: int, start: datetime, end: datetime) -> list[TopUserRow]:
         L.check_limit(limit)
         lo, hi = L.check_window(start, end)
         rows = await self._spend(
-            'SELECT u, sum(net) FROM w GROUP BY u ORDER BY 2 DESC, u COLLATE "C" LIMIT %s',
+            "SELECT coalesce(json_agg(json_build_array(u, s) ORDER BY s DESC, u COLLATE \"C\"),"
+            " '[]') FROM (SELECT u, sum(net) AS s FROM w GROUP BY u"
+            ' ORDER BY 2 DESC, u COLLATE "C" LIMIT $4) x',
             lo,
             hi,
             limit,
@@ -769,15 +832,14 @@ class PostgresStore(StoreFront):
 
     async def aggregate_stats(self, start: datetime, end: datetime) -> AggregateStatsRow:
         lo, hi = L.check_window(start, end)
-        rows = await self._spend(
-            "SELECT coalesce(sum(net), 0), count(DISTINCT u), count(*),"
+        total, users, count, top_user, top_model = await self._spend(
+            "SELECT json_build_array(coalesce(sum(net), 0), count(DISTINCT u), count(*),"
             ' (SELECT u FROM w GROUP BY u ORDER BY sum(net) DESC, u COLLATE "C" LIMIT 1),'
-            ' (SELECT m FROM w GROUP BY m ORDER BY sum(net) DESC, m COLLATE "C" LIMIT 1)'
+            ' (SELECT m FROM w GROUP BY m ORDER BY sum(net) DESC, m COLLATE "C" LIMIT 1))'
             " FROM w",
             lo,
             hi,
         )
-        total, users, count, top_user, top_model = rows[0]
         average = (Decimal(total) / L.window_days(lo, hi)).quantize(
             Decimal("0.01"), rounding=ROUND_HALF_EVEN
         )
@@ -789,74 +851,3 @@ class PostgresStore(StoreFront):
             top_user=top_user or "",
             transaction_count=count,
         )
-
-
-class _Retry(Exception):
-    """A serialization failure or deadlock: run the operation again from the start."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__()
-        self.cause = cause
-
-
-def _classify(exc: BaseException, sent_commit: bool) -> BaseException:
-    sqlstate = getattr(exc, "sqlstate", None)
-    if sqlstate in _RETRY:
-        return _Retry(exc)
-    if _LOST.match(sqlstate or "") or type(exc).__name__ == "OperationalError":
-        return _Lost(exc, sent_commit)
-    return _translate(exc)
-
-
-def _rounds(jobs: Sequence[Job]) -> list[list[Job]]:
-    """
-    Jobs in rounds of disjoint accounts, each after every earlier job it shares one with.
-
-    A job without keys reads store-wide rows no write in a batch changes, so it goes first.
-    """
-    rounds: list[list[Job]] = []
-    last: dict[E.AccountKey, int] = {}
-    for job in jobs:
-        keys = job.keys or ()
-        n = max((last[key] + 1 for key in keys if key in last), default=0)
-        if n == len(rounds):
-            rounds.append([])
-        rounds[n].append(job)
-        for key in keys:
-            last[key] = n
-    return rounds
-
-
-def _wants_rows(sql: str) -> bool:
-    # Reads start with SELECT or WITH; a batch's bulk write is the one ``WITH w0 AS (...)``.
-    return sql.startswith(("SELECT", "WITH")) and not sql.startswith("WITH w0 ")
-
-
-async def _queue_async(conn: Any, batch: Batch, read: bool = True) -> list[Any]:
-    """Queue a batch in the pipeline; a cursor for each statement whose rows are read."""
-    shared = conn.cursor()
-    cursors = []
-    for sql, params in batch:
-        if read and _wants_rows(sql):
-            cursor = conn.cursor()
-            await cursor.execute(sql, params)
-            cursors.append(cursor)
-        else:
-            await shared.execute(sql, params)
-            cursors.append(None)
-    return cursors
-
-
-def _queue_sync(conn: Any, batch: Batch, read: bool = True) -> list[Any]:
-    """`_queue_async` on a synchronous connection."""
-    shared = conn.cursor()
-    cursors = []
-    for sql, params in batch:
-        if read and _wants_rows(sql):
-            cursor = conn.cursor()
-            cursor.execute(sql, params)
-            cursors.append(cursor)
-        else:
-            shared.execute(sql, params)
-            cursors.append(None)
-    return cursors
