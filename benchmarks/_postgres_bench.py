@@ -2,17 +2,21 @@
 PostgresStore throughput against its floor, for ``bench_store.py --store postgres``.
 
 For each of 1, 8 and 32 concurrent tasks, on one hot user and on 1,000 users, on asyncio and
-trio: reserve+deduct pairs per second and pair latency (p50, p99) through PostgresStore, and in
-the same run the floor, the same pair as one PL/pgSQL call per operation (``pg_floor.sql``)
-through the same driver: psycopg's async pool on asyncio, its sync pool on worker threads under
-trio. Both use a pool of min(tasks, 16) connections and the server's default durability.
+trio: keyed reserve+deduct pairs per second and pair latency (p50, p99) through PostgresStore,
+the client CPU per pair (user + system time of this process over the run, divided by the
+pairs) and the round trips per operation, and in the same run the floor: the same pair as one
+PL/pgSQL call per operation (``pg_floor.sql``, no keys, no lots, no caps) through psycopg: its
+async pool on asyncio, its sync pool on worker threads under trio. Both use a pool of
+min(tasks, 16) connections and the server's default durability.
 """
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 import uuid
+from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,26 +31,45 @@ PAIR_HOLD = 10
 PAIR_CHARGE = 7
 FLOOR_SQL = (Path(__file__).parent / "pg_floor.sql").read_text(encoding="utf-8")
 
-Pair = Callable[[str], Awaitable[None]]
+Pair = Callable[[str, str], Awaitable[None]]
 
 
-async def _drive(pair: Pair, users: list[str], tasks: int, pairs: int) -> tuple[float, list[float]]:
+@dataclass
+class Run:
+    """One measured run: pairs/s, pair latencies, client CPU per pair, round trips per op."""
+
+    rate: float
+    latencies: list[float]
+    cpu_per_pair: float
+    trips_per_op: float = float("nan")
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _drive(pair: Pair, users: list[str], tasks: int, pairs: int) -> Run:
     """Run `pairs` pairs over `tasks` tasks (task i works for users[i % len(users)])."""
     latencies: list[float] = []
     per_task = max(1, pairs // tasks)
+    tag = uuid.uuid4().hex[:8]
 
     async def worker(n: int) -> None:
         for k in range(per_task):
             user = users[(n + k * tasks) % len(users)]
             started = time.perf_counter()
-            await pair(user)
+            await pair(user, f"{tag}-{n}-{k}")
             latencies.append(time.perf_counter() - started)
 
+    cpu = _cpu()
     start = time.perf_counter()
     async with anyio.create_task_group() as tg:
         for n in range(tasks):
             tg.start_soon(worker, n)
-    return per_task * tasks / (time.perf_counter() - start), latencies
+    elapsed = time.perf_counter() - start
+    done = per_task * tasks
+    return Run(done / elapsed, latencies, (_cpu() - cpu) / done)
 
 
 def _fmt(latencies: list[float]) -> str:
@@ -54,29 +77,36 @@ def _fmt(latencies: list[float]) -> str:
     return f"{qs[49] * 1e3:6.2f} {qs[98] * 1e3:7.2f}"
 
 
-async def _store_rate(
-    url: str, schema: str, users: list[str], tasks: int, pairs: int
-) -> tuple[float, list[float]]:
+async def _store_rate(url: str, schema: str, users: list[str], tasks: int, pairs: int) -> Run:
     pool_size = min(tasks, 16)
     async with PostgresStore(url, schema=schema, min_size=pool_size, max_size=pool_size) as store:
         await store.setup()
         for user in users:
             await store.add_credits(user, 10**12, "purchase")
 
-        async def pair(user: str) -> None:
-            hold = await store.reserve_credits(user, PAIR_HOLD, "chat", min_balance=0)
+        async def pair(user: str, key: str) -> None:
+            # Keyed, as a gateway's requests are: a retry replays instead of charging twice.
+            hold = await store.reserve_credits(
+                user, PAIR_HOLD, "chat", min_balance=0, idempotency_key=key
+            )
             if not hold.ok:
                 raise RuntimeError(f"reserve refused: {hold.error}")
-            done = await store.deduct_credits(user, hold.reservation_id, PAIR_CHARGE)
+            done = await store.deduct_credits(user, hold.reservation_id, PAIR_CHARGE, key)
             if not done.ok:
                 raise RuntimeError(f"deduct refused: {done.error}")
 
-        return await _drive(pair, users, tasks, pairs)
+        before = store.statistics()
+        run = await _drive(pair, users, tasks, pairs)
+        after = store.statistics()
+        run.trips_per_op = (after.round_trips - before.round_trips) / (
+            after.operations - before.operations
+        )
+        return run
 
 
 async def _floor_rate(
     url: str, schema: str, users: list[str], tasks: int, pairs: int, backend: str
-) -> tuple[float, list[float]]:
+) -> Run:
     pool_size = min(tasks, 16)
     options = f"-c search_path={schema}"
     if backend == "asyncio":
@@ -126,14 +156,16 @@ async def _floor_pairs(
     users: list[str],
     tasks: int,
     pairs: int,
-) -> tuple[float, list[float]]:
-    async def pair(user: str) -> None:
+) -> Run:
+    async def pair(user: str, key: str) -> None:
         hold = await call("SELECT floor_reserve(%s, %s)", (user, PAIR_HOLD))
         if hold is None:
             raise RuntimeError("floor reserve refused")
         await call("SELECT floor_deduct(%s, %s, %s)", (user, hold, PAIR_CHARGE))
 
-    return await _drive(pair, users, tasks, pairs)
+    run = await _drive(pair, users, tasks, pairs)
+    run.trips_per_op = 1.0
+    return run
 
 
 def _prepare_floor(url: str, schema: str, users: list[str]) -> None:
@@ -155,10 +187,15 @@ def _drop(url: str, *schemas: str) -> None:
 
 
 def run(url: str, backends: list[str], scale: float, repeat: int) -> None:
-    """Print the table: store and floor pairs/s, latency, and the ratio, per scenario."""
+    """Print the table: store and floor pairs/s, latency, CPU, trips and the ratio."""
     print(
-        f"{'scenario':24} {'backend':8} {'store/s':>8} {'p50 ms':>6} {'p99 ms':>7}"
-        f" {'floor/s':>8} {'p50 ms':>6} {'p99 ms':>7}  ratio (runs)"
+        f"{'scenario':18} {'backend':7} {'store/s':>7} {'p50 ms':>6} {'p99 ms':>7}"
+        f" {'cpu ms':>6} {'trips':>5} {'floor/s':>7} {'p50 ms':>6} {'p99 ms':>7}"
+        f" {'cpu ms':>6}  ratio (runs)"
+    )
+    print(
+        "(cpu ms: client CPU per pair, user+system; trips: round trips per operation;"
+        " ratio: store/floor)"
     )
     tag = uuid.uuid4().hex[:8]
     floor_schema, store_schema = f"bench_floor_{tag}", f"bench_store_{tag}"
@@ -168,12 +205,12 @@ def run(url: str, backends: list[str], scale: float, repeat: int) -> None:
                 users = [f"user-{n}" for n in range(user_count)]
                 for tasks in (1, 8, 32):
                     pairs = max(50, int((600 if tasks == 1 else 2000) * scale))
-                    ratios, store_rates, floor_rates = [], [], []
-                    store_lat: list[float] = []
-                    floor_lat: list[float] = []
+                    ratios: list[float] = []
+                    stores: list[Run] = []
+                    floors: list[Run] = []
                     for _ in range(repeat):
                         _prepare_floor(url, floor_schema, users)
-                        floor, floor_lat = anyio.run(
+                        floor = anyio.run(
                             _floor_rate,
                             url,
                             floor_schema,
@@ -184,16 +221,20 @@ def run(url: str, backends: list[str], scale: float, repeat: int) -> None:
                             backend=backend,
                         )
                         _drop(url, store_schema)
-                        store, store_lat = anyio.run(
+                        store = anyio.run(
                             _store_rate, url, store_schema, users, tasks, pairs, backend=backend
                         )
-                        ratios.append(store / floor)
-                        store_rates.append(store)
-                        floor_rates.append(floor)
+                        ratios.append(store.rate / floor.rate)
+                        stores.append(store)
+                        floors.append(floor)
+                    s, f = stores[-1], floors[-1]
                     print(
-                        f"{label + f' x {tasks}':24} {backend:8}"
-                        f" {statistics.median(store_rates):8,.0f} {_fmt(store_lat)}"
-                        f" {statistics.median(floor_rates):8,.0f} {_fmt(floor_lat)}"
+                        f"{label + f' x {tasks}':18} {backend:7}"
+                        f" {statistics.median(r.rate for r in stores):7,.0f} {_fmt(s.latencies)}"
+                        f" {statistics.median(r.cpu_per_pair for r in stores) * 1e3:6.2f}"
+                        f" {s.trips_per_op:5.2f}"
+                        f" {statistics.median(r.rate for r in floors):7,.0f} {_fmt(f.latencies)}"
+                        f" {statistics.median(r.cpu_per_pair for r in floors) * 1e3:6.2f}"
                         f"  {statistics.median(ratios):.2f}"
                         f" ({' '.join(f'{r:.2f}' for r in ratios)})",
                         flush=True,

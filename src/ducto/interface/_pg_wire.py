@@ -15,12 +15,14 @@ the connections are then kept in `Pool`, a small pool of the store's own. A stor
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import anyio
 import psycopg
+import sniffio
 from anyio.lowlevel import checkpoint
 from psycopg import pq
 
@@ -55,13 +57,18 @@ class Connection:
         owner: A `psycopg.Connection` or `psycopg.AsyncConnection` in autocommit mode.
     """
 
-    __slots__ = ("fd", "owner", "pg", "usable")
+    __slots__ = ("fd", "owner", "pg", "usable", "wait_readable")
 
     def __init__(self, owner: Any) -> None:
         self.owner = owner
         self.pg = owner.pgconn
         self.fd: int = self.pg.socket
         self.usable = True
+        self.wait_readable: Callable[[int], Awaitable[Any]] = (
+            _asyncio_readable
+            if sniffio.current_async_library() == "asyncio"
+            else anyio.wait_readable
+        )
 
     @property
     def idle(self) -> bool:
@@ -104,9 +111,10 @@ class Connection:
                 await anyio.wait_writable(fd)
             value: bytes | None = None
             error: Any = None
+            wait_readable = self.wait_readable
             while True:
                 while pg.is_busy():
-                    await anyio.wait_readable(fd)
+                    await wait_readable(fd)
                     pg.consume_input()
                 result = pg.get_result()
                 if result is None:
@@ -134,6 +142,22 @@ class Connection:
         """Close a connection the store opened (no round trip)."""
         self.usable = False
         self.owner.close()
+
+
+async def _asyncio_readable(fd: int) -> None:
+    """Wait until `fd` is readable: `anyio.wait_readable` without its per-call lookups."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 class _Waiter:

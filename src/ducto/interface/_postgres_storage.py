@@ -82,8 +82,10 @@ def literal(document: Any) -> bytes:
     with ``standard_conforming_strings`` (which every store session has) only quotes need
     doubling.
     """
-    text = json.dumps(document, separators=(",", ":"))
-    return b"'" + text.replace("'", "''").encode("ascii") + b"'"
+    return b"'" + _dumps(document).replace("'", "''").encode("ascii") + b"'"
+
+
+_dumps: Final = json.JSONEncoder(separators=(",", ":")).encode
 
 
 # -- what to read --------------------------------------------------------------------------------
@@ -94,7 +96,6 @@ class Need:
     """What a batch may read; each field becomes one part of the ``ducto_read`` document."""
 
     accounts: set[tuple[str, str]] = field(default_factory=set)
-    user_data: set[str] = field(default_factory=set)
     keys: set[tuple[str, str, str]] = field(default_factory=set)
     holds: set[tuple[str, str, str]] = field(default_factory=set)
     debits: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -102,7 +103,8 @@ class Need:
     members: set[tuple[str, str]] = field(default_factory=set)
     member_lists: set[str] = field(default_factory=set)
     member_counts: set[str] = field(default_factory=set)
-    pricing: bool = False
+    pricing: int = 0
+    """1: the pricing settings if an account read has a plan; 2: always."""
     pricing_versions: set[int] = field(default_factory=set)
     pricing_history: bool = False
     refunds: dict[str, str] = field(default_factory=dict)
@@ -120,7 +122,6 @@ class Need:
                 it draw one after the other) instead of keeping the larger.
         """
         self.accounts |= other.accounts
-        self.user_data |= other.user_data
         self.keys |= other.keys
         self.holds |= other.holds
         for account, amount in other.debits.items():
@@ -130,7 +131,7 @@ class Need:
         self.members |= other.members
         self.member_lists |= other.member_lists
         self.member_counts |= other.member_counts
-        self.pricing |= other.pricing
+        self.pricing = max(self.pricing, other.pricing)
         self.pricing_versions |= other.pricing_versions
         self.pricing_history |= other.pricing_history
         for tx, key in other.refunds.items():
@@ -142,18 +143,26 @@ class Need:
     def document(self) -> dict[str, Any]:
         """The ``ducto_read`` document (without the locks and the clock, which the store adds)."""
         doc: dict[str, Any] = {}
-        if self.accounts:
-            doc["accounts"] = sorted(self.accounts)
-        if self.user_data:
-            doc["users"] = sorted(self.user_data)
-        if self.keys:
-            doc["keys"] = list(self.keys)
-        if self.holds:
-            doc["holds"] = list(self.holds)
-        if self.debits:
-            doc["debits"] = [[*key, amount] for key, amount in self.debits.items()]
-        if self.all_lots:
-            doc["all_lots"] = list(self.all_lots)
+        # One entry per account: [kind, id, debit amount, keys, hold ids, all lots].
+        entries: dict[tuple[str, str], list[Any]] = {}
+        for kind, account in self.accounts:
+            entries[(kind, account)] = [kind, account, None, None, None, False]
+        for key, amount in self.debits.items():
+            _entry(entries, key)[2] = amount
+        for kind, account, name in self.keys:
+            entry = _entry(entries, (kind, account))
+            if entry[3] is None:
+                entry[3] = []
+            entry[3].append(name)
+        for kind, account, hold_id in self.holds:
+            entry = _entry(entries, (kind, account))
+            if entry[4] is None:
+                entry[4] = []
+            entry[4].append(hold_id)
+        for key in self.all_lots:
+            _entry(entries, key)[5] = True
+        if entries:
+            doc["accounts"] = list(entries.values())
         if self.members:
             doc["members"] = list(self.members)
         if self.member_lists:
@@ -161,7 +170,7 @@ class Need:
         if self.member_counts:
             doc["member_counts"] = list(self.member_counts)
         if self.pricing:
-            doc["pricing"] = True
+            doc["pricing"] = self.pricing
         if self.pricing_versions:
             doc["versions"] = list(self.pricing_versions)
         if self.pricing_history:
@@ -179,6 +188,13 @@ class Need:
         return doc
 
 
+def _entry(entries: dict[tuple[str, str], list[Any]], key: tuple[str, str]) -> list[Any]:
+    entry = entries.get(key)
+    if entry is None:
+        entry = entries[key] = [key[0], key[1], None, None, None, False]
+    return entry
+
+
 def need_for(op: Any, args: Sequence[Any]) -> Need:
     """
     The reads an engine operation's arguments determine (see the module docstring).
@@ -192,8 +208,7 @@ def need_for(op: Any, args: Sequence[Any]) -> Need:
     if op is E.get_balance:
         (user,) = args
         need.accounts.add((u, user))
-        need.user_data.add(user)
-        need.pricing = True
+        need.pricing = 1
     elif op is E.add_credits:
         user, amount, _, _, _, key = args
         need.accounts.add((u, user))
@@ -203,8 +218,7 @@ def need_for(op: Any, args: Sequence[Any]) -> Need:
     elif op is E.reserve:
         user, _, _, _, _, _, use_allowance, key = args
         need.accounts.add((u, user))
-        need.user_data.add(user)
-        need.pricing = use_allowance
+        need.pricing = int(use_allowance)
         _key(need, u, user, key)
     elif op is E.deduct:
         user, rid, amount, key, _, team = args
@@ -214,14 +228,12 @@ def need_for(op: Any, args: Sequence[Any]) -> Need:
         need.debits[owner] = amount
         _key(need, *owner, key)
         if team is None:
-            need.user_data.add(user)
-            need.pricing = True
+            need.pricing = 1
     elif op is E.charge:
         user, amount, _, _, _, use_allowance, key = args
         need.accounts.add((u, user))
-        need.user_data.add(user)
         need.debits[(u, user)] = amount
-        need.pricing = use_allowance
+        need.pricing = int(use_allowance)
         _key(need, u, user, key)
     elif op is E.release:
         user, rid, team = args
@@ -240,30 +252,27 @@ def need_for(op: Any, args: Sequence[Any]) -> Need:
         need.accounts.add((u, user))
         need.all_lots.add((u, user))
     elif op in (E.get_active_pricing, E.get_pricing_history, E.set_active_pricing):
-        need.pricing = True
+        need.pricing = 2
         need.pricing_history = op is E.get_pricing_history
     elif op in (E.activate_pricing, E.get_pricing_config):
-        need.pricing = True
+        need.pricing = 2
         need.pricing_versions.add(args[0])
     elif op in (E.get_user_plan, E.check_allowance):
         (user,) = args
         need.accounts.add((u, user))
-        need.user_data.add(user)
-        need.pricing = True
+        need.pricing = 1
     elif op is E.set_user_plan:
         user, _ = args
         need.accounts.add((u, user))
-        need.pricing = True
+        need.pricing = 2
     elif op is E.increment_usage_window:
         user, _ = args
         need.accounts.add((u, user))
     elif op in (E.check_spend_cap, E.list_spend_caps, E.remove_spend_cap):
         user = args[0]
         need.accounts.add((u, user))
-        need.user_data.add(user)
     elif op is E.set_spend_cap:
         need.accounts.add((u, args[0].user_id))
-        need.user_data.add(args[0].user_id)
     elif op is E.create_team:
         pass
     elif op is E.add_team_member:
@@ -312,9 +321,13 @@ class Data:
     now: datetime
     accounts: dict[tuple[str, str], Any] = field(default_factory=dict)
     users: dict[str, Any] = field(default_factory=dict)
-    keys: dict[tuple[str, str, str], dict[str, tuple[str, str]]] = field(default_factory=dict)
+    """A user's caps, this window's spend and this month's allowance used (False: not read,
+    because the account's caps count was 0 or it had no plan)."""
+    keys: dict[tuple[str, str, str], dict[str, tuple[str, Any]]] = field(default_factory=dict)
     holds: dict[tuple[str, str, str], Any] = field(default_factory=dict)
-    debits: dict[tuple[str, str], tuple[int, Any, Any]] = field(default_factory=dict)
+    debits: dict[tuple[str, str], tuple[int, Any, Any, bool, bool]] = field(default_factory=dict)
+    """Lots for a debit: the amount asked for, the unexpired and the expired lots in their
+    draw orders, and whether each list may have left lots out."""
     all_lots: dict[tuple[str, str], Any] = field(default_factory=dict)
     members: dict[tuple[str, str], Any] = field(default_factory=dict)
     member_lists: dict[str, Any] = field(default_factory=dict)
@@ -330,56 +343,72 @@ class Data:
     def read(self, need: Need, doc: dict[str, Any]) -> None:
         """Add what a ``ducto_read`` document for `need` brought (missing rows as None)."""
         accounts = self.accounts
+        keys = self.keys
+        holds = self.holds
         for key in need.accounts:
             accounts[key] = None
-        for row in doc["accounts"] or ():
-            accounts[(row[0], row[1])] = row[2:]
-        users = self.users
-        for user in need.user_data:
-            users[user] = None
-        for row in doc["users"] or ():
-            users[row[0]] = row[1:]
-        keys = self.keys
         for key3 in need.keys:
             keys[key3] = {}
-        for kind, account, key, op, fingerprint, result in doc["keys"] or ():
-            keys[(kind, account, key)][op] = (fingerprint, result)
-        holds = self.holds
         for hold_key in need.holds:
             holds[hold_key] = None
-        for row in doc["holds"] or ():
-            holds[(row[0], row[1], row[2])] = row[3:]
-        for kind, account, amount, live, expired in doc["debits"] or ():
-            self.debits[(kind, account)] = (amount, live or [], expired or [])
-        for kind, account, lots in doc["all_lots"] or ():
-            self.all_lots[(kind, account)] = lots or []
-        for team, user, membership, spent, held in doc["members"] or ():
+        for row in doc.get("accounts") or ():
+            kind, account = key = (row[0], row[1])
+            # balance ... caps, holds due, lots due, holds by model (see Snapshot.account)
+            accounts[key] = row[2:12]
+            if kind == E.USER:
+                self.users[account] = (row[12], row[13], row[14])
+            amount = need.debits.get(key)
+            if amount is not None:
+                live = row[15] or []
+                expired = row[16]
+                if expired is None:  # nothing unswept: only the lots lapsing now
+                    expired = sorted(
+                        ([i, seq, left, at] for i, left, seq, at in row[10] or ()),
+                        key=lambda lot: (_req_dt(lot[3]), lot[1]),
+                    )
+                    partial = False
+                else:
+                    partial = sum(lot[2] for lot in expired) >= amount
+                self.debits[key] = (
+                    amount,
+                    live,
+                    expired,
+                    sum(lot[2] for lot in live) >= amount,
+                    partial,
+                )
+            for name, op, fingerprint, result in row[17] or ():
+                keys.setdefault((kind, account, name), {})[op] = (fingerprint, result)
+            for hold in row[18] or ():
+                holds[(kind, account, hold[0])] = hold[1:]
+            if row[19] is not None:
+                self.all_lots[key] = row[19]
+        for team, user, membership, spent, held in doc.get("members") or ():
             self.members[(team, user)] = (membership, spent, held)
-        for team, rows in doc["member_lists"] or ():
+        for team, rows in doc.get("member_lists") or ():
             self.member_lists[team] = rows or []
-        for team, count in doc["member_counts"] or ():
+        for team, count in doc.get("member_counts") or ():
             self.member_counts[team] = count
-        if doc["pricing"] is not None:
-            active, last = doc["pricing"]
+        if doc.get("pricing") is not None:
+            active, last = doc.get("pricing")
             self.active_version = int(active) if active else None
             self.last_version = last
         for version in need.pricing_versions:
             self.versions[version] = None
-        for row in doc["versions"] or ():
+        for row in doc.get("versions") or ():
             self.versions[row[0]] = row
-        if doc["history"] is not None:
-            self.history = doc["history"]
+        if doc.get("history") is not None:
+            self.history = doc.get("history")
         for tx in need.refunds:
             self.debit_rows[tx] = None
-        for row in doc["debit_rows"] or ():
+        for row in doc.get("debit_rows") or ():
             self.debit_rows[row[0]] = row[1:]
             refund_key = need.refunds.get(row[0])
             if refund_key:  # the refund's key, on the account the row names
                 keys[(row[1], row[2], refund_key)] = {e[0]: (e[1], e[2]) for e in row[11] or ()}
-        for page, rows in zip(need.pages, doc["pages"] or (), strict=False):
+        for page, rows in zip(need.pages, doc.get("pages") or (), strict=False):
             self.pages[page] = rows
-        if doc["sweep"] is not None:
-            self.sweep = doc["sweep"]
+        if doc.get("sweep") is not None:
+            self.sweep = doc.get("sweep")
 
 
 def parse(need: Need, text: bytes) -> Data:
@@ -541,6 +570,7 @@ class Snapshot:
         self._accounts: dict[tuple[str, str], _Account] = {}
         self._dirty: dict[tuple[str, str], _Account] = {}
         self._held: dict[tuple[str, str], dict[str, int]] = {}
+        self._held_unread: set[tuple[str, str]] = set()
         self._member_held: dict[tuple[str, str], int] = {}
         self._caps: dict[str, dict[tuple[str, str | None], SpendCap]] = {}
         self._spend: dict[str, dict[tuple[str, int, str], int]] = {}
@@ -552,7 +582,7 @@ class Snapshot:
         self._fetched: dict[tuple[tuple[str, str], int], tuple[list[_Lot], bool]] = {}
         self._extra_lots: dict[tuple[str, str], list[_Lot]] = {}
         self._lots_written: set[tuple[str, str]] = set()
-        self._keys: dict[tuple[str, str, str], dict[str, tuple[str, str]]] = {}
+        self._keys: dict[tuple[str, str, str], dict[str, tuple[str, Any]]] = {}
         self._debits: dict[str, E.Debit | None] = {}
         self._appended: dict[str, E.Debit] = {}
         self._ledger_written: set[tuple[str, str]] = set()
@@ -613,6 +643,8 @@ class Snapshot:
             caps=row[6],
             exists=True,
         )
+        if row[9] is False:
+            self._held_unread.add(key)
         self._held[key] = dict(row[9] or {})
         self._accounts[key] = acct
         return acct
@@ -658,9 +690,9 @@ class Snapshot:
         rows = row[8] if row is not None else None
         if not rows:
             return ()
-        for lot_id, _ in rows:
+        for lot_id, *_ in rows:
             self.out.lot(lot_id, expired=True)
-        return [remaining for _, remaining in rows]
+        return [row[1] for row in rows]
 
     # -- holds -------------------------------------------------------------------------------
 
@@ -723,7 +755,10 @@ class Snapshot:
             self.out.add("member", (*key, hold.member), delta)
 
     def held_for(self, acct: E.Account, model: str) -> int:
-        return self._held.get((acct.kind, acct.id), {}).get(model, 0)
+        key = (acct.kind, acct.id)
+        if key in self._held_unread:
+            raise Defer  # not read: the account had no caps when the batch read it
+        return self._held.get(key, {}).get(model, 0)
 
     def held_by_member(self, team: E.Account, user_id: str) -> int:
         key = (team.id, user_id)
@@ -749,10 +784,9 @@ class Snapshot:
         fetched = self.data.debits.get(key)
         if fetched is None:
             raise Miss(Need(debits={key: max(1, acct.balance)}))
-        amount = fetched[0]
         rows = fetched[1 + which]
         lots = [self._lot_of(key, row) for row in rows]
-        found = (lots, sum(row[2] for row in rows) >= amount)
+        found = (lots, fetched[3 + which])
         self._fetched[(key, which)] = found
         return found
 
@@ -960,7 +994,7 @@ class Snapshot:
 
     # -- idempotency -------------------------------------------------------------------------
 
-    def _entries(self, acct: E.Account, key: str) -> dict[str, tuple[str, str]]:
+    def _entries(self, acct: E.Account, key: str) -> dict[str, tuple[str, Any]]:
         full = (acct.kind, acct.id, key)
         entries = self._keys.get(full)
         if entries is not None:
@@ -988,7 +1022,7 @@ class Snapshot:
             return False, None
         if entry[0] != L.fingerprint(*fingerprint):
             return True, None
-        result = result_type.model_validate_json(entry[1])  # type: ignore[attr-defined]
+        result = result_type.model_validate(entry[1])  # type: ignore[attr-defined]
         result.idempotent = True
         return True, result
 
@@ -997,7 +1031,8 @@ class Snapshot:
     ) -> None:
         assert isinstance(acct, _Account)
         text = L.fingerprint(*fingerprint)
-        dumped = result.model_dump_json()
+        # A JSON object in the document (stored as its text), not a string to escape twice.
+        dumped = result.model_dump(mode="json")
         full = (acct.kind, acct.id, key)
         entries = self._keys.get(full)
         if entries is None:
@@ -1024,25 +1059,32 @@ class Snapshot:
         return (self._config(version).plans or {}).get(plan_id)
 
     def _user_row(self, user_id: str) -> Any:
-        try:
-            row = self.data.users[user_id]
-        except KeyError:
-            raise Miss(Need(user_data={user_id})) from None
-        return row if row is not None else (None, None, None)
+        """A user's caps, window spend and allowance used, as the account's row brought."""
+        row = self.data.users.get(user_id)
+        if row is not None:
+            return row
+        key = (E.USER, user_id)
+        if key not in self.data.accounts:
+            raise Miss(Need(accounts={key}))
+        return _NO_USER  # no account: no caps, no spend, no allowance used
 
     def allowance_used(self, acct: E.Account, month: int) -> int:
         if month != self._month:
             raise AssertionError("only this month's allowance is read")  # pragma: no cover
         used = self._allowance.get(acct.id)
         if used is None:
-            used = self._allowance[acct.id] = int(self._user_row(acct.id)[2] or 0)
+            stored = self._user_row(acct.id)[2]
+            if stored is False:
+                raise Defer  # not read: the account had no plan when the batch read it
+            used = self._allowance[acct.id] = int(stored or 0)
         return used
 
     def use_allowance(self, acct: E.Account, month: int, amount: int) -> None:
-        if month == self._month and acct.id in self._allowance:
-            self._allowance[acct.id] += amount
-        elif month == self._month and acct.id in self.data.users:
-            self._allowance[acct.id] = self.allowance_used(acct, month) + amount
+        if month == self._month:
+            if acct.id in self._allowance:
+                self._allowance[acct.id] += amount
+            elif self._user_row(acct.id)[2] is not False:
+                self._allowance[acct.id] = self.allowance_used(acct, month) + amount
         self.out.add("allowance", (acct.id, month), amount)
 
     # -- caps and spend windows --------------------------------------------------------------
@@ -1091,19 +1133,25 @@ class Snapshot:
             self.out.caps[(acct.id, cap_type, model or _ALL_MODELS)] = None
         return removed
 
-    def _spend_table(self, user_id: str) -> dict[tuple[str, int, str], int]:
+    def _spend_table(self, user_id: str) -> dict[tuple[str, int, str], int] | None:
+        """The user's spend in the current windows (None: not read, as it had no caps)."""
         spend = self._spend.get(user_id)
         if spend is None:
+            rows = self._user_row(user_id)[1]
+            if rows is False:
+                return None
             spend = self._spend[user_id] = {
-                (kind, period, name): amount
-                for kind, period, name, amount in self._user_row(user_id)[1] or ()
+                (kind, period, name): amount for kind, period, name, amount in rows or ()
             }
         return spend
 
     def window_spend(self, user_id: str, cap_type: str, window: int, model: str | None) -> int:
         if window != L.cap_window_key(cap_type, self._now):
             raise AssertionError("only the current windows are read")  # pragma: no cover
-        return self._spend_table(user_id).get((cap_type, window, model or _ALL_MODELS), 0)
+        spend = self._spend_table(user_id)
+        if spend is None:
+            raise Defer  # a cap set earlier in the batch: read the spend after its writes
+        return spend.get((cap_type, window, model or _ALL_MODELS), 0)
 
     def add_spend(self, user_id: str, model: str | None, at: datetime, amount: int) -> None:
         rows = [
@@ -1111,8 +1159,8 @@ class Snapshot:
             for cap_type in ("daily", "monthly")
             for key in ((_ALL_MODELS, model) if model is not None else (_ALL_MODELS,))
         ]
-        if user_id in self._spend or user_id in self.data.users:
-            spend = self._spend_table(user_id)  # keep the windows later reads see current
+        spend = self._spend_table(user_id) if user_id in self.data.users else None
+        if spend is not None:  # keep the windows later reads see current
             for _, cap_type, period, key in rows:
                 spend[(cap_type, period, key)] = spend.get((cap_type, period, key), 0) + amount
         for row in rows:
@@ -1232,6 +1280,9 @@ class Snapshot:
 
     def activate(self, version: int) -> None:
         self.out.activate = version
+
+
+_NO_USER: Final = (None, [], 0)
 
 
 def _expired(lot: L.Lot, now: datetime) -> bool:

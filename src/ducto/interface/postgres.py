@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from functools import partial
@@ -143,6 +143,15 @@ class _Counters:
 
     def __init__(self) -> None:
         self.operations = self.transactions = self.round_trips = self.retries = 0
+
+
+class _Progress:
+    """How far a transaction got: whether its ``COMMIT`` was sent."""
+
+    __slots__ = ("sent_commit",)
+
+    def __init__(self) -> None:
+        self.sent_commit = False
 
 
 class _Retry(Exception):
@@ -521,7 +530,8 @@ class PostgresStore(StoreFront):
     async def _run_batch(self, jobs: list[Job]) -> None:
         """Run a batch of operations in one transaction (see `_group`); never raises."""
         try:
-            await self._transact(lambda: self._steps(jobs))
+            # The leader that runs it has just passed a checkpoint.
+            await self._transact(lambda: self._steps(jobs), checkpointed=True)
         except StoreUnavailableError as exc:
             for job in jobs:
                 job.result, job.error = None, exc
@@ -554,36 +564,43 @@ class PostgresStore(StoreFront):
         Each job's result or error is set on it; an operation that refuses or raises leaves
         no write.
         """
+        readers: list[Job] = []
+        writers: list[Job] = []
+        locks: set[E.AccountKey] = set()
+        creates: set[E.AccountKey] = set()
+        pricing = False
+        known = self._known
         for job in jobs:
             job.result = job.error = None
-        write = any(job.write for job in jobs)
-        pending = [job for job in jobs if not job.write] + [job for job in jobs if job.write]
+            if not job.write:
+                readers.append(job)
+                continue
+            writers.append(job)
+            keys = job.keys or ()
+            locks.update(keys)
+            if job.fn in _CREATES:
+                creates.update(k for k in keys if k[0] == E.USER and k not in known)
+            pricing = pricing or job.fn in _PRICING_WRITES
+        write = bool(writers)
+        pending = readers + writers if readers else writers
         head = b""
         lock_doc: dict[str, Any] = {}
         if write:
             head = b"BEGIN;"
-            locks = sorted({key for job in jobs if job.write for key in job.keys or ()})
-            known = self._known
-            lock_doc["lock"] = locks
-            creates = sorted(
-                {
-                    key
-                    for job in jobs
-                    if job.fn in _CREATES
-                    for key in job.keys or ()
-                    if key[0] == E.USER and key not in known
-                }
-            )
+            lock_doc["lock"] = sorted(locks)
             if creates:
-                lock_doc["create"] = creates
-            if any(job.fn in _PRICING_WRITES for job in jobs):
+                lock_doc["create"] = sorted(creates)
+            if pricing:
                 lock_doc["pricing_lock"] = True
         now = self._now()
         wrote = False
         while pending:
-            need = Need()
-            for job in pending:
-                need.merge(need_for(job.fn, job.args), add_debits=True)
+            if len(pending) == 1:
+                need = need_for(pending[0].fn, pending[0].args)
+            else:
+                need = Need()
+                for job in pending:
+                    need.merge(need_for(job.fn, job.args), add_debits=True)
             doc = need.document()
             doc.update(lock_doc)
             if now is not None:
@@ -648,22 +665,15 @@ class PostgresStore(StoreFront):
             pending = deferred
         if write:
             yield head + b"COMMIT"
-            if wrote:
-                self._remember_accounts(
-                    key
-                    for job in jobs
-                    if job.fn in _CREATES and job.error is None
-                    for key in job.keys or ()
-                    if key[0] == E.USER
-                )
+            if creates and wrote:
+                # Accounts known to exist (rows are never deleted): their INSERT is skipped.
+                if len(known) > _KNOWN_ACCOUNTS:
+                    known.clear()
+                known.update(creates)
 
-    def _remember_accounts(self, keys: Iterable[E.AccountKey]) -> None:
-        """Accounts known to exist (rows are never deleted): their INSERT can be skipped."""
-        if len(self._known) > _KNOWN_ACCOUNTS:
-            self._known.clear()
-        self._known.update(keys)
-
-    async def _transact(self, make_steps: Callable[[], Steps[T]]) -> T:
+    async def _transact(
+        self, make_steps: Callable[[], Steps[T]], *, checkpointed: bool = False
+    ) -> T:
         """
         Run a transaction's steps on a pooled connection, again from the start when that is
         safe.
@@ -676,19 +686,28 @@ class PostgresStore(StoreFront):
         was sent leaves the outcome unknown, which the caller is told.
         """
         pool = self._check_open()
-        # A local server may answer before the loop polls: make every call a checkpoint,
-        # where a cancellation lands before anything happened.
-        await checkpoint()
+        if not checkpointed:
+            # A local server may answer before the loop polls: make every call a checkpoint,
+            # where a cancellation lands before anything happened.
+            await checkpoint()
         attempts = 0
         while True:
             attempts += 1
             conn = await pool.acquire()
+            limit = self._statement_timeout + 5.0
+            state = _Progress()
             try:
-                with anyio.CancelScope(shield=True):
+                # Shielded from the caller's cancellation; bounded by its own deadline.
+                with anyio.CancelScope(shield=True, deadline=anyio.current_time() + limit) as scope:
                     try:
-                        return await self._drive(conn, make_steps())
+                        return await self._drive(conn, make_steps(), state)
                     finally:
                         await pool.release(conn)
+                # Only the deadline cancels the scope: the server stopped answering.
+                raise _Lost(
+                    StoreUnavailableError(f"the database did not answer in {limit:g} s"),
+                    state.sent_commit,
+                )
             except _Retry as retry:
                 if attempts >= _MAX_ATTEMPTS:
                     raise _translate(retry.cause) from retry.cause
@@ -703,12 +722,11 @@ class PostgresStore(StoreFront):
                     raise StoreUnavailableError(str(cause) or "the connection was lost") from cause
             self._counters.retries += 1
 
-    async def _drive(self, conn: Connection, steps: Steps[T]) -> T:
-        """Send each of `steps`' messages in turn on `conn`, each bounded in time."""
+    async def _drive(self, conn: Connection, steps: Steps[T], state: _Progress) -> T:
+        """Send each of `steps`' messages in turn on `conn` (within the caller's deadline)."""
         from ducto.interface._pg_wire import ConnectionLost, ServerError
 
         counters = self._counters
-        limit = self._statement_timeout + 5.0
         in_transaction = sent_commit = False
         try:
             query = next(steps)
@@ -716,13 +734,11 @@ class PostgresStore(StoreFront):
                 if type(query) is bytes:
                     if query.startswith(b"BEGIN"):
                         in_transaction = True
-                    sent_commit = query.endswith(b"COMMIT")
-                    with anyio.fail_after(limit):
-                        text = await conn.query(query)
+                    sent_commit = state.sent_commit = query.endswith(b"COMMIT")
+                    text = await conn.query(query)
                 else:
                     sql, params = query  # type: ignore[misc]
-                    with anyio.fail_after(limit):
-                        text = await conn.query_params(sql, params)
+                    text = await conn.query_params(sql, params)
                 counters.round_trips += 1
                 if sent_commit or query == b"ROLLBACK":
                     in_transaction = False
@@ -738,10 +754,6 @@ class PostgresStore(StoreFront):
             raise _classify(exc, sent_commit) from exc
         except ConnectionLost as exc:
             raise _Lost(exc, sent_commit) from exc
-        except TimeoutError as exc:
-            raise _Lost(
-                StoreUnavailableError(f"the database did not answer in {limit:g} s"), sent_commit
-            ) from exc
         except BaseException:
             if in_transaction and conn.usable:
                 await self._rollback(conn)
@@ -750,7 +762,7 @@ class PostgresStore(StoreFront):
     async def _rollback(self, conn: Connection) -> None:
         from ducto.interface._pg_wire import ConnectionLost, ServerError
 
-        with anyio.move_on_after(self._timeout):
+        with anyio.CancelScope(shield=True, deadline=anyio.current_time() + self._timeout):
             try:
                 await conn.query(b"ROLLBACK")
                 return

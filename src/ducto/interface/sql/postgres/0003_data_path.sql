@@ -9,7 +9,13 @@
 -- what the previous holder of each lock committed.
 
 CREATE FUNCTION ducto_read(q jsonb) RETURNS text
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql
+-- Every statement is a handful of point lookups driven by the document: planned for index
+-- access whatever the statistics say, since a plan made while the tables were small and kept
+-- for the session would otherwise scan them whole once they are large.
+SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET plan_cache_mode = force_generic_plan SET jit = off
+AS $fn$
 DECLARE
     t timestamptz;
     locks jsonb := coalesce(q->'lock', '[]');
@@ -17,6 +23,9 @@ DECLARE
     swept jsonb := '[]';
     extra jsonb;
     spenders jsonb;
+    doc text;
+    part text;
+    planned boolean := false;
 BEGIN
     -- Accounts the batch may create, so that FOR UPDATE has a row to lock.
     IF q ? 'create' THEN
@@ -30,7 +39,7 @@ BEGIN
                coalesce(jsonb_agg(DISTINCT jsonb_build_array('u', coalesce(spender, account))),
                         '[]')
           INTO extra, spenders
-          FROM ledger WHERE id IN (SELECT jsonb_array_elements_text(q->'refunds'));
+          FROM ledger WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text(q->'refunds')));
         INSERT INTO accounts (kind, id)
         SELECT x->>0, x->>1 FROM jsonb_array_elements(spenders) x ORDER BY 1, 2
         ON CONFLICT DO NOTHING;
@@ -58,145 +67,194 @@ BEGIN
         PERFORM 1 FROM settings WHERE key = 'pricing' FOR UPDATE;
     END IF;
     t := coalesce((q->>'now')::timestamptz, clock_timestamp());
-    RETURN json_build_object(
-        'now', t,
-        -- Each account with its holds and lots due to lapse and its holds by model.
-        'accounts', CASE WHEN jsonb_array_length(reads) > 0 THEN (
-            SELECT json_agg(json_build_array(a.kind, a.id, a.balance, a.lifetime_purchased,
-                a.reserved, a.expired_unswept, a.plan_id, a.name, a.caps,
-                (SELECT json_agg(json_build_array(h.id, h.amount, h.model, h.member, h.expires_at))
-                   FROM holds h WHERE h.kind = a.kind AND h.account = a.id AND h.counted
-                    AND h.expires_at <= t),
-                (SELECT json_agg(json_build_array(l.id, l.remaining)) FROM lots l
-                  WHERE l.kind = a.kind AND l.account = a.id AND l.remaining > 0
-                    AND NOT l.expired AND l.expires_at <= t),
-                (SELECT json_object_agg(r.model, r.amount) FROM reserved_by_model r
-                  WHERE r.kind = a.kind AND r.account = a.id)))
-            FROM (SELECT DISTINCT x->>0 AS kind, x->>1 AS id FROM jsonb_array_elements(reads) x) k
-            JOIN accounts a ON a.kind = k.kind AND a.id = k.id) END,
-        -- Caps, this window's spend and this month's allowance used, per user.
-        'users', CASE WHEN q ? 'users' THEN (
-            SELECT json_agg(json_build_array(u.id,
-                (SELECT json_agg(json_build_array(c.cap_type, c.model, c.cap_limit, c.action))
-                   FROM caps c WHERE c.user_id = u.id),
-                (SELECT json_agg(json_build_array(s.cap_type, s.period, s.model, s.amount))
-                   FROM spend s WHERE s.user_id = u.id AND (
-                     (s.cap_type = 'daily'
-                      AND s.period = (t AT TIME ZONE 'UTC')::date - date '0001-01-01' + 1)
-                     OR (s.cap_type = 'monthly' AND s.period =
-                      extract(year FROM t AT TIME ZONE 'UTC')::int * 12
-                      + extract(month FROM t AT TIME ZONE 'UTC')::int - 1))),
-                (SELECT w.amount FROM allowance_used w WHERE w.user_id = u.id AND w.month =
-                   extract(year FROM t AT TIME ZONE 'UTC')::int * 12
-                   + extract(month FROM t AT TIME ZONE 'UTC')::int - 1)))
-            FROM jsonb_array_elements_text(q->'users') AS u(id)) END,
-        'keys', CASE WHEN q ? 'keys' THEN (
-            SELECT json_agg(json_build_array(i.kind, i.account, i.key, i.op, i.fingerprint,
-                i.result))
-            FROM jsonb_array_elements(q->'keys') k JOIN idempotency i
-              ON i.kind = k->>0 AND i.account = k->>1 AND i.key = k->>2) END,
-        'holds', CASE WHEN q ? 'holds' THEN (
-            SELECT json_agg(json_build_array(h.kind, h.account, h.id, h.amount,
-                h.operation_type, h.model, h.use_allowance, h.expires_at, h.member, h.state,
-                h.counted))
-            FROM jsonb_array_elements(q->'holds') k JOIN holds h
-              ON h.id = k->>2 AND h.kind = k->>0 AND h.account = k->>1) END,
-        -- Unexpired lots in burn-down order until they cover the amount; then expired ones
-        -- (those lapsing now included), oldest expiry first, likewise.
-        'debits', CASE WHEN q ? 'debits' THEN (
-            SELECT json_agg(json_build_array(k->>0, k->>1, (k->>2)::bigint,
-                (SELECT json_agg(json_build_array(id, seq, remaining, expires_at)
-                    ORDER BY coalesce(expires_at, 'infinity'), seq)
-                   FROM (SELECT id, seq, remaining, expires_at, sum(remaining) OVER (
-                           ORDER BY coalesce(expires_at, 'infinity'), seq) AS run
-                         FROM lots WHERE kind = k->>0 AND account = k->>1 AND remaining > 0
-                          AND NOT expired AND (expires_at IS NULL OR expires_at > t)) x
-                  WHERE run - remaining < (k->>2)::bigint),
-                (SELECT json_agg(json_build_array(id, seq, remaining, expires_at)
+    doc := '{"now":' || to_json(t)::text;
+    -- Each part is a query of its own, run only when asked for.
+    IF jsonb_array_length(reads) > 0 THEN
+        -- Each account in one row, with what the request names for it ([kind, id, debit,
+        -- keys, holds, all lots]). Parts that the account's own columns show cannot matter
+        -- are skipped: false stands for "not read".
+        SELECT json_agg(json_build_array(a.kind, a.id, a.balance, a.lifetime_purchased,
+            a.reserved, a.expired_unswept, a.plan_id, a.name, a.caps,
+            -- holds past their TTL still counted, and lots past their expiry
+            CASE WHEN a.reserved > 0 THEN (SELECT json_agg(json_build_array(h.id, h.amount,
+                h.model, h.member, h.expires_at)) FROM holds h WHERE h.kind = a.kind
+                AND h.account = a.id AND h.counted AND h.expires_at <= t) END,
+            (SELECT json_agg(json_build_array(l.id, l.remaining, l.seq, l.expires_at))
+               FROM lots l WHERE l.kind = a.kind AND l.account = a.id AND l.remaining > 0
+                AND NOT l.expired AND coalesce(l.expires_at, 'infinity') <= t),
+            -- counted holds by model, caps and their windows' spend: only with caps
+            CASE WHEN a.caps > 0 THEN coalesce((SELECT json_object_agg(r.model, r.amount)
+                FROM reserved_by_model r WHERE r.kind = a.kind AND r.account = a.id), '{}')
+                ELSE 'false' END,
+            CASE WHEN a.caps > 0 THEN (SELECT json_agg(json_build_array(c.cap_type, c.model,
+                c.cap_limit, c.action)) FROM caps c WHERE c.user_id = a.id) ELSE 'false' END,
+            CASE WHEN a.caps > 0 THEN coalesce((SELECT json_agg(json_build_array(s.cap_type,
+                s.period, s.model, s.amount)) FROM spend s WHERE s.user_id = a.id AND (
+                 (s.cap_type = 'daily'
+                  AND s.period = (t AT TIME ZONE 'UTC')::date - date '0001-01-01' + 1)
+                 OR (s.cap_type = 'monthly' AND s.period =
+                  extract(year FROM t AT TIME ZONE 'UTC')::int * 12
+                  + extract(month FROM t AT TIME ZONE 'UTC')::int - 1))), '[]')
+                ELSE 'false' END,
+            -- this month's allowance used: only with a plan
+            CASE WHEN a.plan_id IS NOT NULL THEN coalesce((SELECT to_json(w.amount)
+                FROM allowance_used w WHERE w.user_id = a.id AND w.month =
+                 extract(year FROM t AT TIME ZONE 'UTC')::int * 12
+                 + extract(month FROM t AT TIME ZONE 'UTC')::int - 1), '0') ELSE 'false' END,
+            -- for a debit: unexpired lots in burn-down order until they cover the amount;
+            -- then expired ones, oldest expiry first, likewise (only if any are unswept)
+            CASE WHEN k.amount IS NOT NULL THEN coalesce((SELECT json_agg(json_build_array(
+                    id, seq, remaining, expires_at) ORDER BY coalesce(expires_at, 'infinity'), seq)
+                FROM (SELECT id, seq, remaining, expires_at, sum(remaining) OVER (
+                        ORDER BY coalesce(expires_at, 'infinity'), seq) AS run
+                      FROM lots WHERE kind = a.kind AND account = a.id AND remaining > 0
+                       AND NOT expired AND coalesce(expires_at, 'infinity') > t) x
+                WHERE run - remaining < k.amount), '[]') END,
+            CASE WHEN k.amount IS NOT NULL AND a.expired_unswept > 0 THEN coalesce((SELECT
+                    json_agg(json_build_array(id, seq, remaining, expires_at)
                     ORDER BY expires_at, seq)
-                   FROM (SELECT id, seq, remaining, expires_at, sum(remaining) OVER (
-                           ORDER BY expires_at, seq) AS run
-                         FROM lots WHERE kind = k->>0 AND account = k->>1 AND remaining > 0
-                          AND (expired OR expires_at <= t)) x
-                  WHERE run - remaining < (k->>2)::bigint)))
-            FROM jsonb_array_elements(q->'debits') k) END,
-        'all_lots', CASE WHEN q ? 'all_lots' THEN (
-            SELECT json_agg(json_build_array(k->>0, k->>1, (SELECT json_agg(json_build_array(
-                    l.id, l.seq, l.remaining, l.expires_at, l.expired OR l.expires_at <= t)
-                  ORDER BY l.expired OR l.expires_at <= t,
-                    CASE WHEN l.expired OR l.expires_at <= t THEN l.expires_at
+                FROM (SELECT id, seq, remaining, expires_at, sum(remaining) OVER (
+                        ORDER BY expires_at, seq) AS run
+                      FROM (SELECT id, seq, remaining, expires_at FROM lots
+                             WHERE kind = a.kind AND account = a.id AND remaining > 0
+                              AND expired
+                            UNION ALL
+                            SELECT id, seq, remaining, expires_at FROM lots
+                             WHERE kind = a.kind AND account = a.id AND remaining > 0
+                              AND NOT expired AND coalesce(expires_at, 'infinity') <= t) e) x
+                WHERE run - remaining < k.amount), '[]') END,
+            -- (each looked up by its key: OFFSET 0 keeps the lookup inside the loop)
+            CASE WHEN k.keys IS NOT NULL THEN (SELECT json_agg(json_build_array(i.key, i.op,
+                i.fingerprint, i.result::json)) FROM jsonb_array_elements_text(k.keys) AS n(key),
+                LATERAL (SELECT * FROM idempotency WHERE kind = a.kind AND account = a.id
+                         AND key = n.key OFFSET 0) i) END,
+            CASE WHEN k.holds IS NOT NULL THEN (SELECT json_agg(json_build_array(h.id,
+                h.amount, h.operation_type, h.model, h.use_allowance, h.expires_at, h.member,
+                h.state, h.counted)) FROM jsonb_array_elements_text(k.holds) AS n(id),
+                LATERAL (SELECT * FROM holds WHERE id = n.id AND kind = a.kind
+                         AND account = a.id OFFSET 0) h) END,
+            -- every lot with credits: unexpired ones in burn-down order, then expired ones
+            CASE WHEN k.all_lots THEN coalesce((SELECT json_agg(json_build_array(
+                    l.id, l.seq, l.remaining, l.expires_at, l.gone)
+                  ORDER BY l.gone, CASE WHEN l.gone THEN l.expires_at
                     ELSE coalesce(l.expires_at, 'infinity') END, l.seq)
-                FROM lots l WHERE l.kind = k->>0 AND l.account = k->>1 AND l.remaining > 0)))
-            FROM jsonb_array_elements(q->'all_lots') k) END,
+                FROM (SELECT id, seq, remaining, expires_at,
+                             coalesce(expires_at, 'infinity') <= t AS gone FROM lots
+                       WHERE kind = a.kind AND account = a.id AND remaining > 0 AND NOT expired
+                      UNION ALL
+                      SELECT id, seq, remaining, expires_at, true FROM lots
+                       WHERE kind = a.kind AND account = a.id AND remaining > 0 AND expired) l),
+                '[]') END))::text, bool_or(a.plan_id IS NOT NULL)
+          INTO part, planned
+          FROM (SELECT DISTINCT ON (x->>0, x->>1) x->>0 AS kind, x->>1 AS id,
+                  (x->>2)::bigint AS amount, nullif(x->3, 'null') AS keys,
+                  nullif(x->4, 'null') AS holds, coalesce((x->>5)::boolean, false) AS all_lots
+                FROM jsonb_array_elements(reads) x
+                ORDER BY x->>0, x->>1, jsonb_array_length(x) DESC) k
+          JOIN accounts a ON a.kind = k.kind AND a.id = k.id;
+        doc := doc || ',"accounts":' || coalesce(part, 'null');
+    END IF;
+    IF q ? 'members' THEN
         -- A membership with the member's spend this month and counted holds on the pool.
-        'members', CASE WHEN q ? 'members' THEN (
-            SELECT json_agg(json_build_array(k->>0, k->>1,
-                (SELECT json_build_array(m.role, m.spend_cap) FROM team_members m
-                  WHERE m.team_id = k->>0 AND m.user_id = k->>1),
-                (SELECT s.amount FROM member_spend s WHERE s.team_id = k->>0
-                  AND s.user_id = k->>1 AND s.month =
-                   extract(year FROM t AT TIME ZONE 'UTC')::int * 12
-                   + extract(month FROM t AT TIME ZONE 'UTC')::int - 1),
-                (SELECT r.amount FROM reserved_by_member r WHERE r.kind = 't'
-                  AND r.account = k->>0 AND r.member = k->>1)))
-            FROM jsonb_array_elements(q->'members') k) END,
-        'member_lists', CASE WHEN q ? 'member_lists' THEN (
-            SELECT json_agg(json_build_array(k.team, (SELECT json_agg(json_build_array(
-                    m.user_id, m.role, m.spend_cap, s.amount) ORDER BY m.user_id)
-                FROM team_members m LEFT JOIN member_spend s
-                  ON s.team_id = m.team_id AND s.user_id = m.user_id AND s.month =
-                   extract(year FROM t AT TIME ZONE 'UTC')::int * 12
-                   + extract(month FROM t AT TIME ZONE 'UTC')::int - 1
-                WHERE m.team_id = k.team)))
-            FROM jsonb_array_elements_text(q->'member_lists') AS k(team)) END,
-        'member_counts', CASE WHEN q ? 'member_counts' THEN (
-            SELECT json_agg(json_build_array(k.team,
-                (SELECT count(*) FROM team_members m WHERE m.team_id = k.team)))
-            FROM jsonb_array_elements_text(q->'member_counts') AS k(team)) END,
-        'pricing', CASE WHEN (q->>'pricing')::boolean THEN (
-            SELECT json_build_array(s.value, (SELECT coalesce(max(version), 0) FROM pricing))
-            FROM settings s WHERE s.key = 'pricing') END,
-        'versions', CASE WHEN q ? 'versions' THEN (
-            SELECT json_agg(json_build_array(version, id, config, label, created_at))
-            FROM pricing WHERE version IN (
-                SELECT (jsonb_array_elements_text(q->'versions'))::int)) END,
-        'history', CASE WHEN (q->>'history')::boolean THEN (
-            SELECT coalesce(json_agg(json_build_array(version, id, config, label, created_at)
-                ORDER BY version DESC), '[]') FROM pricing) END,
+        SELECT json_agg(json_build_array(k->>0, k->>1,
+            (SELECT json_build_array(m.role, m.spend_cap) FROM team_members m
+              WHERE m.team_id = k->>0 AND m.user_id = k->>1),
+            (SELECT s.amount FROM member_spend s WHERE s.team_id = k->>0
+              AND s.user_id = k->>1 AND s.month =
+               extract(year FROM t AT TIME ZONE 'UTC')::int * 12
+               + extract(month FROM t AT TIME ZONE 'UTC')::int - 1),
+            (SELECT r.amount FROM reserved_by_member r WHERE r.kind = 't'
+              AND r.account = k->>0 AND r.member = k->>1)))::text
+          INTO part
+          FROM jsonb_array_elements(q->'members') k;
+        doc := doc || ',"members":' || coalesce(part, 'null');
+    END IF;
+    IF q ? 'member_lists' THEN
+        SELECT json_agg(json_build_array(k.team, (SELECT json_agg(json_build_array(
+                m.user_id, m.role, m.spend_cap, s.amount) ORDER BY m.user_id)
+            FROM team_members m LEFT JOIN member_spend s
+              ON s.team_id = m.team_id AND s.user_id = m.user_id AND s.month =
+               extract(year FROM t AT TIME ZONE 'UTC')::int * 12
+               + extract(month FROM t AT TIME ZONE 'UTC')::int - 1
+            WHERE m.team_id = k.team)))::text
+          INTO part
+          FROM jsonb_array_elements_text(q->'member_lists') AS k(team);
+        doc := doc || ',"member_lists":' || coalesce(part, 'null');
+    END IF;
+    IF q ? 'member_counts' THEN
+        SELECT json_agg(json_build_array(k.team,
+            (SELECT count(*) FROM team_members m WHERE m.team_id = k.team)))::text
+          INTO part
+          FROM jsonb_array_elements_text(q->'member_counts') AS k(team);
+        doc := doc || ',"member_counts":' || coalesce(part, 'null');
+    END IF;
+    -- The pricing settings: 2 always, 1 only if an account read has a plan.
+    IF (q->>'pricing')::int = 2 OR ((q->>'pricing')::int = 1 AND planned) THEN
+        SELECT json_build_array(s.value, (SELECT coalesce(max(version), 0) FROM pricing))::text
+          INTO part
+          FROM settings s WHERE s.key = 'pricing';
+        doc := doc || ',"pricing":' || coalesce(part, 'null');
+    END IF;
+    IF q ? 'versions' THEN
+        SELECT json_agg(json_build_array(version, id, config, label, created_at))::text
+          INTO part
+          FROM pricing WHERE version = ANY(ARRAY(SELECT (jsonb_array_elements_text(q->'versions'))::int));
+        doc := doc || ',"versions":' || coalesce(part, 'null');
+    END IF;
+    IF q ? 'history' THEN
+        SELECT coalesce(json_agg(json_build_array(version, id, config, label, created_at)
+            ORDER BY version DESC), '[]')::text
+          INTO part
+          FROM pricing;
+        doc := doc || ',"history":' || part;
+    END IF;
+    IF q ? 'debit_rows' THEN
         -- A refunded row with the lots it drew from and its key's stored results.
-        'debit_rows', CASE WHEN q ? 'debit_rows' THEN (
-            SELECT json_agg(json_build_array(g.id, g.kind, g.account, g.amount, g.type,
-                g.created_at, g.draws, g.draw_refunds, g.spender, g.model,
-                (SELECT json_agg(json_build_array(l.id, l.seq, l.remaining, l.expires_at))
-                   FROM lots l WHERE l.id IN (SELECT jsonb_array_elements(g.draws)->>0)),
-                (SELECT json_agg(json_build_array(i.op, i.fingerprint, i.result))
-                   FROM idempotency i WHERE i.kind = g.kind AND i.account = g.account
-                    AND i.key = k->>1)))
-            FROM jsonb_array_elements(q->'debit_rows') k JOIN ledger g ON g.id = k->>0) END,
+        SELECT json_agg(json_build_array(g.id, g.kind, g.account, g.amount, g.type,
+            g.created_at, g.draws, g.draw_refunds, g.spender, g.model,
+            (SELECT json_agg(json_build_array(l.id, l.seq, l.remaining, l.expires_at))
+               FROM lots l WHERE l.id = ANY(ARRAY(SELECT jsonb_array_elements(g.draws)->>0))),
+            (SELECT json_agg(json_build_array(i.op, i.fingerprint, i.result::json))
+               FROM idempotency i WHERE i.kind = g.kind AND i.account = g.account
+                AND i.key = k->>1)))::text
+          INTO part
+          FROM jsonb_array_elements(q->'debit_rows') k JOIN ledger g ON g.id = k->>0;
+        doc := doc || ',"debit_rows":' || coalesce(part, 'null');
+    END IF;
+    IF q ? 'pages' THEN
         -- Pages of an account's ledger, newest first, one more row than asked for.
-        'pages', CASE WHEN q ? 'pages' THEN (
-            SELECT json_agg((SELECT coalesce(json_agg(json_build_array(p.seq, p.id, p.kind,
-                    p.account, p.amount, p.type, p.balance_after, p.metadata, p.created_at,
-                    p.reservation_id, p.idempotency_key, p.refunded, p.spender, p.model,
-                    p.operation_type, p.allowance) ORDER BY p.seq DESC), '[]')
-                FROM (SELECT * FROM ledger g WHERE g.kind = k->>0 AND g.account = k->>1
-                  AND (k->3 = 'null' OR g.seq < (k->>3)::bigint)
-                  AND (k->4 = 'null' OR g.type IN (SELECT jsonb_array_elements_text(k->4)))
-                  AND (k->5 = 'null' OR g.created_at >= (k->>5)::timestamptz)
-                  AND (k->6 = 'null' OR g.created_at < (k->>6)::timestamptz)
-                  ORDER BY g.seq DESC LIMIT (k->>2)::int + 1) p) ORDER BY n)
-            FROM jsonb_array_elements(q->'pages') WITH ORDINALITY AS e(k, n)) END,
-        'sweep', CASE WHEN (q->>'sweep')::boolean THEN (
-            SELECT coalesce(json_agg(json_build_array(l.kind, l.account, l.id, l.seq,
-                l.remaining, l.expires_at) ORDER BY l.kind, l.account, l.seq), '[]')
-            FROM lots l WHERE l.remaining > 0 AND l.expires_at IS NOT NULL
-             AND l.expires_at <= t AND jsonb_build_array(jsonb_build_array(l.kind, l.account)) <@ swept) END
-    )::text;
+        SELECT json_agg((SELECT coalesce(json_agg(json_build_array(p.seq, p.id, p.kind,
+                p.account, p.amount, p.type, p.balance_after, p.metadata, p.created_at,
+                p.reservation_id, p.idempotency_key, p.refunded, p.spender, p.model,
+                p.operation_type, p.allowance) ORDER BY p.seq DESC), '[]')
+            FROM (SELECT * FROM ledger g WHERE g.kind = k->>0 AND g.account = k->>1
+              AND (k->3 = 'null' OR g.seq < (k->>3)::bigint)
+              AND (k->4 = 'null' OR g.type = ANY(ARRAY(SELECT jsonb_array_elements_text(k->4))))
+              AND (k->5 = 'null' OR g.created_at >= (k->>5)::timestamptz)
+              AND (k->6 = 'null' OR g.created_at < (k->>6)::timestamptz)
+              ORDER BY g.seq DESC LIMIT (k->>2)::int + 1) p) ORDER BY n)::text
+          INTO part
+          FROM jsonb_array_elements(q->'pages') WITH ORDINALITY AS e(k, n);
+        doc := doc || ',"pages":' || coalesce(part, 'null');
+    END IF;
+    IF (q->>'sweep')::boolean THEN
+        SELECT coalesce(json_agg(json_build_array(l.kind, l.account, l.id, l.seq,
+            l.remaining, l.expires_at) ORDER BY l.kind, l.account, l.seq), '[]')::text
+          INTO part
+          FROM lots l WHERE l.remaining > 0 AND l.expires_at IS NOT NULL
+           AND l.expires_at <= t
+           AND jsonb_build_array(jsonb_build_array(l.kind, l.account)) <@ swept;
+        doc := doc || ',"sweep":' || part;
+    END IF;
+    RETURN doc || '}';
 END;
 $fn$;
 
 CREATE FUNCTION ducto_write(w jsonb) RETURNS void
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET plan_cache_mode = force_generic_plan SET jit = off
+AS $fn$
 BEGIN
     IF w ? 'accounts_new' THEN
         INSERT INTO accounts (kind, id, balance, lifetime_purchased, reserved, expired_unswept,
