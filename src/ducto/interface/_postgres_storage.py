@@ -143,26 +143,16 @@ class Need:
     def document(self) -> dict[str, Any]:
         """The ``ducto_read`` document (without the locks and the clock, which the store adds)."""
         doc: dict[str, Any] = {}
-        # One entry per account: [kind, id, debit amount, keys, hold ids, all lots].
-        entries: dict[tuple[str, str], list[Any]] = {}
-        for kind, account in self.accounts:
-            entries[(kind, account)] = [kind, account, None, None, None, False]
-        for key, amount in self.debits.items():
-            _entry(entries, key)[2] = amount
-        for kind, account, name in self.keys:
-            entry = _entry(entries, (kind, account))
-            if entry[3] is None:
-                entry[3] = []
-            entry[3].append(name)
-        for kind, account, hold_id in self.holds:
-            entry = _entry(entries, (kind, account))
-            if entry[4] is None:
-                entry[4] = []
-            entry[4].append(hold_id)
-        for key in self.all_lots:
-            _entry(entries, key)[5] = True
-        if entries:
-            doc["accounts"] = list(entries.values())
+        if self.accounts:
+            doc["accounts"] = list(self.accounts)
+        if self.debits:
+            doc["debits"] = [[*key, amount] for key, amount in self.debits.items()]
+        if self.keys:
+            doc["keys"] = list(self.keys)
+        if self.holds:
+            doc["holds"] = list(self.holds)
+        if self.all_lots:
+            doc["all_lots"] = list(self.all_lots)
         if self.members:
             doc["members"] = list(self.members)
         if self.member_lists:
@@ -186,13 +176,6 @@ class Need:
         if self.sweep:
             doc["sweep"] = True
         return doc
-
-
-def _entry(entries: dict[tuple[str, str], list[Any]], key: tuple[str, str]) -> list[Any]:
-    entry = entries.get(key)
-    if entry is None:
-        entry = entries[key] = [key[0], key[1], None, None, None, False]
-    return entry
 
 
 def need_for(op: Any, args: Sequence[Any]) -> Need:
@@ -343,45 +326,52 @@ class Data:
     def read(self, need: Need, doc: dict[str, Any]) -> None:
         """Add what a ``ducto_read`` document for `need` brought (missing rows as None)."""
         accounts = self.accounts
+        users = self.users
         keys = self.keys
         holds = self.holds
         for key in need.accounts:
             accounts[key] = None
-        for key3 in need.keys:
-            keys[key3] = {}
-        for hold_key in need.holds:
-            holds[hold_key] = None
         for row in doc.get("accounts") or ():
             kind, account = key = (row[0], row[1])
-            # balance ... caps, holds due, lots due, holds by model (see Snapshot.account)
-            accounts[key] = row[2:12]
+            # balance ... caps, holds due, lots due, then holds by model (read with caps)
+            accounts[key] = [*row[2:11], False]
             if kind == E.USER:
-                self.users[account] = (row[12], row[13], row[14])
-            amount = need.debits.get(key)
-            if amount is not None:
-                live = row[15] or []
-                expired = row[16]
-                if expired is None:  # nothing unswept: only the lots lapsing now
-                    expired = sorted(
-                        ([i, seq, left, at] for i, left, seq, at in row[10] or ()),
-                        key=lambda lot: (_req_dt(lot[3]), lot[1]),
-                    )
-                    partial = False
-                else:
-                    partial = sum(lot[2] for lot in expired) >= amount
-                self.debits[key] = (
-                    amount,
-                    live,
-                    expired,
-                    sum(lot[2] for lot in live) >= amount,
-                    partial,
+                users[account] = [None, False, False]  # caps, window spend, allowance used
+        for account, caps, spend, by_model in doc.get("caps") or ():
+            users[account][0:2] = caps, spend or []
+            accounts[(E.USER, account)][9] = by_model or {}
+        for account, used in doc.get("allowance") or ():
+            users[account][2] = used or 0
+        for kind, account, live, expired in doc.get("debits") or ():
+            key = (kind, account)
+            amount = need.debits[key]
+            live = live or []
+            if expired is None:  # nothing unswept: only the lots lapsing now
+                row = accounts.get(key)
+                expired = sorted(
+                    ([i, seq, left, at] for i, left, seq, at in (row and row[8]) or ()),
+                    key=lambda lot: (_req_dt(lot[3]), lot[1]),
                 )
-            for name, op, fingerprint, result in row[17] or ():
-                keys.setdefault((kind, account, name), {})[op] = (fingerprint, result)
-            for hold in row[18] or ():
-                holds[(kind, account, hold[0])] = hold[1:]
-            if row[19] is not None:
-                self.all_lots[key] = row[19]
+                partial = False
+            else:
+                partial = sum(lot[2] for lot in expired) >= amount
+            self.debits[key] = (
+                amount,
+                live,
+                expired,
+                sum(lot[2] for lot in live) >= amount,
+                partial,
+            )
+        for key3 in need.keys:
+            keys[key3] = {}
+        for kind, account, name, op, fingerprint, result in doc.get("keys") or ():
+            keys.setdefault((kind, account, name), {})[op] = (fingerprint, result)
+        for hold_key in need.holds:
+            holds[hold_key] = None
+        for row in doc.get("holds") or ():
+            holds[(row[0], row[1], row[2])] = row[3:]
+        for kind, account, lots in doc.get("all_lots") or ():
+            self.all_lots[(kind, account)] = lots or []
         for team, user, membership, spent, held in doc.get("members") or ():
             self.members[(team, user)] = (membership, spent, held)
         for team, rows in doc.get("member_lists") or ():

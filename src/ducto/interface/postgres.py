@@ -85,25 +85,11 @@ _RETRY: Final = frozenset({"40001", "40P01"})  # serialization failure, deadlock
 _LOST: Final = re.compile(r"^(08|57P)")
 _TIMED_OUT: Final = "57014"  # query_canceled: statement_timeout
 
-# Operations that may create the account of a user they lock (INSERT ... ON CONFLICT DO
-# NOTHING before the lock, since FOR UPDATE on a missing row locks nothing).
-_CREATES: Final = frozenset(
-    {
-        E.add_credits,
-        E.reserve,
-        E.charge,
-        E.deduct,
-        E.set_user_plan,
-        E.increment_usage_window,
-        E.set_spend_cap,
-        E.deduct_team,
-    }
-)
+_PRICING_LOCK: Final = ("p", "pricing")
+"""The lock that pricing writes take, as if the pricing settings were an account."""
 _PRICING_WRITES: Final = frozenset({E.set_active_pricing, E.activate_pricing})
 _ALONE: Final = frozenset({*_PRICING_WRITES, E.sweep})
 """Operations that run in a transaction of their own, never batched with others."""
-_KNOWN_ACCOUNTS: Final = 100_000
-"""Most account keys remembered as existing (the set is emptied when it grows past this)."""
 
 Query = bytes | tuple[bytes, Sequence[bytes | None]]
 Steps = Generator[Query, bytes | None, T]
@@ -309,7 +295,6 @@ class PostgresStore(StoreFront):
         self._pool: Pool | BorrowedPool | None = None
         self._ids = L.IdSource()
         self._configs: dict[int, PricingConfigData] = {}
-        self._known: set[E.AccountKey] = set()
         self._group: GroupCommit | None = None
         self._group_options = (group_commit, max_batch, max_batches)
         self._counters = _Counters()
@@ -567,33 +552,23 @@ class PostgresStore(StoreFront):
         readers: list[Job] = []
         writers: list[Job] = []
         locks: set[E.AccountKey] = set()
-        creates: set[E.AccountKey] = set()
-        pricing = False
-        known = self._known
         for job in jobs:
             job.result = job.error = None
             if not job.write:
                 readers.append(job)
                 continue
             writers.append(job)
-            keys = job.keys or ()
-            locks.update(keys)
-            if job.fn in _CREATES:
-                creates.update(k for k in keys if k[0] == E.USER and k not in known)
-            pricing = pricing or job.fn in _PRICING_WRITES
+            locks.update(job.keys or ())
+            if job.fn in _PRICING_WRITES:
+                locks.add(_PRICING_LOCK)
         write = bool(writers)
         pending = readers + writers if readers else writers
         head = b""
         lock_doc: dict[str, Any] = {}
         if write:
             head = b"BEGIN;"
-            lock_doc["lock"] = sorted(locks)
-            if creates:
-                lock_doc["create"] = sorted(creates)
-            if pricing:
-                lock_doc["pricing_lock"] = True
+            lock_doc["lock"] = list(locks)
         now = self._now()
-        wrote = False
         while pending:
             if len(pending) == 1:
                 need = need_for(pending[0].fn, pending[0].args)
@@ -661,15 +636,9 @@ class PostgresStore(StoreFront):
                 if not write:  # pragma: no cover - a read-only operation wrote
                     raise AssertionError("a read-only operation recorded writes")
                 head = b"SELECT ducto_write(" + literal(writes) + b");"
-                wrote = True
             pending = deferred
         if write:
             yield head + b"COMMIT"
-            if creates and wrote:
-                # Accounts known to exist (rows are never deleted): their INSERT is skipped.
-                if len(known) > _KNOWN_ACCOUNTS:
-                    known.clear()
-                known.update(creates)
 
     async def _transact(
         self, make_steps: Callable[[], Steps[T]], *, checkpointed: bool = False

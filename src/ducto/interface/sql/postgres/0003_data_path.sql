@@ -23,26 +23,19 @@ DECLARE
     swept jsonb := '[]';
     extra jsonb;
     spenders jsonb;
+    h bigint;
     doc text;
     part text;
-    planned boolean := false;
+    capped text[];
+    planned text[];
 BEGIN
-    -- Accounts the batch may create, so that FOR UPDATE has a row to lock.
-    IF q ? 'create' THEN
-        INSERT INTO accounts (kind, id)
-        SELECT x->>0, x->>1 FROM jsonb_array_elements(q->'create') x ORDER BY 1, 2
-        ON CONFLICT DO NOTHING;
-    END IF;
-    -- A refund names a ledger row: lock its account and the spender's (created if missing).
+    -- A refund names a ledger row: lock its account and the spender's.
     IF q ? 'refunds' THEN
         SELECT coalesce(jsonb_agg(DISTINCT jsonb_build_array(kind, account)), '[]'),
                coalesce(jsonb_agg(DISTINCT jsonb_build_array('u', coalesce(spender, account))),
                         '[]')
           INTO extra, spenders
           FROM ledger WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text(q->'refunds')));
-        INSERT INTO accounts (kind, id)
-        SELECT x->>0, x->>1 FROM jsonb_array_elements(spenders) x ORDER BY 1, 2
-        ON CONFLICT DO NOTHING;
         locks := locks || extra || spenders;
         reads := reads || extra;
     END IF;
@@ -56,103 +49,130 @@ BEGIN
         END IF;
         reads := reads || swept;
     END IF;
-    -- One statement locks every account, in one order (teams 't' before users 'u'), so
-    -- batches in different processes never deadlock.
-    IF jsonb_array_length(locks) > 0 THEN
-        PERFORM 1 FROM accounts a
-          WHERE (a.kind, a.id) IN (SELECT x->>0, x->>1 FROM jsonb_array_elements(locks) x)
-          ORDER BY a.kind, a.id FOR UPDATE;
-    END IF;
-    IF (q->>'pricing_lock')::boolean THEN
-        PERFORM 1 FROM settings WHERE key = 'pricing' FOR UPDATE;
-    END IF;
+    -- One transaction-scoped advisory lock per account ([kind, id]), taken in the order of
+    -- their hashes, so batches in different processes never deadlock. Every write to an
+    -- account's rows happens under its lock; an account need not exist to be locked.
+    FOR h IN SELECT DISTINCT hashtextextended((x->>0) || '/' || (x->>1), 7079)
+               FROM jsonb_array_elements(locks) x ORDER BY 1 LOOP
+        PERFORM pg_advisory_xact_lock(h);
+    END LOOP;
+    -- "Now" is read after the locks, so a later holder of a lock has a later now.
     t := coalesce((q->>'now')::timestamptz, clock_timestamp());
     doc := '{"now":' || to_json(t)::text;
-    -- Each part is a query of its own, run only when asked for.
+    -- Each part is a statement of its own, run only when asked for (or when an account's
+    -- own columns show it can matter): unused parts cost nothing.
     IF jsonb_array_length(reads) > 0 THEN
-        -- Each account in one row, with what the request names for it ([kind, id, debit,
-        -- keys, holds, all lots]). Parts that the account's own columns show cannot matter
-        -- are skipped: false stands for "not read".
+        -- Each account with its holds past their TTL still counted, and its lots past
+        -- their expiry.
         SELECT json_agg(json_build_array(a.kind, a.id, a.balance, a.lifetime_purchased,
             a.reserved, a.expired_unswept, a.plan_id, a.name, a.caps,
-            -- holds past their TTL still counted, and lots past their expiry
             CASE WHEN a.reserved > 0 THEN (SELECT json_agg(json_build_array(h.id, h.amount,
                 h.model, h.member, h.expires_at)) FROM holds h WHERE h.kind = a.kind
                 AND h.account = a.id AND h.counted AND h.expires_at <= t) END,
             (SELECT json_agg(json_build_array(l.id, l.remaining, l.seq, l.expires_at))
                FROM lots l WHERE l.kind = a.kind AND l.account = a.id AND l.remaining > 0
-                AND NOT l.expired AND coalesce(l.expires_at, 'infinity') <= t),
-            -- counted holds by model, caps and their windows' spend: only with caps
-            CASE WHEN a.caps > 0 THEN coalesce((SELECT json_object_agg(r.model, r.amount)
-                FROM reserved_by_model r WHERE r.kind = a.kind AND r.account = a.id), '{}')
-                ELSE 'false' END,
-            CASE WHEN a.caps > 0 THEN (SELECT json_agg(json_build_array(c.cap_type, c.model,
-                c.cap_limit, c.action)) FROM caps c WHERE c.user_id = a.id) ELSE 'false' END,
-            CASE WHEN a.caps > 0 THEN coalesce((SELECT json_agg(json_build_array(s.cap_type,
-                s.period, s.model, s.amount)) FROM spend s WHERE s.user_id = a.id AND (
+                AND NOT l.expired AND coalesce(l.expires_at, 'infinity') <= t)))::text,
+            array_agg(a.id) FILTER (WHERE a.kind = 'u' AND a.caps > 0),
+            array_agg(a.id) FILTER (WHERE a.kind = 'u' AND a.plan_id IS NOT NULL)
+          INTO part, capped, planned
+          FROM (SELECT DISTINCT x->>0 AS kind, x->>1 AS id FROM jsonb_array_elements(reads) x) k
+          JOIN accounts a ON a.kind = k.kind AND a.id = k.id;
+        doc := doc || ',"accounts":' || coalesce(part, 'null');
+    END IF;
+    IF capped IS NOT NULL THEN
+        -- A user with caps: the caps, this window's spend, and counted holds by model.
+        SELECT json_agg(json_build_array(u.id,
+            (SELECT json_agg(json_build_array(c.cap_type, c.model, c.cap_limit, c.action))
+               FROM caps c WHERE c.user_id = u.id),
+            (SELECT json_agg(json_build_array(s.cap_type, s.period, s.model, s.amount))
+               FROM spend s WHERE s.user_id = u.id AND (
                  (s.cap_type = 'daily'
                   AND s.period = (t AT TIME ZONE 'UTC')::date - date '0001-01-01' + 1)
                  OR (s.cap_type = 'monthly' AND s.period =
                   extract(year FROM t AT TIME ZONE 'UTC')::int * 12
-                  + extract(month FROM t AT TIME ZONE 'UTC')::int - 1))), '[]')
-                ELSE 'false' END,
-            -- this month's allowance used: only with a plan
-            CASE WHEN a.plan_id IS NOT NULL THEN coalesce((SELECT to_json(w.amount)
-                FROM allowance_used w WHERE w.user_id = a.id AND w.month =
-                 extract(year FROM t AT TIME ZONE 'UTC')::int * 12
-                 + extract(month FROM t AT TIME ZONE 'UTC')::int - 1), '0') ELSE 'false' END,
-            -- for a debit: unexpired lots in burn-down order until they cover the amount;
-            -- then expired ones, oldest expiry first, likewise (only if any are unswept)
-            CASE WHEN k.amount IS NOT NULL THEN coalesce((SELECT json_agg(json_build_array(
-                    id, seq, remaining, expires_at) ORDER BY coalesce(expires_at, 'infinity'), seq)
-                FROM (SELECT id, seq, remaining, expires_at, sum(remaining) OVER (
-                        ORDER BY coalesce(expires_at, 'infinity'), seq) AS run
-                      FROM lots WHERE kind = a.kind AND account = a.id AND remaining > 0
-                       AND NOT expired AND coalesce(expires_at, 'infinity') > t) x
-                WHERE run - remaining < k.amount), '[]') END,
-            CASE WHEN k.amount IS NOT NULL AND a.expired_unswept > 0 THEN coalesce((SELECT
-                    json_agg(json_build_array(id, seq, remaining, expires_at)
-                    ORDER BY expires_at, seq)
-                FROM (SELECT id, seq, remaining, expires_at, sum(remaining) OVER (
-                        ORDER BY expires_at, seq) AS run
-                      FROM (SELECT id, seq, remaining, expires_at FROM lots
-                             WHERE kind = a.kind AND account = a.id AND remaining > 0
-                              AND expired
-                            UNION ALL
-                            SELECT id, seq, remaining, expires_at FROM lots
-                             WHERE kind = a.kind AND account = a.id AND remaining > 0
-                              AND NOT expired AND coalesce(expires_at, 'infinity') <= t) e) x
-                WHERE run - remaining < k.amount), '[]') END,
-            -- (each looked up by its key: OFFSET 0 keeps the lookup inside the loop)
-            CASE WHEN k.keys IS NOT NULL THEN (SELECT json_agg(json_build_array(i.key, i.op,
-                i.fingerprint, i.result::json)) FROM jsonb_array_elements_text(k.keys) AS n(key),
-                LATERAL (SELECT * FROM idempotency WHERE kind = a.kind AND account = a.id
-                         AND key = n.key OFFSET 0) i) END,
-            CASE WHEN k.holds IS NOT NULL THEN (SELECT json_agg(json_build_array(h.id,
-                h.amount, h.operation_type, h.model, h.use_allowance, h.expires_at, h.member,
-                h.state, h.counted)) FROM jsonb_array_elements_text(k.holds) AS n(id),
-                LATERAL (SELECT * FROM holds WHERE id = n.id AND kind = a.kind
-                         AND account = a.id OFFSET 0) h) END,
-            -- every lot with credits: unexpired ones in burn-down order, then expired ones
-            CASE WHEN k.all_lots THEN coalesce((SELECT json_agg(json_build_array(
-                    l.id, l.seq, l.remaining, l.expires_at, l.gone)
-                  ORDER BY l.gone, CASE WHEN l.gone THEN l.expires_at
-                    ELSE coalesce(l.expires_at, 'infinity') END, l.seq)
-                FROM (SELECT id, seq, remaining, expires_at,
-                             coalesce(expires_at, 'infinity') <= t AS gone FROM lots
-                       WHERE kind = a.kind AND account = a.id AND remaining > 0 AND NOT expired
-                      UNION ALL
-                      SELECT id, seq, remaining, expires_at, true FROM lots
-                       WHERE kind = a.kind AND account = a.id AND remaining > 0 AND expired) l),
-                '[]') END))::text, bool_or(a.plan_id IS NOT NULL)
-          INTO part, planned
-          FROM (SELECT DISTINCT ON (x->>0, x->>1) x->>0 AS kind, x->>1 AS id,
-                  (x->>2)::bigint AS amount, nullif(x->3, 'null') AS keys,
-                  nullif(x->4, 'null') AS holds, coalesce((x->>5)::boolean, false) AS all_lots
-                FROM jsonb_array_elements(reads) x
-                ORDER BY x->>0, x->>1, jsonb_array_length(x) DESC) k
-          JOIN accounts a ON a.kind = k.kind AND a.id = k.id;
-        doc := doc || ',"accounts":' || coalesce(part, 'null');
+                  + extract(month FROM t AT TIME ZONE 'UTC')::int - 1))),
+            (SELECT json_object_agg(r.model, r.amount) FROM reserved_by_model r
+              WHERE r.kind = 'u' AND r.account = u.id)))::text
+          INTO part
+          FROM unnest(capped) AS u(id);
+        doc := doc || ',"caps":' || part;
+    END IF;
+    IF planned IS NOT NULL THEN
+        -- A user with a plan: the allowance used this month.
+        SELECT json_agg(json_build_array(u.id, (SELECT w.amount FROM allowance_used w
+            WHERE w.user_id = u.id AND w.month =
+             extract(year FROM t AT TIME ZONE 'UTC')::int * 12
+             + extract(month FROM t AT TIME ZONE 'UTC')::int - 1)))::text
+          INTO part
+          FROM unnest(planned) AS u(id);
+        doc := doc || ',"allowance":' || part;
+    END IF;
+    IF q ? 'debits' THEN
+        -- For a debit ([kind, id, amount]): unexpired lots in burn-down order until they
+        -- cover the amount; then, only if the account has any unswept, expired ones (those
+        -- lapsing now included), oldest expiry first, likewise.
+        SELECT json_agg(json_build_array(k->>0, k->>1,
+            (SELECT json_agg(json_build_array(id, seq, remaining, expires_at)
+                ORDER BY coalesce(expires_at, 'infinity'), seq)
+               FROM (SELECT id, seq, remaining, expires_at, sum(remaining) OVER (
+                       ORDER BY coalesce(expires_at, 'infinity'), seq) AS run
+                     FROM lots WHERE kind = k->>0 AND account = k->>1 AND remaining > 0
+                      AND NOT expired AND coalesce(expires_at, 'infinity') > t) x
+              WHERE run - remaining < (k->>2)::bigint),
+            CASE WHEN (SELECT a.expired_unswept > 0 FROM accounts a
+                        WHERE a.kind = k->>0 AND a.id = k->>1) THEN coalesce((SELECT
+                json_agg(json_build_array(id, seq, remaining, expires_at)
+                ORDER BY expires_at, seq)
+               FROM (SELECT id, seq, remaining, expires_at, sum(remaining) OVER (
+                       ORDER BY expires_at, seq) AS run
+                     FROM (SELECT id, seq, remaining, expires_at FROM lots
+                            WHERE kind = k->>0 AND account = k->>1 AND remaining > 0
+                             AND expired
+                           UNION ALL
+                           SELECT id, seq, remaining, expires_at FROM lots
+                            WHERE kind = k->>0 AND account = k->>1 AND remaining > 0
+                             AND NOT expired AND coalesce(expires_at, 'infinity') <= t) e) x
+              WHERE run - remaining < (k->>2)::bigint), '[]') END))::text
+          INTO part
+          FROM jsonb_array_elements(q->'debits') k;
+        doc := doc || ',"debits":' || coalesce(part, 'null');
+    END IF;
+    IF q ? 'keys' THEN
+        -- Stored results by idempotency key ([kind, id, key]); OFFSET 0 keeps each lookup a
+        -- probe of the key's index.
+        SELECT json_agg(json_build_array(k->>0, k->>1, i.key, i.op, i.fingerprint,
+            i.result::json))::text
+          INTO part
+          FROM jsonb_array_elements(q->'keys') k,
+            LATERAL (SELECT * FROM idempotency WHERE kind = k->>0 AND account = k->>1
+                     AND key = k->>2 OFFSET 0) i;
+        doc := doc || ',"keys":' || coalesce(part, 'null');
+    END IF;
+    IF q ? 'holds' THEN
+        SELECT json_agg(json_build_array(h.kind, h.account, h.id, h.amount,
+            h.operation_type, h.model, h.use_allowance, h.expires_at, h.member, h.state,
+            h.counted))::text
+          INTO part
+          FROM jsonb_array_elements(q->'holds') k,
+            LATERAL (SELECT * FROM holds WHERE id = k->>2 AND kind = k->>0
+                     AND account = k->>1 OFFSET 0) h;
+        doc := doc || ',"holds":' || coalesce(part, 'null');
+    END IF;
+    IF q ? 'all_lots' THEN
+        -- Every lot with credits: unexpired ones in burn-down order, then expired ones.
+        SELECT json_agg(json_build_array(k->>0, k->>1, (SELECT json_agg(json_build_array(
+                l.id, l.seq, l.remaining, l.expires_at, l.gone)
+              ORDER BY l.gone, CASE WHEN l.gone THEN l.expires_at
+                ELSE coalesce(l.expires_at, 'infinity') END, l.seq)
+            FROM (SELECT id, seq, remaining, expires_at,
+                         coalesce(expires_at, 'infinity') <= t AS gone FROM lots
+                   WHERE kind = k->>0 AND account = k->>1 AND remaining > 0 AND NOT expired
+                  UNION ALL
+                  SELECT id, seq, remaining, expires_at, true FROM lots
+                   WHERE kind = k->>0 AND account = k->>1 AND remaining > 0 AND expired) l)))::text
+          INTO part
+          FROM jsonb_array_elements(q->'all_lots') k;
+        doc := doc || ',"all_lots":' || coalesce(part, 'null');
     END IF;
     IF q ? 'members' THEN
         -- A membership with the member's spend this month and counted holds on the pool.
@@ -189,7 +209,7 @@ BEGIN
         doc := doc || ',"member_counts":' || coalesce(part, 'null');
     END IF;
     -- The pricing settings: 2 always, 1 only if an account read has a plan.
-    IF (q->>'pricing')::int = 2 OR ((q->>'pricing')::int = 1 AND planned) THEN
+    IF (q->>'pricing')::int = 2 OR ((q->>'pricing')::int = 1 AND planned IS NOT NULL) THEN
         SELECT json_build_array(s.value, (SELECT coalesce(max(version), 0) FROM pricing))::text
           INTO part
           FROM settings s WHERE s.key = 'pricing';
