@@ -455,6 +455,37 @@ BAD_CALLS = [
         "label",
         lambda s, w: s.set_active_pricing(PricingConfigData(models={"_default": "0"}), 5),
     ),
+    # NUL: no SQL text column holds it, so every store refuses it in every text argument
+    bad(
+        "pricing-nul-label",
+        "label",
+        lambda s, w: s.set_active_pricing(PricingConfigData(models={"_default": "0"}), "a\x00b"),
+    ),
+    bad(
+        "refund-nul-reason",
+        "reason",
+        lambda s, w: s.refund_credits(w.usage, 1, reason="a\x00b"),
+    ),
+    bad(
+        "add_credits-nul-metadata",
+        "metadata",
+        lambda s, w: s.add_credits(w.user, 5, "purchase", {"note": "a\x00b"}),
+    ),
+    bad(
+        "reserve-nul-metadata-model",
+        "metadata",
+        lambda s, w: s.reserve_credits(w.user, 5, "chat", CreditMetadata(model="m\x00")),
+    ),
+    bad(
+        "deduct-nul-metadata-key",
+        "metadata",
+        lambda s, w: s.deduct_credits(w.user, w.hold, 5, metadata={"a\x00b": 1}),
+    ),
+    bad(
+        "team_deduct-nul-nested-metadata",
+        "metadata",
+        lambda s, w: s.deduct_team(w.team, w.user, 5, {"tags": ["ok", {"x": "\x00"}]}),
+    ),
     bad("activate-zero", "version", lambda s, w: s.activate_pricing(0)),
     bad("activate-negative", "version", lambda s, w: s.activate_pricing(-1)),
     bad("activate-str", "version", lambda s, w: s.activate_pricing("1")),

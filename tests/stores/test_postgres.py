@@ -380,7 +380,7 @@ async def test_a_hot_user_is_never_overcommitted(
 ) -> None:
     """16 transactions at once x 20 holds of 1 against 100 credits: exactly 100 are placed.
 
-    Held totals are read after the row lock, so no hold is granted on a snapshot taken before
+    Held totals are read after the account's lock, so no hold is granted on a snapshot taken before
     another transaction's hold committed.
     """
     async with opened(url, schema, min_size=16, max_size=16, **options) as store:

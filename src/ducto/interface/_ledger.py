@@ -124,12 +124,17 @@ def check_optional_key(name: str, value: object) -> str | None:
 
 
 def check_optional_text(name: str, value: object, *, max_length: int = 4096) -> str | None:
-    """Return an optional free-text argument after checking its type and length."""
+    """
+    Return an optional free-text argument after checking its type and length.
+
+    NUL is refused, as in ids: no SQL text column can hold it, so every store refuses it.
+    """
     if value is None:
         return None
-    if type(value) is not str or len(value) > max_length:
+    if type(value) is not str or len(value) > max_length or "\x00" in value:
         raise InvalidArgumentError(
-            f"{name} must be None or a str of at most {max_length} characters, got {shown(value)}"
+            f"{name} must be None or a str of at most {max_length} characters without NUL,"
+            f" got {shown(value)}"
         )
     return value
 
@@ -216,13 +221,36 @@ def check_metadata(value: object, name: str = "metadata") -> CreditMetadata | No
         raise InvalidArgumentError(
             f"{name} must be CreditMetadata, a dict or None, got {type(value).__name__}"
         )
+    dumped = value.model_dump(exclude_none=True)
     try:
-        json.dumps(value.model_dump(exclude_none=True), allow_nan=False)
+        json.dumps(dumped, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidArgumentError(
             f"{name} must be JSON-serialisable (no NaN or infinity): {exc}"
         ) from exc
+    where = _nul_in(dumped, name)
+    if where is not None:
+        raise InvalidArgumentError(f"{name} must not contain NUL, found one in {where}")
     return value
+
+
+def _nul_in(value: object, path: str) -> str | None:
+    """The path of the first key or string holding NUL inside `value`, or None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(key, str) and "\x00" in key:
+                return f"{path} (a key)"
+            found = _nul_in(item, f"{path}[{key!r}]")
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for n, item in enumerate(value):
+            found = _nul_in(item, f"{path}[{n}]")
+            if found is not None:
+                return found
+    return None
 
 
 def check_grant_type(value: object) -> str:

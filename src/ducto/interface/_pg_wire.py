@@ -16,6 +16,7 @@ the connections are then kept in `Pool`, a small pool of the store's own. A stor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
@@ -308,10 +309,8 @@ class Pool:
             self.closed += 1
         else:
             self.lost += 1
-        try:
+        with contextlib.suppress(Exception):  # closing a broken connection may fail
             conn.close()
-        except Exception:  # pragma: no cover - closing a broken connection may fail
-            pass
 
     def _wake_one(self) -> None:
         """A connection went away: the oldest waiter may open one in its place."""

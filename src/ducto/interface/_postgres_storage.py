@@ -378,8 +378,9 @@ class Data:
             self.member_lists[team] = rows or []
         for team, count in doc.get("member_counts") or ():
             self.member_counts[team] = count
-        if doc.get("pricing") is not None:
-            active, last = doc.get("pricing")
+        pricing = doc.get("pricing")
+        if pricing is not None:
+            active, last = pricing
             self.active_version = int(active) if active else None
             self.last_version = last
         for version in need.pricing_versions:
@@ -774,9 +775,9 @@ class Snapshot:
         fetched = self.data.debits.get(key)
         if fetched is None:
             raise Miss(Need(debits={key: max(1, acct.balance)}))
-        rows = fetched[1 + which]
+        rows, partial = (fetched[1], fetched[3]) if which == 0 else (fetched[2], fetched[4])
         lots = [self._lot_of(key, row) for row in rows]
-        found = (lots, fetched[3 + which])
+        found = (lots, partial)
         self._fetched[(key, which)] = found
         return found
 
@@ -1272,7 +1273,7 @@ class Snapshot:
         self.out.activate = version
 
 
-_NO_USER: Final = (None, [], 0)
+_NO_USER: Final[tuple[None, list[Any], int]] = (None, [], 0)
 
 
 def _expired(lot: L.Lot, now: datetime) -> bool:

@@ -396,7 +396,9 @@ class PostgresStore(StoreFront):
                 await conn.query(self._session())
         except (ServerError, ConnectionLost, TimeoutError) as exc:
             conn.close()
-            raise StoreUnavailableError(f"the new connection's session setup failed: {exc}") from exc
+            raise StoreUnavailableError(
+                f"the new connection's session setup failed: {exc}"
+            ) from exc
         return conn
 
     def _session(self) -> bytes:
@@ -663,20 +665,8 @@ class PostgresStore(StoreFront):
         while True:
             attempts += 1
             conn = await pool.acquire()
-            limit = self._statement_timeout + 5.0
-            state = _Progress()
             try:
-                # Shielded from the caller's cancellation; bounded by its own deadline.
-                with anyio.CancelScope(shield=True, deadline=anyio.current_time() + limit) as scope:
-                    try:
-                        return await self._drive(conn, make_steps(), state)
-                    finally:
-                        await pool.release(conn)
-                # Only the deadline cancels the scope: the server stopped answering.
-                raise _Lost(
-                    StoreUnavailableError(f"the database did not answer in {limit:g} s"),
-                    state.sent_commit,
-                )
+                return await self._attempt(pool, conn, make_steps())
             except _Retry as retry:
                 if attempts >= _MAX_ATTEMPTS:
                     raise _translate(retry.cause) from retry.cause
@@ -691,6 +681,22 @@ class PostgresStore(StoreFront):
                     raise StoreUnavailableError(str(cause) or "the connection was lost") from cause
             self._counters.retries += 1
 
+    async def _attempt(self, pool: Pool | BorrowedPool, conn: Connection, steps: Steps[T]) -> T:
+        """One run of a transaction on `conn`, shielded and bounded by the statement timeout."""
+        limit = self._statement_timeout + 5.0
+        state = _Progress()
+        # Shielded from the caller's cancellation; bounded by its own deadline.
+        with anyio.CancelScope(shield=True, deadline=anyio.current_time() + limit):
+            try:
+                return await self._drive(conn, steps, state)
+            finally:
+                await pool.release(conn)
+        # Only the deadline cancels the scope: the server stopped answering.
+        raise _Lost(
+            StoreUnavailableError(f"the database did not answer in {limit:g} s"),
+            state.sent_commit,
+        )
+
     async def _drive(self, conn: Connection, steps: Steps[T], state: _Progress) -> T:
         """Send each of `steps`' messages in turn on `conn` (within the caller's deadline)."""
         from ducto.interface._pg_wire import ConnectionLost, ServerError
@@ -700,13 +706,13 @@ class PostgresStore(StoreFront):
         try:
             query = next(steps)
             while True:
-                if type(query) is bytes:
+                if isinstance(query, bytes):
                     if query.startswith(b"BEGIN"):
                         in_transaction = True
                     sent_commit = state.sent_commit = query.endswith(b"COMMIT")
                     text = await conn.query(query)
                 else:
-                    sql, params = query  # type: ignore[misc]
+                    sql, params = query
                     text = await conn.query_params(sql, params)
                 counters.round_trips += 1
                 if sent_commit or query == b"ROLLBACK":
@@ -743,9 +749,7 @@ class PostgresStore(StoreFront):
 
     async def _query(self, sql: str, *params: object) -> Any:
         """One read-only statement whose one value is JSON, with ``$n`` parameters."""
-        encoded = [
-            (p.isoformat() if isinstance(p, datetime) else str(p)).encode() for p in params
-        ]
+        encoded = [(p.isoformat() if isinstance(p, datetime) else str(p)).encode() for p in params]
 
         def steps() -> Steps[Any]:
             text = yield (sql.encode(), encoded)
@@ -770,7 +774,7 @@ class PostgresStore(StoreFront):
         lo, hi = L.check_window(start, end)
         rows = await self._spend(
             "SELECT coalesce(json_agg(json_build_array(u, s, c) ORDER BY s DESC,"
-            ' u COLLATE "C"), \'[]\') FROM (SELECT u, sum(net) AS s, count(*) AS c FROM w'
+            " u COLLATE \"C\"), '[]') FROM (SELECT u, sum(net) AS s, count(*) AS c FROM w"
             " GROUP BY u) x",
             lo,
             hi,
@@ -781,7 +785,7 @@ class PostgresStore(StoreFront):
         lo, hi = L.check_window(start, end)
         rows = await self._spend(
             "SELECT coalesce(json_agg(json_build_array(m, s, c) ORDER BY s DESC,"
-            ' m COLLATE "C"), \'[]\') FROM (SELECT m, sum(net) AS s, count(*) AS c FROM w'
+            " m COLLATE \"C\"), '[]') FROM (SELECT m, sum(net) AS s, count(*) AS c FROM w"
             " GROUP BY m) x",
             lo,
             hi,
@@ -802,7 +806,7 @@ class PostgresStore(StoreFront):
         L.check_limit(limit)
         lo, hi = L.check_window(start, end)
         rows = await self._spend(
-            "SELECT coalesce(json_agg(json_build_array(u, s) ORDER BY s DESC, u COLLATE \"C\"),"
+            'SELECT coalesce(json_agg(json_build_array(u, s) ORDER BY s DESC, u COLLATE "C"),'
             " '[]') FROM (SELECT u, sum(net) AS s FROM w GROUP BY u"
             ' ORDER BY 2 DESC, u COLLATE "C" LIMIT $4) x',
             lo,
