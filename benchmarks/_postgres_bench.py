@@ -241,3 +241,64 @@ def run(url: str, backends: list[str], scale: float, repeat: int) -> None:
                     )
     finally:
         _drop(url, floor_schema, store_schema)
+
+
+# -- cost against history ----------------------------------------------------------------------
+
+_HISTORY: tuple[str, ...] = (
+    "INSERT INTO ledger (id, kind, account, amount, type, balance_after, metadata, created_at,"
+    " idempotency_key) SELECT 'h' || g, 'u', 'hot', -1, 'usage', 0, '{}', now(), 'hk' || g"
+    " FROM generate_series(1, %(n)s) g",
+    "INSERT INTO idempotency (kind, account, op, key, fingerprint, result)"
+    " SELECT 'u', 'hot', 'deduct', 'hk' || g, '[]', '{}' FROM generate_series(1, %(n)s) g",
+    "INSERT INTO holds (id, kind, account, amount, operation_type, use_allowance, expires_at,"
+    " state, counted) SELECT 'hh' || g, 'u', 'hot', 1, 'chat', false,"
+    " now() + interval '1 day', 1, false FROM generate_series(1, %(n)s) g",
+    "INSERT INTO lots (id, kind, account, remaining, expired)"
+    " SELECT 'hl' || g, 'u', 'hot', 0, false FROM generate_series(1, %(n)s) g",
+    "INSERT INTO accounts (kind, id) SELECT 'u', 'x' || g FROM generate_series(1, %(n)s) g",
+)
+"""Rows added behind a running store: settled holds, drawn lots, rows and keys of the hot
+user, and other accounts."""
+
+
+async def _timed_pairs(store: PostgresStore, count: int, tag: str) -> float:
+    started = time.perf_counter()
+    for n in range(count):
+        key = f"{tag}-{n}"
+        hold = await store.reserve_credits(
+            "hot", PAIR_HOLD, "chat", min_balance=0, idempotency_key=key
+        )
+        await store.deduct_credits("hot", hold.reservation_id, PAIR_CHARGE, key)
+    return (time.perf_counter() - started) / count * 1e3
+
+
+async def _history_cost(url: str, schema: str, rows: int, count: int) -> tuple[float, float]:
+    async with PostgresStore(url, schema=schema, min_size=1, max_size=1) as store:
+        await store.setup()
+        await store.add_credits("hot", 10**15, "purchase")
+        await _timed_pairs(store, 50, "warm")
+        empty = await _timed_pairs(store, count, "empty")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"SET search_path TO {schema}")
+            for statement in _HISTORY:
+                conn.execute(statement, {"n": rows})  # type: ignore[arg-type]
+        full = await _timed_pairs(store, count, "full")
+    return empty, full
+
+
+def history(url: str, backend: str, rows: int) -> None:
+    """Print the sequential pair's cost before and after `rows` rows land in every table.
+
+    The rows arrive behind the store's back, on its open sessions, with no ANALYZE: the
+    plans its sessions made while the tables were small must stay cheap.
+    """
+    schema = f"bench_hist_{uuid.uuid4().hex[:8]}"
+    try:
+        empty, full = anyio.run(_history_cost, url, schema, rows, 300, backend=backend)
+    finally:
+        _drop(url, schema)
+    print(
+        f"per-pair cost ({backend}, sequential): {empty:.2f} ms, after {rows:,} rows in each"
+        f" table on the same sessions {full:.2f} ms (x{full / empty:.2f})"
+    )

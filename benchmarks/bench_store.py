@@ -298,9 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ducto bench_store  store={args.store}  python {sys.version.split()[0]}")
     print(f"started {started}  pid {os.getpid()}  cpus {os.cpu_count()}")
     if args.store == "postgres":
-        from _postgres_bench import run
+        from _postgres_bench import history, run
 
         run(args.url, backends, args.scale, args.repeat)
+        if args.history:
+            history(args.url, backends[0], min(args.history, 300_000))
         print(f"peak RSS: {peak_rss_mb():,.0f} MB")
         return 0
     with tempfile.TemporaryDirectory() as tmpdir:
