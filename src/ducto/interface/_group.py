@@ -36,6 +36,7 @@ class Job:
         "fn",
         "keys",
         "lead",
+        "order",
         "result",
         "taken",
         "wake",
@@ -62,6 +63,8 @@ class Job:
         self.taken = False
         self.result: Any = None
         self.error: BaseException | None = None
+        self.order = 0
+        """Where the operation ran in its batch's serial order (set by stores that reorder)."""
 
     def outcome(self) -> Any:
         """The operation's result, or raise its error."""

@@ -180,6 +180,23 @@ def _classify(exc: BaseException, sent_commit: bool) -> BaseException:
     return _translate(exc)
 
 
+def _deferred(run: list[Job], job: Job) -> list[Job]:
+    """
+    `job` and every later job of `run` that must follow it into a later round.
+
+    Those are the jobs that share an account with it (or with another deferred job), and the
+    jobs whose accounts are not known before they run (a refund's).
+    """
+    accounts = set(job.keys or ())
+    found = [job]
+    for later in run[run.index(job) + 1 :]:
+        keys = later.keys or ()
+        if (later.write and not keys) or any(key in accounts for key in keys):
+            found.append(later)
+            accounts.update(keys)
+    return found
+
+
 def _split_url(url: str) -> tuple[str, str | None]:
     """
     Take the ``schema`` option out of a ``postgresql://`` URL.
@@ -548,8 +565,10 @@ class PostgresStore(StoreFront):
         that must see the batch's writes in the database (`Defer`) runs in a later round,
         after them. Read-only operations go first: they see the batch's accounts as locked.
 
-        Each job's result or error is set on it; an operation that refuses or raises leaves
-        no write.
+        Each job's result or error is set on it, and its place in the serial order the batch
+        ran in (``order``); an operation that refuses or raises leaves no write. An operation
+        deferred to a later round takes every later operation on its accounts with it, so
+        operations on one account run in the order they were queued.
         """
         readers: list[Job] = []
         writers: list[Job] = []
@@ -571,6 +590,7 @@ class PostgresStore(StoreFront):
             head = b"BEGIN;"
             lock_doc["lock"] = list(locks)
         now = self._now()
+        order = 0
         while pending:
             if len(pending) == 1:
                 need = need_for(pending[0].fn, pending[0].args)
@@ -594,7 +614,7 @@ class PostgresStore(StoreFront):
                 snapshot = Snapshot(data, self._ids, self._configs)
                 missed: Need | None = None
                 blocked: set[E.AccountKey] = set()
-                drop: Job | None = None
+                drop: list[Job] = []
                 for job in run:
                     keys = job.keys or ()
                     if missed is not None and any(key in blocked for key in keys):
@@ -608,22 +628,25 @@ class PostgresStore(StoreFront):
                         blocked.update(keys)
                     except Defer:
                         if missed is None:
-                            deferred.append(job)
-                            drop = job
+                            drop = _deferred(run, job)
+                            deferred.extend(drop)
                             break
                     except Exception as exc:
                         # Trusted only in a pass that missed nothing (else the snapshot may
                         # hold a missed operation's half-done writes).
                         if missed is None:
                             job.result, job.error = None, exc
-                            drop = job
+                            drop = [job]
                             break
-                if drop is not None:
-                    # Run the batch again without it, on a fresh snapshot: whatever it did
-                    # before it stopped is dropped with the old one.
-                    run = [job for job in run if job is not drop]
+                if drop:
+                    # Run the batch again without them, on a fresh snapshot: whatever they did
+                    # before they stopped is dropped with the old one.
+                    run = [job for job in run if job not in drop]
                     continue
                 if missed is None:
+                    for job in run:
+                        order += 1
+                        job.order = order
                     break
                 fetches += 1
                 if fetches > _MAX_FETCHES:  # pragma: no cover - a prefetch plan that never fits
