@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from ducto.interface.base import CreditStore
-from ducto.interface.models import TransactionRow
+from ducto.interface.models import TransactionPage, TransactionRow
 
 
 async def all_rows(store: CreditStore, user_id: str) -> list[TransactionRow]:
     """The user's whole ledger, oldest first."""
+    return await _every_page(store.list_transactions, user_id)
+
+
+async def all_team_rows(store: CreditStore, team_id: str) -> list[TransactionRow]:
+    """A team pool's whole ledger, oldest first."""
+    return await _every_page(store.list_team_transactions, team_id)
+
+
+async def _every_page(
+    list_page: Callable[..., Awaitable[TransactionPage]], account: str
+) -> list[TransactionRow]:
     rows: list[TransactionRow] = []
     cursor: str | None = None
     while True:
-        page = await store.list_transactions(user_id, limit=1000, cursor=cursor)
+        page = await list_page(account, limit=1000, cursor=cursor)
         rows.extend(page.items)
         if page.next_cursor is None:
             return rows[::-1]

@@ -22,7 +22,7 @@ import anyio
 import pytest
 from anyio.abc import TaskGroup
 from anyio.lowlevel import checkpoint
-from tests.contract._checks import all_rows, assert_invariants
+from tests.contract._checks import all_rows, all_team_rows, assert_invariants
 
 from ducto.errors import ErrorCode
 from ducto.interface.base import CreditStore
@@ -252,7 +252,7 @@ class _Storm:
 
     async def _ledger(self, account: str) -> list[TransactionRow]:
         return (
-            await _team_rows(self.store, account)
+            await all_team_rows(self.store, account)
             if account == self.team_id
             else (await all_rows(self.store, account))
         )
@@ -282,18 +282,6 @@ class _Storm:
                 if op.kind == "deduct":
                     assert result.ok, f"retry of a cancelled deduct failed: {result}"
         op.result = result
-
-
-async def _team_rows(store: CreditStore, team_id: str) -> list[TransactionRow]:
-    """A team pool's whole ledger, oldest first."""
-    rows: list[TransactionRow] = []
-    cursor: str | None = None
-    while True:
-        page = await store.list_team_transactions(team_id, limit=1000, cursor=cursor)
-        rows.extend(page.items)
-        if page.next_cursor is None:
-            return rows[::-1]
-        cursor = page.next_cursor
 
 
 async def _storm(store: CreditStore, user_id: str, seed: int, accounts: int) -> None:
@@ -361,7 +349,7 @@ async def _storm(store: CreditStore, user_id: str, seed: int, accounts: int) -> 
     pool = await store.get_team_balance(team.team_id)
     assert (1000 + topped - spent + refunded, pool.balance) == (pool.balance, pool.available)
     assert pool.balance >= 0
-    rows = await _team_rows(store, team.team_id)
+    rows = await all_team_rows(store, team.team_id)
     running = 0
     for row in rows:
         running += row.amount

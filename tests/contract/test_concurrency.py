@@ -23,7 +23,7 @@ import anyio
 import pytest
 from anyio.lowlevel import checkpoint
 from tests.conftest import FakeClock
-from tests.contract._checks import all_rows, assert_invariants
+from tests.contract._checks import all_rows, all_team_rows, assert_invariants
 
 from ducto.errors import ErrorCode
 from ducto.interface.base import CreditStore
@@ -545,15 +545,7 @@ async def test_concurrent_refund_retries_apply_a_key_once(store: CreditStore, us
 
 async def _team_ledger(store: CreditStore, team_id: str) -> list[TransactionRow]:
     """A team pool's whole ledger, oldest first, checked to add up to the pool's balance."""
-    rows: list[TransactionRow] = []
-    cursor: str | None = None
-    while True:
-        page = await store.list_team_transactions(team_id, limit=1000, cursor=cursor)
-        rows.extend(page.items)
-        if page.next_cursor is None:
-            break
-        cursor = page.next_cursor
-    rows.reverse()
+    rows = await all_team_rows(store, team_id)
     running = 0
     for row in rows:
         running += row.amount

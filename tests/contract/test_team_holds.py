@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 import anyio
 import pytest
 from tests.conftest import FakeClock
-from tests.contract._checks import assert_invariants
+from tests.contract._checks import all_team_rows, assert_invariants
 
 from ducto.errors import ErrorCode
 from ducto.interface.base import CreditStore
-from ducto.interface.models import CreditMetadata, ReserveResult, SpendCap, TransactionRow
+from ducto.interface.models import CreditMetadata, ReserveResult, SpendCap
 
 pytestmark = pytest.mark.anyio
 
@@ -22,10 +22,6 @@ async def _team(store: CreditStore, pool: int, *members: tuple[str, int | None])
     for user, cap in members:
         await store.add_team_member(team.team_id, user, spend_cap=cap)
     return team.team_id
-
-
-async def _team_rows(store: CreditStore, team_id: str) -> list[TransactionRow]:
-    return (await store.list_team_transactions(team_id, limit=1000)).items[::-1]
 
 
 async def _run_all(calls: list[Callable[[], Awaitable[None]]]) -> None:
@@ -53,7 +49,7 @@ async def test_a_team_hold_reserves_the_pool(store: CreditStore, user_id: str) -
     )
     assert (100, 30, 70) == (pool.balance, pool.reserved, pool.available)
     assert 0 == (await store.get_balance(user_id)).balance
-    assert [] == [r for r in await _team_rows(store, team_id) if r.type != "team_topup"]
+    assert [] == [r for r in await all_team_rows(store, team_id) if r.type != "team_topup"]
 
 
 async def test_settling_a_team_hold_charges_the_pool_for_the_member(
@@ -72,7 +68,7 @@ async def test_settling_a_team_hold_charges_the_pool_for_the_member(
         team_id=team_id,
     )
     pool = await store.get_team_balance(team_id)
-    rows = await _team_rows(store, team_id)
+    rows = await all_team_rows(store, team_id)
     (member,) = await store.get_team_members(team_id)
     spend = await store.spend_by_user(clock.now, datetime(2027, 1, 1, tzinfo=UTC))
 
@@ -309,7 +305,7 @@ async def test_concurrent_settles_of_one_team_hold_charge_once(
 
     assert 1 == sum(r.ok and not r.idempotent for r in results)
     assert all(r.ok for r in results)
-    assert 1 == sum(r.type == "team_usage" for r in await _team_rows(store, team_id))
+    assert 1 == sum(r.type == "team_usage" for r in await all_team_rows(store, team_id))
     assert 88 == (await store.get_team_balance(team_id)).balance
 
 
@@ -333,7 +329,7 @@ async def test_cancelled_team_holds_leave_consistent_books(
             for n in range(60):
                 tg.start_soon(flow, n)
 
-    rows = await _team_rows(store, team_id)
+    rows = await all_team_rows(store, team_id)
     usage = [r for r in rows if r.type == "team_usage"]
     pool = await store.get_team_balance(team_id)
     open_holds = 0

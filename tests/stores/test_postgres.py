@@ -14,7 +14,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from importlib import resources
@@ -23,7 +23,7 @@ from typing import Any
 
 import anyio
 import pytest
-from tests.conftest import REQUIRED, FakeClock, drop_postgres_schema, postgres_url
+from tests.conftest import FakeClock, drop_postgres_schema
 from tests.contract._checks import all_rows, assert_invariants
 from tests.stores._processes import (
     CHILD_TIMEOUT,
@@ -47,25 +47,6 @@ psycopg = pytest.importorskip("psycopg")
 psycopg_pool = pytest.importorskip("psycopg_pool")
 
 from ducto.interface.postgres import SCHEMA_VERSION, PostgresStore  # noqa: E402
-
-
-@pytest.fixture
-def url() -> str:
-    """The test database's URL."""
-    try:
-        return postgres_url()
-    except LookupError as exc:
-        if "postgres" in REQUIRED:
-            pytest.fail(f"postgres store is required: {exc}")
-        pytest.skip(f"postgres store unavailable: {exc}")
-
-
-@pytest.fixture
-def schema(url: str) -> Iterator[str]:
-    """A fresh schema name, dropped after the test."""
-    name = f"ducto_t_{uuid.uuid4().hex[:12]}"
-    yield name
-    drop_postgres_schema(name)
 
 
 def _sql(url: str, statement: str, params: tuple[Any, ...] = ()) -> list[Any]:

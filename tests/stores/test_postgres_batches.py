@@ -12,13 +12,13 @@ serial order the batch reports. Every result, and the final state, must be the s
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
 import pytest
-from tests.conftest import REQUIRED, FakeClock, drop_postgres_schema, postgres_url
+from tests.conftest import FakeClock
 from tests.contract.test_differential import _Names
 
 from ducto.errors import DuctoError
@@ -41,25 +41,6 @@ PRICING = PricingConfigData(
 )
 
 Call = Callable[[CreditStore, _Names], Awaitable[Any]]
-
-
-@pytest.fixture
-def url() -> str:
-    """The test database's URL."""
-    try:
-        return postgres_url()
-    except LookupError as exc:
-        if "postgres" in REQUIRED:
-            pytest.fail(f"postgres store is required: {exc}")
-        pytest.skip(f"postgres store unavailable: {exc}")
-
-
-@pytest.fixture
-def schema(url: str) -> Iterator[str]:
-    """A fresh schema name, dropped after the test."""
-    name = f"ducto_b_{__import__('uuid').uuid4().hex[:12]}"
-    yield name
-    drop_postgres_schema(name)
 
 
 class _Script:

@@ -13,8 +13,7 @@ had happened whole, a fresh result says it had not happened at all.
 from __future__ import annotations
 
 import random
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,11 +22,11 @@ import anyio
 import pytest
 from anyio.abc import TaskGroup
 from anyio.lowlevel import checkpoint
-from tests.conftest import REQUIRED, drop_postgres_schema, postgres_url
-from tests.contract._checks import assert_invariants
+from tests.contract._checks import all_team_rows, assert_invariants
+from tests.contract.test_cancellation import _cancel_after
 
 from ducto.errors import ErrorCode
-from ducto.interface.models import SpendCap, TransactionRow
+from ducto.interface.models import SpendCap
 
 pytestmark = pytest.mark.postgres
 
@@ -43,25 +42,6 @@ PRICING = {
     "models": {"_default": "input_tokens * 1 + output_tokens * 2"},
     "plans": {"pro": {"id": "pro", "name": "Pro", "free_allowance": 50}},
 }
-
-
-@pytest.fixture
-def url() -> str:
-    """The test database's URL."""
-    try:
-        return postgres_url()
-    except LookupError as exc:
-        if "postgres" in REQUIRED:
-            pytest.fail(f"postgres store is required: {exc}")
-        pytest.skip(f"postgres store unavailable: {exc}")
-
-
-@pytest.fixture
-def schema(url: str) -> Iterator[str]:
-    """A fresh schema name, dropped after the test."""
-    name = f"ducto_c_{uuid.uuid4().hex[:12]}"
-    yield name
-    drop_postgres_schema(name)
 
 
 @pytest.fixture
@@ -280,26 +260,9 @@ class _Storm:
         )
 
 
-async def _cancel_after(scope: anyio.CancelScope, checkpoints: int) -> None:
-    for _ in range(checkpoints):
-        await checkpoint()
-    scope.cancel()
-
-
 def _soon(rng: random.Random) -> datetime:
     # Lots that expire while the storm runs, for the sweeps to write off.
     return datetime.now().astimezone() + timedelta(seconds=rng.uniform(0.2, 2.0))
-
-
-async def _team_rows(store: PostgresStore, team_id: str) -> list[TransactionRow]:
-    rows: list[TransactionRow] = []
-    cursor: str | None = None
-    while True:
-        page = await store.list_team_transactions(team_id, limit=1000, cursor=cursor)
-        rows.extend(page.items)
-        if page.next_cursor is None:
-            return rows[::-1]
-        cursor = page.next_cursor
 
 
 async def test_a_thousand_cancellations_lose_no_connection_and_keep_the_books(
@@ -364,7 +327,7 @@ async def test_a_thousand_cancellations_lose_no_connection_and_keep_the_books(
         assert 0 == (await store.get_balance(user)).reserved
     pool = await store.get_team_balance(team.team_id)
     running = 0
-    for row in await _team_rows(store, team.team_id):
+    for row in await all_team_rows(store, team.team_id):
         running += row.amount
         assert running == row.balance_after
     assert (running, 0) == (pool.balance, pool.reserved)
