@@ -9,20 +9,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import FakeClock
+from tests.conftest import OPENERS, REQUIRED, STORES, FakeClock
 
 from ducto import (
     AddCreditsResult,
     BalanceResult,
     CheckFeatureResult,
     ConfigError,
+    CreditEvent,
     CreditEventEmitter,
+    CreditEventType,
     CreditManager,
     DeductionResult,
     ExpressionError,
     InsufficientCreditsError,
     MemoryStore,
     PricingConfig,
+    PricingConfigData,
     PricingEngine,
     PricingNotLoadedError,
     ReserveResult,
@@ -47,17 +50,19 @@ PRICING = {
 }
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=STORES)
 def new_store(
     request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
 ) -> Callable[[], CreditStore]:
     """Makes the store a 1.x program would use, of each kind."""
-    if request.param == "memory":
-        return lambda: MemoryStore(clock=clock)
-    pytest.importorskip("aiosqlite")
-    from ducto.interface.sqlite import SQLiteStore
-
-    return lambda: SQLiteStore(tmp_path / "v1.db", clock=clock, synchronous="NORMAL")
+    kind: str = request.param
+    try:
+        OPENERS[kind](tmp_path, clock)  # the driver is there and, for Postgres, a database
+    except (ImportError, LookupError) as exc:
+        if kind in REQUIRED:
+            pytest.fail(f"{kind} store is required: {exc}")
+        pytest.skip(f"{kind} store unavailable: {exc}")
+    return lambda: OPENERS[kind](tmp_path, clock)
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -189,13 +194,13 @@ def test_reserve_credits_keeps_the_configs_floor(manager: SyncCreditManager) -> 
     manager.add_credits("bob", 100, "purchase")
 
     hold = manager.reserve_credits("bob", 85, "chat")
-    with pytest.raises(InsufficientCreditsError):
-        manager.reserve_credits("bob", 10, "chat")
+    refused = manager.reserve_credits("bob", 10, "chat")
     allowed = manager.reserve_credits("bob", 10, "chat", min_balance=0)
     settled = manager.store.deduct_credits("bob", hold.reservation_id, 80)
 
     assert isinstance(hold, ReserveResult)
     assert (85, 15) == (hold.amount, hold.available)
+    assert ("insufficient_credits", 0) == (refused.error, refused.amount)
     assert 5 == allowed.available
     assert 80 == settled.charged
 
@@ -250,3 +255,95 @@ def test_the_manager_works_with_keyword_names(new_store: Callable[[], CreditStor
     assert built.events is emitter
     assert built.emitter is emitter
     assert 10 == built.engine.min_balance
+
+
+# -- what 1.0.3's manager tests expect ---------------------------------------------------------
+
+
+def test_publish_pricing_takes_the_config_model(manager: SyncCreditManager) -> None:
+    """publish_pricing and publish_pricing_from_dict take PricingConfigData as well as a dict."""
+    config = PricingConfigData.model_validate(PRICING)
+    first = manager.publish_pricing_from_dict(config)
+    second = manager.publish_pricing(config, "again")
+    third = manager.publish_pricing_from_dict({**PRICING, "min_balance": 0})
+
+    assert 3 == len({first, second, third})
+    assert 0 == manager.load_pricing_from_store().min_balance
+    with pytest.raises(InvalidArgumentError, match="data"):
+        manager.publish_pricing_from_dict("models: {}")  # type: ignore[arg-type]
+
+
+def test_reserve_credits_returns_a_refusal(manager: SyncCreditManager) -> None:
+    """manager.reserve_credits past the balance returns error "insufficient_credits" and
+    amount 0, as 1.x did, and holds nothing; hold() still raises."""
+    manager.add_credits("dora", 70, "purchase")
+
+    refused = manager.reserve_credits("dora", 80, "chat", min_balance=0)
+
+    assert "insufficient_credits" == refused.error
+    assert (False, 0, "") == (refused.ok, refused.amount, refused.reservation_id)
+    assert 0 == manager.get_balance("dora").reserved
+    with pytest.raises(InsufficientCreditsError):
+        refused.raise_for_error()
+
+
+def test_reserve_credits_returns_a_cap_refusal(
+    manager: SyncCreditManager, events: tuple[CreditEventEmitter, list[tuple[str, int]]]
+) -> None:
+    """A deny cap's refusal comes back on the result too, and is still reported."""
+    manager.add_credits("erin", 500, "purchase")
+    manager.store.set_spend_cap(SpendCap(user_id="erin", type="daily", limit=20))
+
+    refused = manager.reserve_credits("erin", 30, "chat")
+
+    assert ("spend_cap_exceeded", 0) == (refused.error, refused.amount)
+    assert ("credits.cap_reached", 30) == events[1][-1]
+
+
+def test_events_compare_to_their_1x_names(
+    manager: SyncCreditManager, events: tuple[CreditEventEmitter, list[tuple[str, int]]]
+) -> None:
+    """A 1.x handler's ``event.type == "credits.deducted"`` and ``event.data[...]`` work."""
+    seen: list[CreditEvent] = []
+    events[0].on(None, seen.append)
+    manager.publish_pricing_from_dict(PRICING)
+    manager.add_credits("fay", 1000, "purchase")
+    manager.deduct("fay", UsageMetrics(model="gpt-4", input_tokens=500, output_tokens=200))
+
+    added, charged = (e for e in seen if e.type in ("credits.added", "credits.deducted"))
+    assert added.type == "credits.added"
+    assert added.type == "credits_added"
+    assert added.type != "credits.deducted"
+    assert charged.type == "credits.deducted"
+    assert charged.type is CreditEventType.CREDITS_DEDUCTED
+    assert (1000, 1000) == (added.data["amount"], added.data["new_balance"])
+    assert (27, "gpt-4") == (charged.data["amount"], charged.data["model"])
+    assert charged.data["transaction_id"] == charged.transaction_id
+    with pytest.raises(TypeError):
+        charged.data["amount"] = 0  # type: ignore[index]
+
+
+def test_a_spend_cap_refusal_is_an_insufficient_credits_error(
+    manager: SyncCreditManager,
+) -> None:
+    """1.x code catching InsufficientCreditsError still catches a deny cap's refusal."""
+    manager.publish_pricing_from_dict(PRICING)
+    manager.add_credits("gus", 1000, "purchase")
+    manager.store.set_spend_cap(SpendCap(user_id="gus", type="daily", limit=5))
+
+    with pytest.raises(InsufficientCreditsError, match="Spend cap exceeded") as caught:
+        manager.deduct("gus", UsageMetrics(model="gpt-4", input_tokens=1000))
+
+    assert isinstance(caught.value, SpendCapExceededError)
+    assert "spend_cap_exceeded" == caught.value.code
+    assert (30, 5) == (caught.value.needed, caught.value.available)
+
+
+def test_pricing_not_loaded_says_what_1x_said(
+    new_store: Callable[[], CreditStore], backend: Any
+) -> None:
+    """The message keeps 1.x's words, "PricingEngine not loaded"."""
+    with SyncCreditManager(CreditManager(new_store()), backend=backend) as billing:
+        billing.setup()
+        with pytest.raises(PricingNotLoadedError, match="PricingEngine not loaded"):
+            billing.engine  # noqa: B018

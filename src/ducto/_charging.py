@@ -421,13 +421,15 @@ class Charger:
         *,
         use_allowance: bool = True,
         team_id: str | None = None,
+        raise_refusal: bool = True,
     ) -> Held:
         """
         Reserve `amount` (on the team pool when `team_id` is given), shielded.
 
-        The store's refusal is raised as a typed error; a deny spend cap's refusal is
-        reported as ``cap_reached`` first. Nothing else is reported here: `placed` does
-        that once the caller can release the hold.
+        The store's refusal is raised as a typed error (or, without `raise_refusal`, left on
+        the returned hold's reservation); a deny spend cap's refusal is reported as
+        ``cap_reached`` first. Nothing else is reported here: `placed` does that once the
+        caller can release the hold.
         """
         # Shielded: a nonconforming store may commit a call yet report it cancelled, and a
         # hold the manager does not know about could never be released.
@@ -437,7 +439,8 @@ class Charger:
             )
         if reservation.error is not None:
             await self._refused(reservation, user_id, team_id, amount, meta)
-            reservation.raise_for_error()
+            if raise_refusal:
+                reservation.raise_for_error()
         held = Held(user_id, reservation, amount, operation_type, meta, key, ttl, team_id)
         if not reservation.idempotent:
             held.unreported.append(reservation)

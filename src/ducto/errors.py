@@ -182,9 +182,13 @@ class InsufficientCreditsError(CreditError):
         )
 
 
-class SpendCapExceededError(CreditError):
+class SpendCapExceededError(InsufficientCreditsError):
     """
     A deny spend cap would be exceeded by the requested amount.
+
+    A member's monthly cap on a team pool raises it too. It is an `InsufficientCreditsError`,
+    as ducto 1.x raised one for a spend cap, so an ``except InsufficientCreditsError`` written
+    for 1.x still catches it; catch `SpendCapExceededError` first to tell the two apart.
 
     Attributes:
         user_id: The account.
@@ -194,6 +198,9 @@ class SpendCapExceededError(CreditError):
         model: The model the cap is for (None: every model).
         reserved: Active holds already counted against the cap.
         cap_type: ``daily`` or ``monthly``.
+        needed: As on `InsufficientCreditsError`: the credits asked for.
+        available: As on `InsufficientCreditsError`: what the cap still allows (0 when the
+            limit is not known).
     """
 
     code = ErrorCode.SPEND_CAP_EXCEEDED
@@ -220,7 +227,10 @@ class SpendCapExceededError(CreditError):
                 f"user {user_id!r} would exceed the {kind}spend cap{scope} of {limit} by {over}"
                 f" ({spent} spent{held}, {amount} more requested)"
             )
-        super().__init__(message)
+        CreditError.__init__(self, f"Spend cap exceeded: {message}")  # 1.x's words first
+        self.needed, self.min_balance = amount, 0
+        headroom = limit - (current_spend or 0) - reserved if limit is not None else 0
+        self.available = max(0, headroom)
         self.user_id, self.amount, self.limit = user_id, amount, limit
         self.current_spend, self.model = current_spend, model
         self.reserved, self.cap_type = reserved, cap_type
@@ -471,5 +481,6 @@ class PricingNotLoadedError(InvalidArgumentError):
     def __init__(self, message: str = "") -> None:
         super().__init__(
             message
-            or "no pricing loaded: call publish_pricing() or load_pricing_from_store() first"
+            or "PricingEngine not loaded: no pricing loaded; call publish_pricing() or"
+            " load_pricing_from_store() first"
         )

@@ -21,6 +21,9 @@ ducto 1.x's event names are accepted wherever a type is: ``credits.added``,
 ``credits.deducted``, ``credits.refunded``, ``credits.expired``, ``credits.cap_warning``, and
 ``credits.cap_reached``, which is `CreditEventType.CAP_REACHED` (a deny spend cap refused a
 hold or a charge).
+An event's ``type`` also compares equal to its 1.x name (``event.type ==
+"credits.deducted"``), and ``event.data`` is a read-only mapping of its details, as 1.x
+handlers read them (``event.data["amount"]``).
 
 `CreditEventEmitter.emit` calls the handlers in registration order and awaits async ones.
 `CreditManager` delivers its events so that handlers never hold billing up:
@@ -46,9 +49,10 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any, Final, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -93,6 +97,18 @@ class CreditEventType(StrEnum):
         if isinstance(value, str):
             return _ALIASES.get(value)
         return None
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to its value and, for the 1.x kinds, to 1.x's dotted name too."""
+        if str.__eq__(self, other) is True:
+            return True
+        return isinstance(other, str) and _ALIASES.get(other) is self
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    # Hashes as its value: in a dict or set, the 1.x name is a different key.
+    __hash__ = str.__hash__
 
 
 _ALIASES: Final[dict[str, CreditEventType]] = {
@@ -158,6 +174,36 @@ class CreditEvent(BaseModel):
         """Naive timestamps are local time (as everywhere in ducto); all become aware UTC."""
         return value.astimezone(UTC)
 
+    @property
+    def data(self) -> Mapping[str, Any]:
+        """
+        The event's details in one read-only mapping, as ducto 1.x handlers read them.
+
+        ``event.data["amount"]`` and the rest: every field of the event that is set (except
+        ``type``, ``user_id`` and ``timestamp``, which stay attributes), under its own name,
+        then the entries of ``metadata`` (``model``, token counts, a cap's ``limit``, ...).
+        A settlement's ``balance_after`` is also given as 1.x's ``new_balance``.
+        """
+        details: dict[str, Any] = {
+            name: value for name in _DATA_FIELDS if (value := getattr(self, name)) is not None
+        }
+        if self.balance_after is not None:
+            details["new_balance"] = self.balance_after
+        details.update(self.metadata)
+        return MappingProxyType(details)
+
+
+_DATA_FIELDS: Final = (
+    "amount",
+    "balance_after",
+    "available",
+    "transaction_id",
+    "reservation_id",
+    "team_id",
+    "idempotency_key",
+    "threshold",
+    "error",
+)
 
 EventHandler: TypeAlias = Callable[[CreditEvent], Awaitable[None] | None]
 """A function or coroutine function taking one `CreditEvent`."""

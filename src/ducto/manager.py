@@ -308,23 +308,25 @@ class CreditManager:
         return version_id
 
     async def publish_pricing_from_dict(
-        self, data: Mapping[str, object], label: str | None = None
+        self, data: PricingConfigData | Mapping[str, object], label: str | None = None
     ) -> str:
         """
-        Publish a pricing config given in its dict form (ducto 1.x's name).
+        Publish a pricing config (ducto 1.x's name; the same as `publish_pricing`).
 
         Args:
-            data: The config as a dict.
+            data: The config as a dict, or the `PricingConfig` model itself.
             label: A name for the version.
 
         Returns:
             The id of the new version.
 
         Raises:
-            ConfigError: `data` is not a dict, or not a valid config.
+            ConfigError: `data` is not a valid config.
         """
-        if not isinstance(data, Mapping):
-            raise InvalidArgumentError(f"data must be a dict, got {type(data).__name__}")
+        if not isinstance(data, PricingConfigData | Mapping):
+            raise InvalidArgumentError(
+                f"data must be PricingConfigData or a dict, got {type(data).__name__}"
+            )
         return await self.publish_pricing(data, label)
 
     async def load_pricing_from_store(self) -> PricingEngine:
@@ -771,11 +773,13 @@ class CreditManager:
         """
         Hold credits, as the store's `reserve_credits` does, with the manager's defaults.
 
-        ducto 1.x's manager call. The floor defaults to the pricing config's
-        ``min_balance`` (5 before any pricing is loaded), usage is priced with the user's
-        plan, and a refusal raises. Settle or release the hold through `store`, or prefer
-        `hold`, which never leaves one behind. Emits ``reserved`` (and ``low_balance``),
-        or ``cap_reached`` when a deny cap refuses.
+        ducto 1.x's manager call, with 1.x's behaviour: a refusal comes back on the result
+        (``error`` set, ``amount`` 0) rather than raising, so 1.x code that tests
+        ``result.error`` keeps working; `hold` and the other manager calls raise instead.
+        The floor defaults to the pricing config's ``min_balance`` (5 before any pricing is
+        loaded), and usage is priced with the user's plan. Settle or release the hold through
+        `store`, or prefer `hold`, which never leaves one behind. Emits ``reserved`` (and
+        ``low_balance``), or ``cap_reached`` when a deny cap refuses.
 
         Args:
             user_id: The account.
@@ -790,11 +794,11 @@ class CreditManager:
             idempotency_key: A repeated key replays the original hold.
 
         Returns:
-            The hold.
+            The hold, or the refusal (``error`` is ``insufficient_credits``,
+            ``spend_cap_exceeded`` or ``idempotency_conflict``; ``raise_for_error()`` raises
+            it as the typed error).
 
         Raises:
-            InsufficientCreditsError, SpendCapExceededError, IdempotencyConflictError:
-                The store refused the hold.
             InvalidArgumentError: An argument is invalid, or the usage cannot be priced.
         """
         charger = self._charger
@@ -819,8 +823,10 @@ class CreditManager:
             hold_ttl,
             floor,
             use_allowance=use_allowance,
+            raise_refusal=False,
         )
-        await charger.placed(held)
+        if held.reservation.error is None:
+            await charger.placed(held)
         return held.reservation
 
     async def deduct_team(
