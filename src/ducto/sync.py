@@ -1000,7 +1000,7 @@ class SyncCreditManager(_Facade):
         return self._call(self._manager.publish_pricing, config, label)
 
     def publish_pricing_from_dict(
-        self, data: Mapping[str, object], label: str | None = None
+        self, data: PricingConfigData | Mapping[str, object], label: str | None = None
     ) -> str:
         """Blocking `CreditManager.publish_pricing_from_dict`."""
         return self._call(self._manager.publish_pricing_from_dict, data, label)
