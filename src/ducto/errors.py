@@ -49,6 +49,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailableError",
     "TeamNotFoundError",
+    "TransactionArchivedError",
     "TransactionNotFoundError",
     "UnsupportedAsyncLibraryError",
     "UserNotInTeamError",
@@ -66,6 +67,7 @@ class ErrorCode(StrEnum):
     RESERVATION_RELEASED = "reservation_released"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     TRANSACTION_NOT_FOUND = "transaction_not_found"
+    TRANSACTION_ARCHIVED = "transaction_archived"
     NOT_REFUNDABLE = "not_refundable"
     ALREADY_REFUNDED = "already_refunded"
     OVER_REFUND = "over_refund"
@@ -328,6 +330,24 @@ class TransactionNotFoundError(CreditError):
         return cls(_s(fields, "original_transaction_id"))
 
 
+class TransactionArchivedError(CreditError):
+    """The transaction was moved out of the ledger by `archive_ledger`, so it cannot be refunded."""
+
+    code = ErrorCode.TRANSACTION_ARCHIVED
+
+    def __init__(self, transaction_id: str) -> None:
+        super().__init__(
+            f"transaction {transaction_id!r} was archived: its row left the ledger for an"
+            " archive file, so it can no longer be refunded"
+        )
+        self.transaction_id = transaction_id
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> CreditError:
+        """Build the error from a result's fields."""
+        return cls(_s(fields, "original_transaction_id"))
+
+
 class NotRefundableError(CreditError):
     """Only usage and team usage debits can be refunded."""
 
@@ -432,6 +452,7 @@ _BY_CODE: dict[ErrorCode, type[CreditError]] = {
         ReservationReleasedError,
         IdempotencyConflictError,
         TransactionNotFoundError,
+        TransactionArchivedError,
         NotRefundableError,
         AlreadyRefundedError,
         OverRefundError,

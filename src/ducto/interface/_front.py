@@ -9,19 +9,24 @@ of each method is documented once, on the `CreditStore` protocol this class impl
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
+from ducto._shown import shown
+from ducto.errors import InvalidArgumentError
 from ducto.interface import _engine as E
 from ducto.interface import _ledger as L
+from ducto.interface import _retention as RT
 from ducto.interface.base import CreditStore
 from ducto.interface.models import (
     AddCreditsResult,
     AddTeamMemberResult,
     AggregateStatsRow,
     AllowanceResult,
+    ArchiveResult,
     BalanceResult,
     CapCheckResult,
     ChargeResult,
@@ -35,6 +40,7 @@ from ducto.interface.models import (
     PricingConfigData,
     PricingConfigHistoryItem,
     PricingConfigResult,
+    PruneResult,
     RefundResult,
     ReleaseResult,
     RemoveSpendCapResult,
@@ -58,6 +64,11 @@ __all__ = ["StoreFront"]
 
 R = TypeVar("R")
 Keys = Sequence[E.AccountKey]
+
+
+def _check_progress(progress: object) -> None:
+    if progress is not None and not callable(progress):
+        raise InvalidArgumentError(f"progress must be callable or None, got {shown(progress)}")
 
 
 def _user(user_id: str) -> tuple[E.AccountKey]:
@@ -241,6 +252,93 @@ class StoreFront(CreditStore):
     async def sweep_expired_credits(self, dry_run: bool = False) -> SweepResult:
         L.check_bool("dry_run", dry_run)
         return await self._run(E.sweep, (), dry_run, write=not dry_run)
+
+    # -- growth: retention and archiving -----------------------------------------------------
+
+    async def prune(
+        self, *, dry_run: bool = False, progress: Callable[[PruneResult], object] | None = None
+    ) -> PruneResult:
+        dry = L.check_bool("dry_run", dry_run)
+        _check_progress(progress)
+        counts = dict.fromkeys(RT.PRUNE_KINDS, 0)
+
+        def result() -> PruneResult:
+            return PruneResult(
+                idempotency_keys=counts["idempotency"],
+                holds=counts["holds"],
+                windows=counts["windows"],
+                dry_run=dry,
+            )
+
+        for kind in RT.PRUNE_KINDS:
+            while True:
+                # One short transaction per chunk: traffic runs between them.
+                done = await self._prune_chunk(kind, RT.PRUNE_CHUNK, dry)
+                counts[kind] += done
+                if progress is not None and done:
+                    progress(result())
+                if dry or done < RT.PRUNE_CHUNK:
+                    break
+        return result()
+
+    async def _prune_chunk(self, kind: RT.PruneKind, limit: int, dry_run: bool) -> int:
+        """Delete one chunk of `kind` past retention (a dry run counts them all)."""
+        return await self._run(E.prune, (), kind, limit, dry_run, write=not dry_run)
+
+    async def archive_ledger(
+        self,
+        before: datetime,
+        destination: str | os.PathLike[str],
+        *,
+        dry_run: bool = False,
+        progress: Callable[[ArchiveResult], object] | None = None,
+    ) -> ArchiveResult:
+        dry = L.check_bool("dry_run", dry_run)
+        _check_progress(progress)
+        now = await self._run(E.now, (), write=False)
+        cutoff = RT.check_archive_before(before, now)
+        path = RT.check_destination(destination)
+        done = RT.ArchiveProgress(cutoff, str(path), dry)
+        if dry:
+            after = -1
+            while rows := await self._archive_candidates(cutoff, after):
+                done.rows += len(rows)
+                after = rows[-1].seq
+                if progress is not None:
+                    progress(done.result())
+            return done.result()
+        async with RT.ArchiveFile(path) as file:
+            after = -1
+            while rows := await self._archive_candidates(cutoff, after):
+                member = RT.archive_member(
+                    RT.archive_line(row, E.public_row(row).model_dump(mode="json")) for row in rows
+                )
+                # Written and synced before a row is deleted. If the deletion does not happen
+                # the chunk is cut off the file again; if its outcome is unknown (the store
+                # failed, or the caller was cancelled mid-commit) it stays, and a later run
+                # writes whatever was not deleted once more: rows may repeat, never vanish.
+                mark = await file.append(member)
+                try:
+                    await self._archive_commit(rows, cutoff)
+                except E.ArchiveChanged:
+                    await file.cut(mark)  # a refund got there first: read the chunk again
+                    continue
+                done.rows += len(rows)
+                done.bytes_written += len(member)
+                after = rows[-1].seq
+                if progress is not None:
+                    progress(done.result())
+        return done.result()
+
+    async def _archive_candidates(self, before: datetime, after: int) -> list[E.StoredRow]:
+        """The next chunk of ledger rows to archive (empty: none left)."""
+        return await self._run(
+            E.archive_candidates, (), before, after, RT.ARCHIVE_CHUNK, write=False
+        )
+
+    async def _archive_commit(self, rows: list[E.StoredRow], before: datetime) -> None:
+        """Delete an archived chunk, keep its rollups; `E.ArchiveChanged` changes nothing."""
+        await self._run(E.archive, (), rows, before)
 
     # -- ledger ------------------------------------------------------------------------------
 

@@ -950,12 +950,18 @@ def decode_cursor(cursor: object) -> int | None:
 
 @dataclass(slots=True, frozen=True)
 class SpendEvent:
-    """One usage debit as analytics sees it: who spent, on what, when, net of refunds."""
+    """
+    Usage as analytics sees it: who spent, on what, when, net of refunds.
+
+    One debit (``count`` 1), or an archived day's rollup (at its UTC midnight, ``count`` the
+    debits it stands for).
+    """
 
     user_id: str
     model: str
     created_at: datetime
     net: int
+    count: int = 1
 
 
 def _in_window(
@@ -975,7 +981,7 @@ def _group(events: Iterable[SpendEvent], key: str) -> dict[str, list[int]]:
     for event in events:
         entry = totals.setdefault(getattr(event, key), [0, 0])
         entry[0] += event.net
-        entry[1] += 1
+        entry[1] += event.count
     return totals
 
 
@@ -1011,7 +1017,7 @@ def daily_spend(
     for event in _in_window(events, start, end):
         entry = totals.setdefault(event.created_at.date(), [0, 0])
         entry[0] += event.net
-        entry[1] += 1
+        entry[1] += event.count
     return [
         DailySpendRow(date=day.isoformat(), total_spend=s, transaction_count=c)
         for day, (s, c) in sorted(totals.items())
@@ -1043,5 +1049,5 @@ def aggregate_stats(
         avg_daily_spend=average,
         top_model=by_model[0][0] if by_model else "",
         top_user=by_user[0][0] if by_user else "",
-        transaction_count=len(window),
+        transaction_count=sum(e.count for e in window),
     )

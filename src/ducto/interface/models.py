@@ -21,6 +21,7 @@ __all__ = [
     "AddTeamMemberResult",
     "AggregateStatsRow",
     "AllowanceResult",
+    "ArchiveResult",
     "BalanceResult",
     "CapCheckResult",
     "ChargeResult",
@@ -35,6 +36,7 @@ __all__ = [
     "PricingConfigData",
     "PricingConfigHistoryItem",
     "PricingConfigResult",
+    "PruneResult",
     "RefundResult",
     "ReleaseResult",
     "RemoveSpendCapResult",
@@ -348,6 +350,45 @@ class SweepResult(BaseModel):
 
     expired_count: int = 0
     expired_amount: int = 0
+    dry_run: bool = False
+
+
+class PruneResult(BaseModel):
+    """
+    What `prune` deleted (on a dry run: would delete), per kind of record.
+
+    Attributes:
+        idempotency_keys: Stored results of idempotency keys older than the idempotency
+            retention.
+        holds: Settled, released or lapsed holds whose expiry is older than the hold
+            retention.
+        windows: Counters of spend-cap windows, allowance months and team-member months
+            that have closed (nothing reads them again).
+        dry_run: True when nothing was deleted.
+    """
+
+    idempotency_keys: int = 0
+    holds: int = 0
+    windows: int = 0
+    dry_run: bool = False
+
+
+class ArchiveResult(BaseModel):
+    """
+    What `archive_ledger` moved out of the ledger (on a dry run: would move).
+
+    Attributes:
+        rows: Ledger rows written to the archive file and deleted from the ledger.
+        before: The cutoff: every row created before it was archived.
+        destination: The archive file (gzip'd JSON Lines, one row per line).
+        bytes_written: Compressed bytes appended to the file (0 on a dry run).
+        dry_run: True when nothing was written or deleted.
+    """
+
+    rows: int = 0
+    before: datetime
+    destination: str
+    bytes_written: int = 0
     dry_run: bool = False
 
 

@@ -14,8 +14,8 @@ Operations never await. Every check that can refuse or raise comes before the fi
 an operation that refuses or raises has changed nothing, whatever the storage.
 
 One module per operation family (`grants`, `holds`, `refunds`, `teams`, `caps`, `plans`,
-`pricing`, `sweep`, `analytics`); `storage` holds the types and the `Storage` protocol, and
-`common` the steps several families share.
+`pricing`, `sweep`, `retention`, `analytics`); `storage` holds the types and the `Storage`
+protocol, and `common` the steps several families share.
 """
 
 from __future__ import annotations
@@ -34,11 +34,13 @@ from .pricing import (
     set_active_pricing,
 )
 from .refunds import refund
+from .retention import archive, archive_candidates, now, prune
 from .storage import (
     TEAM,
     USER,
     Account,
     AccountKey,
+    ArchiveChanged,
     Debit,
     Hold,
     Kind,
@@ -104,4 +106,9 @@ __all__ = [
     "set_user_plan",
     "spend_events",
     "sweep",
+    "archive",
+    "archive_candidates",
+    "now",
+    "prune",
+    "ArchiveChanged",
 ]

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from ducto.interface import _ledger as L
+from ducto.interface import _retention as R
 from ducto.interface.models import CreditMetadata, PlanDefinition, SpendCap, TransactionRow
 
 from .storage import TEAM, Account, Hold, Storage, StoredRow, T
@@ -47,7 +48,12 @@ def _recall(
 ) -> tuple[bool, T | None]:
     if key is None or acct is None:
         return False, None
-    return st.recall(acct, op, key, fingerprint, result_type)
+    return st.recall(acct, op, key, fingerprint, result_type, _since(st))
+
+
+def _since(st: Storage) -> datetime | None:
+    """Idempotency records written before this are past retention: a key is new again."""
+    return R.replay_since(st.now(), st.retention)
 
 
 def _remember(

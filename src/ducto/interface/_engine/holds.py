@@ -24,6 +24,7 @@ from .common import (
     _place,
     _recall,
     _remember,
+    _since,
     _spend_of,
     _spendable,
 )
@@ -259,13 +260,14 @@ def charge(
     model = L.metadata_model(meta)
     reserve_print = (amount, operation_type, model, use_allowance)
     if key is not None and acct is not None:
-        replay, stored = st.recall(acct, "reserve", key, reserve_print, ReserveResult)
+        since = _since(st)
+        replay, stored = st.recall(acct, "reserve", key, reserve_print, ReserveResult, since)
         if replay and stored is not None:
             # The key placed a hold before: settle it (or replay its settlement).
             return _deduct_hold(
                 st, acct, user_id, stored.reservation_id, amount, key, meta, now, ChargeResult
             )
-        if replay or st.recall(acct, "deduct", key, (), ChargeResult)[0]:
+        if replay or st.recall(acct, "deduct", key, (), ChargeResult, since)[0]:
             return ChargeResult(
                 user_id=user_id,
                 requested=amount,

@@ -39,7 +39,11 @@ def refund(
             original_transaction_id=transaction_id,
             requested=amount,
             idempotency_key=key,
-            error=ErrorCode.TRANSACTION_NOT_FOUND,
+            error=(
+                ErrorCode.TRANSACTION_ARCHIVED
+                if st.archived(transaction_id)
+                else ErrorCode.TRANSACTION_NOT_FOUND
+            ),
         )
     acct = _load(st, original.kind, original.account, now)
     assert acct is not None

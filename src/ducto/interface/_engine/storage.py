@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal, NamedTuple, Protocol, TypeVar
 
+from ducto.errors import DuctoError
 from ducto.interface import _ledger as L
+from ducto.interface import _retention as R
 from ducto.interface.models import PlanDefinition, PricingConfigData, SpendCap, TeamMember
 
 T = TypeVar("T")
@@ -122,6 +124,14 @@ class StoredRow(NamedTuple):
     model: str | None
     operation_type: str | None
     allowance: int
+
+
+class ArchiveChanged(DuctoError):
+    """
+    A row picked for archiving changed (a refund) or left before it was deleted.
+
+    Internal: the store rolls back and `archive_ledger` reads the chunk again.
+    """
 
 
 class Storage(Protocol):
@@ -274,7 +284,56 @@ class Storage(Protocol):
         ...
 
     def spend_events(self, start: datetime, end: datetime) -> list[L.SpendEvent]:
-        """Every usage and team usage row created in ``[start, end)``, net of refunds."""
+        """
+        Every usage and team usage row created in ``[start, end)``, net of refunds, and the
+        rollups of archived days in that window (`_retention.rollup_events`).
+        """
+        ...
+
+    # growth: retention and archiving (see `_retention`)
+    @property
+    def retention(self) -> R.Retention:
+        """How long this store keeps idempotency records and finished holds."""
+        ...
+
+    def prune(self, kind: R.PruneKind, cutoff: datetime, limit: int, dry_run: bool) -> int:
+        """
+        Delete up to `limit` records of `kind` past `cutoff`; on a dry run count them all.
+
+        ``idempotency``: records written before `cutoff`. ``holds``: holds no longer counted
+        (settled, released or lapsed) that expire before `cutoff`. ``windows``: counters of
+        spend-cap windows, allowance months and team-member months that do not contain
+        `cutoff` (which is now; see `_retention.window_keys`).
+        """
+        ...
+
+    def archive_candidates(self, before: datetime, after: int, limit: int) -> list[StoredRow]:
+        """Up to `limit` ledger rows of any account created before `before`, after `after`
+        in ``seq`` order (``seq`` ascending)."""
+        ...
+
+    def archive(
+        self,
+        rows: Sequence[StoredRow],
+        totals: Mapping[R.RollupKey, list[int]],
+        before: datetime,
+    ) -> None:
+        """
+        Delete `rows` from the ledger, add `totals` to the stored rollups, remember the rows'
+        ids as archived and the cutoff as the archive horizon (the latest cutoff).
+
+        All or nothing: if any row is gone or its ``refunded`` changed since it was read,
+        raise `ArchiveChanged` having changed nothing (or inside a transaction the store rolls
+        back).
+        """
+        ...
+
+    def archived(self, transaction_id: str) -> bool:
+        """Whether `archive` moved this ledger row out."""
+        ...
+
+    def archived_before(self) -> datetime | None:
+        """The archive horizon: the latest cutoff `archive` was given (None: never)."""
         ...
 
     # idempotency
@@ -285,9 +344,13 @@ class Storage(Protocol):
         key: str,
         fingerprint: tuple[object, ...],
         result_type: type[T],
+        since: datetime | None,
     ) -> tuple[bool, T | None]:
         """
         Look up an idempotency key of the account for one kind of operation.
+
+        A record written before `since` (past the idempotency retention) counts as unused,
+        whether or not it was pruned yet; `remember` then replaces it.
 
         Returns:
             ``(False, None)`` for an unused key; ``(True, result)`` when the fingerprint
