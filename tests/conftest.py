@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,16 +41,16 @@ class FakeClock:
         self.now = moment
 
 
-def _open_memory(tmp_path: Path, clock: FakeClock) -> CreditStore:
-    return MemoryStore(clock=clock)
+def _open_memory(tmp_path: Path, clock: FakeClock, **options: Any) -> CreditStore:
+    return MemoryStore(clock=clock, **options)
 
 
-def _open_sqlite(tmp_path: Path, clock: FakeClock) -> CreditStore:
+def _open_sqlite(tmp_path: Path, clock: FakeClock, **options: Any) -> CreditStore:
     import aiosqlite  # noqa: F401  (the extra the store needs under asyncio)
 
     from ducto.interface.sqlite import SQLiteStore
 
-    return SQLiteStore(tmp_path / "ducto.db", clock=clock, synchronous="NORMAL")
+    return SQLiteStore(tmp_path / "ducto.db", clock=clock, synchronous="NORMAL", **options)
 
 
 def postgres_url() -> str:
@@ -59,7 +60,7 @@ def postgres_url() -> str:
     return POSTGRES_URL
 
 
-def _open_postgres(tmp_path: Path, clock: FakeClock) -> CreditStore:
+def _open_postgres(tmp_path: Path, clock: FakeClock, **options: Any) -> CreditStore:
     """A PostgresStore in this run's schema, emptied first (tests assume an empty store)."""
     import psycopg
 
@@ -78,7 +79,9 @@ def _open_postgres(tmp_path: Path, clock: FakeClock) -> CreditStore:
             names = ", ".join(f"{POSTGRES_SCHEMA}.{table}" for table in tables)
             conn.execute(f"TRUNCATE {names} RESTART IDENTITY")
             conn.execute(f"INSERT INTO {POSTGRES_SCHEMA}.settings VALUES ('pricing', '')")
-    return PostgresStore(url, schema=POSTGRES_SCHEMA, clock=clock, min_size=1, max_size=8)
+    return PostgresStore(
+        url, schema=POSTGRES_SCHEMA, clock=clock, min_size=1, max_size=8, **options
+    )
 
 
 def drop_postgres_schema(schema: str) -> None:
@@ -89,7 +92,7 @@ def drop_postgres_schema(schema: str) -> None:
         conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
-OPENERS: dict[str, Callable[[Path, FakeClock], CreditStore]] = {
+OPENERS: dict[str, Callable[..., CreditStore]] = {
     "memory": _open_memory,
     "sqlite": _open_sqlite,
     "postgres": _open_postgres,

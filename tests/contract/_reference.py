@@ -19,10 +19,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ducto.errors import ErrorCode, InvalidArgumentError
+from ducto.interface._retention import DEFAULT_RETENTION
 
 Outcome = dict[str, Any]
 
 REFUNDABLE = ("usage", "team_usage")
+KEY_RETENTION = DEFAULT_RETENTION
+"""Idempotency records older than this are gone (the stores under test use the default)."""
 
 
 @dataclass
@@ -80,7 +83,9 @@ class Account:
     lots: list[Lot] = field(default_factory=list)
     holds: list[Hold] = field(default_factory=list)
     rows: list[Row] = field(default_factory=list)
-    keys: dict[tuple[str, str], tuple[tuple[Any, ...], Outcome]] = field(default_factory=dict)
+    keys: dict[tuple[str, str], tuple[tuple[Any, ...], Outcome, datetime]] = field(
+        default_factory=dict
+    )
 
 
 class Reference:
@@ -170,7 +175,9 @@ class Reference:
         """None when the key is new; the stored outcome (as a replay) or a conflict otherwise."""
         if key is None or (kind, key) not in acct.keys:
             return None
-        stored_print, outcome = acct.keys[(kind, key)]
+        stored_print, outcome, written = acct.keys[(kind, key)]
+        if written < self.now - KEY_RETENTION:
+            return None  # past the stores' default retention: a new request
         if stored_print != print_:
             return {"error": ErrorCode.IDEMPOTENCY_CONFLICT, "amount": 0}
         return {**outcome, "idempotent": True}
@@ -275,7 +282,7 @@ class Reference:
             "idempotency_key": key,
         }
         if key is not None:
-            acct.keys[("grant", key)] = ((amount, type_, expires_at), outcome)
+            acct.keys[("grant", key)] = ((amount, type_, expires_at), outcome, self.now)
         return outcome
 
     def reserve(
@@ -309,7 +316,7 @@ class Reference:
             "idempotency_key": key,
         }
         if key is not None:
-            acct.keys[("reserve", key)] = ((amount, operation_type, None, False), outcome)
+            acct.keys[("reserve", key)] = ((amount, operation_type, None, False), outcome, self.now)
         return outcome
 
     def _hold(self, user_id: str, reservation_id: str) -> Hold | None:
@@ -357,7 +364,7 @@ class Reference:
             "idempotency_key": key,
         }
         if key is not None:
-            acct.keys[("deduct", key)] = ((reservation_id, amount), outcome)
+            acct.keys[("deduct", key)] = ((reservation_id, amount), outcome, self.now)
         return outcome
 
     def release(self, user_id: str, reservation_id: str) -> Outcome:
@@ -424,7 +431,7 @@ class Reference:
             "idempotency_key": key,
         }
         if key is not None:
-            acct.keys[("refund", key)] = ((transaction_id, amount), outcome)
+            acct.keys[("refund", key)] = ((transaction_id, amount), outcome, self.now)
         return outcome
 
     def sweep(self, dry_run: bool) -> Outcome:

@@ -1,6 +1,10 @@
 """
 Every store gives the same answers: one seeded sequence of mixed operations, run on each.
 
+Prunes and ledger archives are among the operations, over weeks of a moving clock, so replays
+past retention, pruned holds, refunds of archived rows and analytics over rollups are compared
+too.
+
 The stores run in lockstep. Each step is drawn from a seeded generator and sent to every store;
 the results (ids mapped to the order each store first showed them, cursors likewise) must be
 equal, and so must the final state: balances, ledgers, lots, caps, teams and analytics.
@@ -72,6 +76,8 @@ class _Refs:
     members: dict[str, list[str]] = field(default_factory=dict)
     team_holds: list[tuple[str, str, str]] = field(default_factory=list)
     keys: list[tuple[str, str]] = field(default_factory=list)
+    archived: int = 0
+    pruned: int = 0
 
 
 Step = Callable[[CreditStore, _Names, datetime], Awaitable[Any]]
@@ -271,11 +277,21 @@ class _Script:
         if roll < 0.97:
             dry = rng.random() < 0.3
             return "sweep", lambda s, n, now: s.sweep_expired_credits(dry), 0
+        if roll < 0.98:
+            dry = rng.random() < 0.3
+            return "prune", lambda s, n, now: s.prune(dry_run=dry), 0
+        if roll < 0.985:
+            dry = rng.random() < 0.3
+            return "archive", lambda s, n, now: _archive(s, now, dry), 0
         return "clock", None, rng.choice([30, 600, 3600, 6 * 3600, 2 * 86400])
 
     def learn(self, kind: str, plain: Any, names: _Names) -> None:
         """Remember what a step made that later steps may use."""
         refs = self.refs
+        if kind == "archive" and isinstance(plain, list) and not plain[2]:
+            refs.archived += plain[0]
+        if kind == "prune" and isinstance(plain, dict) and not plain.get("dry_run", True):
+            refs.pruned += plain["idempotency_keys"] + plain["holds"] + plain["windows"]
         if not isinstance(plain, dict) or plain.get("error") is not None:
             return
         if kind.startswith("reserve:"):
@@ -296,12 +312,25 @@ class _Script:
             refs.keys.append((kind, key))
 
 
+_DESTINATIONS: dict[int, Path] = {}
+"""Each open store's archive file, by the store's id()."""
+
+
+async def _archive(store: CreditStore, now: datetime, dry_run: bool) -> Any:
+    """Archive what the current month allows: all before its first UTC midnight."""
+    before = datetime(now.year, now.month, 1, tzinfo=UTC)
+    done = await store.archive_ledger(before, _DESTINATIONS[id(store)], dry_run=dry_run)
+    return (done.rows, done.before, done.dry_run, done.bytes_written > 0)
+
+
 async def _balance_view(store: CreditStore, user: str) -> Any:
     return (await store.get_balance(user), await store.list_lots(user))
 
 
 async def _final_state(store: CreditStore, names: _Names, refs: _Refs) -> Any:
-    window = (START - timedelta(days=40), START + timedelta(days=400))
+    # Whole UTC days: archived days are kept as daily totals.
+    midnight = START.replace(hour=0)
+    window = (midnight - timedelta(days=40), midnight + timedelta(days=400))
     state: dict[str, Any] = {}
     for user in USERS:
         state[user] = (
@@ -362,6 +391,7 @@ async def test_every_store_gives_the_same_results(
             folder = tmp_path / kind
             folder.mkdir()
             stores[kind] = await stack.enter_async_context(OPENERS[kind](folder, clocks[kind]))
+            _DESTINATIONS[id(stores[kind])] = folder / "archive.jsonl.gz"
             await stores[kind].setup()
         steps = 0
         with anyio.fail_after(300):
@@ -387,3 +417,5 @@ async def test_every_store_gives_the_same_results(
         assert final[first] == final[other]
     assert script.refs.usage, "the script never charged anything"
     assert script.refs.team_holds, "the script never placed a team hold"
+    assert script.refs.archived, "the script never archived a row"
+    assert script.refs.pruned, "the script never pruned a record"

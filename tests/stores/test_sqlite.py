@@ -315,6 +315,7 @@ MIGRATION_FILES = (
     "0002_plans_caps_teams.sql",
     "0003_team_holds.sql",
     "0004_idempotency_rowid.sql",
+    "0005_retention.sql",
 )
 
 
@@ -514,7 +515,7 @@ async def test_setup_twice_is_idempotent(anyio_backend: str, tmp_path: Path) -> 
 
 
 async def test_setup_reports_every_table_it_creates(anyio_backend: str, tmp_path: Path) -> None:
-    """SetupResult.tables_created names every table made: all on a fresh file, 0002's on v1."""
+    """SetupResult.tables_created names every table made: all on a fresh file, later ones' on v1."""
     fresh, old = tmp_path / "fresh.db", tmp_path / "v1.db"
     build_version_1(old)
 
@@ -527,6 +528,7 @@ async def test_setup_reports_every_table_it_creates(anyio_backend: str, tmp_path
     assert [
         *tables_in(migration("0002_plans_caps_teams.sql")),
         *tables_in(migration("0003_team_holds.sql")),
+        *tables_in(migration("0005_retention.sql")),
     ] == migrated.tables_created
 
 

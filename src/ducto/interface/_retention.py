@@ -1,7 +1,7 @@
 """
 The rules of bounded growth: retention of replay data, ledger archiving, daily rollups.
 
-Pure functions on plain data, shared by every store (the steps live in `_engine.maintenance`).
+Pure functions on plain data, shared by every store (the steps live in `_engine/retention.py`).
 
 - An idempotency record is kept for the idempotency retention after it was written; older, it
   is gone whether or not `prune` has deleted it yet, so the boundary does not depend on when

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any, Final, TypeVar
 
 from ducto.interface import _engine as E
 from ducto.interface import _ledger as L
+from ducto.interface import _retention as R
 from ducto.interface.models import PlanDefinition, PricingConfigData, SpendCap, TeamMember
 
 T = TypeVar("T")
@@ -49,6 +50,53 @@ def _dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+def _stored_row(row: Sequence[Any]) -> E.StoredRow:
+    """A ledger row selected as `_ROW_COLUMNS`."""
+    (
+        seq,
+        row_id,
+        kind,
+        account,
+        amount,
+        type_,
+        balance_after,
+        metadata,
+        created_us,
+        reservation_id,
+        key,
+        refunded,
+        spender,
+        model,
+        operation_type,
+        allowance,
+    ) = row
+    return E.StoredRow(
+        seq,
+        row_id,
+        kind,
+        account,
+        amount,
+        type_,
+        balance_after,
+        json.loads(metadata),
+        from_us(created_us),
+        reservation_id,
+        key,
+        refunded,
+        spender,
+        model,
+        operation_type,
+        allowance,
+    )
+
+
+def _first_day(moment: datetime) -> int:
+    """The proleptic ordinal of the first UTC midnight at or after `moment`."""
+    moment = moment.astimezone(UTC)
+    day = moment.toordinal()
+    return day if moment.timetz() == time(0, tzinfo=UTC) else day + 1
+
+
 _LIVE_LOTS: Final = (
     "SELECT id, seq, remaining, expires_us FROM lots INDEXED BY lots_live"
     " WHERE kind = ? AND account = ? AND remaining > 0 AND expired = 0"
@@ -59,6 +107,18 @@ _EXPIRED_LOTS: Final = (
     " WHERE kind = ? AND account = ? AND remaining > 0 AND expired = 1"
     " ORDER BY expires_us, seq"
 )
+_ROW_COLUMNS: Final = (
+    "seq, id, kind, account, amount, type, balance_after, metadata, created_us,"
+    " reservation_id, idempotency_key, refunded, spender, model, operation_type, allowance"
+)
+_HORIZON: Final = "archived_before"
+"""The settings key of the archive horizon (microseconds)."""
+_SEQ_MARK: Final = ""
+"""
+The id of the placeholder ledger row that keeps the highest ``seq`` once `archive` deleted the
+newest rows (see `SQLiteStorage.archive`). No transaction id is empty, its kind and type match
+no account and no usage, and it is created at the end of time, so nothing reads or archives it.
+"""
 
 
 @dataclass(slots=True, eq=False)
@@ -81,14 +141,20 @@ class SQLiteStorage:
         conn: The connection (autocommit off; the store opens the transactions).
         clock: The store clock.
         ids: The id source.
+        retention: How long idempotency records and finished holds are kept.
     """
 
     def __init__(
-        self, conn: sqlite3.Connection, clock: Callable[[], datetime], ids: L.IdSource
+        self,
+        conn: sqlite3.Connection,
+        clock: Callable[[], datetime],
+        ids: L.IdSource,
+        retention: R.Retention,
     ) -> None:
         self.conn = conn
         self._clock = clock
         self._ids = ids
+        self._retention = retention
         self._configs: dict[int, PricingConfigData] = {}
 
     def _one(self, sql: str, params: Sequence[object] = ()) -> Any:
@@ -456,52 +522,14 @@ class SQLiteStorage:
             where.append("created_us < ?")
             params.append(to_us(end))
         rows = self.conn.execute(
-            "SELECT seq, id, kind, account, amount, type, balance_after, metadata, created_us,"
-            " reservation_id, idempotency_key, refunded, spender, model, operation_type,"
-            f" allowance FROM ledger WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
+            f"SELECT {_ROW_COLUMNS} FROM ledger WHERE {' AND '.join(where)}"
+            " ORDER BY seq DESC LIMIT ?",
             (*params, limit + 1),
         ).fetchall()
-        return [
-            E.StoredRow(
-                seq,
-                row_id,
-                row_kind,
-                account,
-                amount,
-                type_,
-                balance_after,
-                json.loads(metadata),
-                from_us(created_us),
-                reservation_id,
-                key,
-                refunded,
-                spender,
-                model,
-                operation_type,
-                allowance,
-            )
-            for (
-                seq,
-                row_id,
-                row_kind,
-                account,
-                amount,
-                type_,
-                balance_after,
-                metadata,
-                created_us,
-                reservation_id,
-                key,
-                refunded,
-                spender,
-                model,
-                operation_type,
-                allowance,
-            ) in rows[:limit]
-        ], len(rows) > limit
+        return [_stored_row(row) for row in rows[:limit]], len(rows) > limit
 
     def spend_events(self, start: datetime, end: datetime) -> list[L.SpendEvent]:
-        return [
+        events = [
             L.SpendEvent(spender or account, model or L.UNKNOWN_MODEL, from_us(created), net)
             for spender, account, model, created, net in self.conn.execute(
                 "SELECT spender, account, model, created_us, -amount - refunded FROM ledger"
@@ -510,6 +538,126 @@ class SQLiteStorage:
                 (to_us(start), to_us(end)),
             )
         ]
+        # Archived days, each at its UTC midnight: those whose midnight is in the window.
+        events += R.rollup_events(
+            self.conn.execute(
+                "SELECT day, user_id, model, net, count FROM rollups WHERE day >= ? AND day < ?"
+                " ORDER BY day, user_id, model",
+                (_first_day(start), _first_day(end)),
+            )
+        )
+        return events
+
+    # -- growth: retention and archiving ------------------------------------------------------
+
+    @property
+    def retention(self) -> R.Retention:
+        return self._retention
+
+    def prune(self, kind: R.PruneKind, cutoff: datetime, limit: int, dry_run: bool) -> int:
+        if kind == "idempotency":
+            return self._prune(
+                "idempotency", "rowid", "created_us < ?", (to_us(cutoff),), limit, dry_run
+            )
+        if kind == "holds":
+            return self._prune(
+                "holds", "id", "counted = 0 AND expires_us < ?", (to_us(cutoff),), limit, dry_run
+            )
+        day, month = R.window_keys(cutoff)
+        done = 0
+        for table, key, where, params in (
+            (
+                "spend",
+                "user_id, cap_type, period, model",
+                "(cap_type = 'daily' AND period < ?) OR (cap_type = 'monthly' AND period < ?)",
+                (day, month),
+            ),
+            ("allowance_used", "user_id, month", "month < ?", (month,)),
+            ("member_spend", "team_id, user_id, month", "month < ?", (month,)),
+        ):
+            if not dry_run and done >= limit:
+                break
+            done += self._prune(table, key, where, params, limit - done, dry_run)
+        return done
+
+    def _prune(
+        self,
+        table: str,
+        key: str,
+        where: str,
+        params: tuple[object, ...],
+        limit: int,
+        dry_run: bool,
+    ) -> int:
+        """Delete up to `limit` rows of `table` matching `where` (a dry run counts them all)."""
+        if dry_run:
+            count: int = self._one(f"SELECT count(*) FROM {table} WHERE {where}", params)[0]
+            return count
+        # A bounded chunk (SQLite's DELETE ... LIMIT is a compile-time option), found through
+        # the table's index on `where` where it has one.
+        chunk = f"SELECT {key} FROM {table} WHERE {where} LIMIT ?"
+        return self.conn.execute(
+            f"DELETE FROM {table} WHERE ({key}) IN ({chunk})", (*params, limit)
+        ).rowcount
+
+    def archive_candidates(self, before: datetime, after: int, limit: int) -> list[E.StoredRow]:
+        return [
+            _stored_row(row)
+            for row in self.conn.execute(
+                f"SELECT {_ROW_COLUMNS} FROM ledger WHERE seq > ? AND created_us < ?"
+                " ORDER BY seq LIMIT ?",
+                (after, to_us(before), limit),
+            )
+        ]
+
+    def archive(
+        self,
+        rows: Sequence[E.StoredRow],
+        totals: Mapping[R.RollupKey, list[int]],
+        before: datetime,
+    ) -> None:
+        top = self._one("SELECT max(seq) FROM ledger")[0]
+        deleted = self.conn.executemany(
+            "DELETE FROM ledger WHERE id = ? AND refunded = ?",
+            [(row.id, row.refunded) for row in rows],
+        ).rowcount
+        if deleted != len(rows):
+            # Refunded or gone since it was read: the store rolls this operation back.
+            raise E.ArchiveChanged(f"{len(rows) - deleted} of {len(rows)} rows changed")
+        # SQLite numbers a new row one past the highest ``seq`` present, so deleting the newest
+        # rows would hand their numbers (and the cursors made of them) out again. A placeholder
+        # keeps the highest number instead; it is moved up or dropped by the next archive.
+        self.conn.execute("DELETE FROM ledger WHERE id = ?", (_SEQ_MARK,))
+        left = self._one("SELECT max(seq) FROM ledger")[0]
+        if top is not None and (left is None or left < top):
+            self.conn.execute(
+                "INSERT INTO ledger (seq, id, kind, account, amount, type, balance_after,"
+                " metadata, created_us) VALUES (?, ?, '', '', 0, '', 0, '{}', ?)",
+                (top, _SEQ_MARK, NEVER_US),
+            )
+        self.conn.executemany(
+            "INSERT INTO rollups (day, user_id, model, net, count) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (day, user_id, model)"
+            " DO UPDATE SET net = net + excluded.net, count = count + excluded.count",
+            [(day, user, model, net, count) for (day, user, model), (net, count) in totals.items()],
+        )
+        self.conn.executemany(
+            "INSERT INTO archived_rows (id) VALUES (?)", [(row.id,) for row in rows]
+        )
+        horizon = self.archived_before()
+        if horizon is None or horizon < before:
+            self.conn.execute(
+                "INSERT INTO settings (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (_HORIZON, str(to_us(before))),
+            )
+
+    def archived(self, transaction_id: str) -> bool:
+        return self._one("SELECT 1 FROM archived_rows WHERE id = ?", (transaction_id,)) is not None
+
+    def archived_before(self) -> datetime | None:
+        row = self._one("SELECT value FROM settings WHERE key = ?", (_HORIZON,))
+        return None if row is None else from_us(int(row[0]))
 
     # -- idempotency -------------------------------------------------------------------------
 
@@ -520,16 +668,18 @@ class SQLiteStorage:
         key: str,
         fingerprint: tuple[object, ...],
         result_type: type[T],
+        since: datetime | None,
     ) -> tuple[bool, T | None]:
         assert isinstance(acct, _Account)
         if not acct.exists:
             return False, None
         row = self._one(
-            "SELECT fingerprint, result FROM idempotency"
+            "SELECT fingerprint, result, created_us FROM idempotency"
             " WHERE kind = ? AND account = ? AND op = ? AND key = ?",
             (acct.kind, acct.id, op, key),
         )
-        if row is None:
+        # A record past retention is gone whether or not `prune` has deleted it yet.
+        if row is None or (since is not None and row[2] < to_us(since)):
             return False, None
         if row[0] != L.fingerprint(*fingerprint):
             return True, None
@@ -540,10 +690,21 @@ class SQLiteStorage:
     def remember(
         self, acct: E.Account, op: str, key: str, fingerprint: tuple[object, ...], result: Any
     ) -> None:
+        # An upsert: a record past retention that `prune` has not deleted yet is replaced.
         self.conn.execute(
-            "INSERT INTO idempotency (kind, account, op, key, fingerprint, result)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (acct.kind, acct.id, op, key, L.fingerprint(*fingerprint), result.model_dump_json()),
+            "INSERT INTO idempotency (kind, account, op, key, fingerprint, result, created_us)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (kind, account, op, key) DO UPDATE SET"
+            " fingerprint = excluded.fingerprint, result = excluded.result,"
+            " created_us = excluded.created_us",
+            (
+                acct.kind,
+                acct.id,
+                op,
+                key,
+                L.fingerprint(*fingerprint),
+                result.model_dump_json(),
+                to_us(self.now()),
+            ),
         )
 
     # -- plans and allowance -----------------------------------------------------------------

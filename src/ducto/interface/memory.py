@@ -4,7 +4,13 @@
 For tests and single-process deployments. The operations are the engine's (`_engine`); this
 module is where their data lives and how they run. Every per-operation lookup is a dict access
 or a heap operation, so the cost of a call does not grow with users, history or open holds;
-only analytics and sweeps scan.
+only analytics, sweeps, dry runs of `prune` and the search for rows to archive scan.
+
+Bounded growth follows the same rule: what `prune` deletes is found through time-ordered
+indexes kept as records are written (idempotency records by write time, finished holds by
+expiry, counters by window), so a prune costs what it deletes, not what is kept. Archived
+ledger rows leave their chunk (the slot becomes None, a chunk with no rows left goes whole);
+positions never move, so a row's ``seq`` and every cursor stay valid.
 
 Each call yields once, up front, at a checkpoint where cancellation can land before anything
 was read or changed; it then takes its accounts' locks (team before user when it touches both)
@@ -18,9 +24,9 @@ from __future__ import annotations
 import heapq
 from array import array
 from bisect import bisect_left
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, NamedTuple, TypeVar
 
 from anyio.lowlevel import checkpoint
@@ -28,6 +34,7 @@ from anyio.lowlevel import checkpoint
 from ducto.errors import StoreError
 from ducto.interface import _engine as E
 from ducto.interface import _ledger as L
+from ducto.interface import _retention as RT
 from ducto.interface._front import Keys, StoreFront
 from ducto.interface._locks import KeyedLocks
 from ducto.interface.models import PlanDefinition, SetupResult, SpendCap, TeamMember
@@ -39,6 +46,8 @@ T = TypeVar("T")
 
 _NOWHERE, _LIVE, _EXPIRED = 0, 1, 2
 _DAILY, _MONTHLY = "daily", "monthly"
+_ALLOWANCE, _MEMBER = "allowance", "member"
+"""With the cap types, the kinds of window counter `prune` deletes once their window closed."""
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _CHUNK: Final = 4096
 """Ledger rows per sealed chunk (a tuple the garbage collector can stop tracking)."""
@@ -98,9 +107,15 @@ class _Account(E.Account):
     lots: dict[str, _Lot] = field(default_factory=dict)
     live: list[tuple[datetime, int, _Lot]] = field(default_factory=list)
     expired: list[tuple[datetime, int, _Lot]] = field(default_factory=list)
-    # A key's request fingerprint and its result as JSON (strings the collector ignores).
-    idem: dict[tuple[str, str], tuple[tuple[object, ...], str]] = field(default_factory=dict)
+    # A key's request fingerprint, its result as JSON (a string the collector ignores) and
+    # when it was written.
+    idem: dict[tuple[str, str], tuple[tuple[object, ...], str, datetime]] = field(
+        default_factory=dict
+    )
     rows: array[int] = field(default_factory=lambda: array("q"))
+    # Positions in `rows` whose row was archived, dropped from the array once they are half
+    # of it, so archiving a long history in chunks costs time in proportion to it.
+    archived_rows: int = 0
     allowance_used: dict[int, int] = field(default_factory=dict)
     spend: dict[tuple[str, int, str | None], int] = field(default_factory=dict)
     caps: dict[tuple[str, str | None], SpendCap] = field(default_factory=dict)
@@ -115,20 +130,44 @@ class _Account(E.Account):
 class _Memory:
     """The engine's `Storage` on dicts, heaps and arrays."""
 
-    def __init__(self, clock: Callable[[], datetime]) -> None:
+    def __init__(self, clock: Callable[[], datetime], retention: RT.Retention) -> None:
         self._clock = clock
+        self._retention = retention
         self._ids = L.IdSource()
         self._users: dict[str, _Account] = {}
         self._teams: dict[str, _Account] = {}
         # The ledger: rows in order, sealed into chunks; accounts, ids and analytics refer to
         # rows by position, in arrays and int-valued dicts the garbage collector never walks.
-        self._chunks: list[tuple[tuple[Any, ...], ...]] = []
-        self._tail: list[tuple[Any, ...]] = []
+        # An archived row leaves a None in its slot, and a chunk left with none at all becomes
+        # None itself, so positions (and with them ``seq`` and cursors) never move.
+        self._chunks: list[tuple[tuple[Any, ...] | None, ...] | None] = []
+        self._tail: list[tuple[Any, ...] | None] = []
         self._row_count = 0
         self._rows_by_id: dict[str, int] = {}
         self._refunded: dict[str, list[int]] = {}
         self._spend_rows: array[int] = array("q")
+        self._spend_archived = 0  # positions in `_spend_rows` whose row was archived
+        # Whether rows were appended in time order (the clock never went back): then the rows
+        # older than an archive cutoff are a prefix of what is kept and the search stops early.
+        self._in_order = True
+        self._last_at = _EPOCH
         self._seq = 0
+        # What `prune` deletes, in the order it becomes due, as tuples of atomic values the
+        # collector stops tracking: ``(written, n, kind, account, op, key)`` per idempotency
+        # record and ``(expires_at, n, kind, account, hold)`` per hold nothing counts any
+        # more. An entry whose record was replaced or deleted since is skipped when it comes
+        # up. Nothing is indexed for a retention of for ever: it is never pruned.
+        self._idem_due: list[tuple[datetime, int, str, str, str, str]] = []
+        self._holds_due: list[tuple[datetime, int, str, str, str]] = []
+        self._due_count = 0
+        # The accounts with a counter in each window, as ``(counter, kind, window)`` to a dict
+        # of account ids, so a prune of closed windows visits only the accounts that have one.
+        self._windows: dict[tuple[str, str, int], dict[str, None]] = {}
+        # What archiving kept: paid usage per (UTC day, user, model) as ``(net, count)``, the
+        # archived row ids, and the latest cutoff.
+        self._rollups: dict[RT.RollupKey, tuple[int, int]] = {}
+        self._archived: dict[str, None] = {}
+        self._horizon: datetime | None = None
         self._expiring: list[tuple[datetime, int, _Account, _Lot]] = []
         self._pricing: list[E.PricingVersion] = []
         self._active_version: int | None = None
@@ -138,6 +177,10 @@ class _Memory:
 
     def new_id(self, kind: str) -> str:
         return self._ids.next(kind)
+
+    @property
+    def retention(self) -> RT.Retention:
+        return self._retention
 
     # -- accounts ----------------------------------------------------------------------------
 
@@ -163,6 +206,7 @@ class _Memory:
             if hold is not None and hold.counted:
                 hold.counted = False
                 lapsed.append(hold)
+                self._hold_due(acct, hold)  # open, but nothing counts it any more
         return lapsed
 
     def lapse_lots(self, acct: E.Account, now: datetime) -> Sequence[int]:
@@ -224,6 +268,16 @@ class _Memory:
         acct.closed[hold.id] = hold.amount * 4 + state
         if hold.member is not None:
             acct.closed_members[hold.id] = hold.member
+        # The compact record has no expiry: index the hold for `prune` now.
+        self._hold_due(acct, hold)
+
+    def _hold_due(self, acct: _Account, hold: E.Hold) -> None:
+        """Index a hold nothing counts any more by its expiry, for `prune`."""
+        if self._retention.holds is not None:
+            self._due_count += 1
+            heapq.heappush(
+                self._holds_due, (hold.expires_at, self._due_count, acct.kind, acct.id, hold.id)
+            )
 
     def add_held(self, acct: E.Account, hold: E.Hold, delta: int) -> None:
         assert isinstance(acct, _Account)
@@ -328,6 +382,9 @@ class _Memory:
         assert isinstance(acct, _Account)
         position = self._row_count
         row_id = self._ids.next("tx")
+        if now < self._last_at:
+            self._in_order = False
+        self._last_at = now
         row = (
             row_id,
             position,
@@ -357,25 +414,31 @@ class _Memory:
             self._spend_rows.append(position)
         return row_id
 
-    def _row(self, position: int) -> _Row:
+    def _raw(self, position: int) -> tuple[Any, ...] | None:
+        """The row at `position` as stored, or None once it was archived."""
         chunk, offset = divmod(position, _CHUNK)
         if chunk < len(self._chunks):
-            return _Row._make(self._chunks[chunk][offset])
-        return _Row._make(self._tail[offset])
+            sealed = self._chunks[chunk]
+            return None if sealed is None else sealed[offset]
+        return self._tail[offset]
+
+    def _row(self, position: int) -> _Row | None:
+        raw = self._raw(position)
+        return None if raw is None else _Row._make(raw)
 
     def refund_keys(self, transaction_id: str) -> Keys:
         """The accounts a refund of the row touches: its account and the spender's."""
         position = self._rows_by_id.get(transaction_id)
-        if position is None:
+        row = None if position is None else self._row(position)
+        if row is None:
             return ()
-        row = self._row(position)
         return (row.account, (E.USER, row.spender or row.account[1]))
 
     def debit(self, transaction_id: str) -> E.Debit | None:
         position = self._rows_by_id.get(transaction_id)
-        if position is None:
+        row = None if position is None else self._row(position)
+        if row is None:
             return None
-        row = self._row(position)
         return E.Debit(
             row.id,
             row.account[0],
@@ -415,7 +478,7 @@ class _Memory:
         while index > 0:
             index -= 1
             row = self._row(rows[index])
-            if types is not None and row.type not in types:
+            if row is None or (types is not None and row.type not in types):
                 continue
             if (start is not None and row.created_at < start) or (
                 end is not None and row.created_at >= end
@@ -423,33 +486,34 @@ class _Memory:
                 continue
             if len(picked) == limit:
                 return picked, True
-            picked.append(
-                E.StoredRow(
-                    row.seq,
-                    row.id,
-                    row.account[0],
-                    row.account[1],
-                    row.amount,
-                    row.type,
-                    row.balance_after,
-                    dict(row.metadata or ()),
-                    row.created_at,
-                    row.reservation_id,
-                    row.idempotency_key,
-                    self._refund_total(row.id),
-                    row.spender,
-                    row.model,
-                    row.operation_type,
-                    row.allowance,
-                )
-            )
+            picked.append(self._stored(row))
         return picked, False
+
+    def _stored(self, row: _Row) -> E.StoredRow:
+        return E.StoredRow(
+            row.seq,
+            row.id,
+            row.account[0],
+            row.account[1],
+            row.amount,
+            row.type,
+            row.balance_after,
+            dict(row.metadata or ()),
+            row.created_at,
+            row.reservation_id,
+            row.idempotency_key,
+            self._refund_total(row.id),
+            row.spender,
+            row.model,
+            row.operation_type,
+            row.allowance,
+        )
 
     def spend_events(self, start: datetime, end: datetime) -> list[L.SpendEvent]:
         events = []
         for position in self._spend_rows:
             row = self._row(position)
-            if start <= row.created_at < end:
+            if row is not None and start <= row.created_at < end:
                 events.append(
                     L.SpendEvent(
                         row.spender or row.account[1],
@@ -458,7 +522,225 @@ class _Memory:
                         -row.amount - self._refund_total(row.id),
                     )
                 )
+        if self._rollups:
+            # Rollups stand at their day's UTC midnight: the days whose midnight is in range.
+            first, stop = _first_midnight(start), _first_midnight(end)
+            events += RT.rollup_events(
+                (day, user, model, net, count)
+                for (day, user, model), (net, count) in self._rollups.items()
+                if first <= day < stop
+            )
         return events
+
+    # -- growth: archiving -------------------------------------------------------------------
+
+    def archive_candidates(self, before: datetime, after: int, limit: int) -> list[E.StoredRow]:
+        """
+        The next rows older than `before` after position `after`, scanning forward.
+
+        Archived chunks are skipped whole. While rows were appended in time order the scan
+        stops at the first row not older than `before`; after the clock went back it reads
+        on to the end of the ledger.
+        """
+        picked: list[E.StoredRow] = []
+        position = max(after + 1, 0)
+        sealed = len(self._chunks)
+        while position < self._row_count:
+            index, offset = divmod(position, _CHUNK)
+            chunk = self._chunks[index] if index < sealed else self._tail
+            position = (index + 1) * _CHUNK
+            if chunk is None:
+                continue
+            for raw in chunk[offset:] if offset else chunk:
+                if raw is None:
+                    continue
+                if raw[7] < before:
+                    picked.append(self._stored(_Row._make(raw)))
+                    if len(picked) == limit:
+                        return picked
+                elif self._in_order:
+                    return picked
+        return picked
+
+    def archive(
+        self,
+        rows: Sequence[E.StoredRow],
+        totals: Mapping[RT.RollupKey, list[int]],
+        before: datetime,
+    ) -> None:
+        # Every row is checked before anything changes: a refund since they were read (or a
+        # row already gone) leaves the store as it was.
+        positions = set()
+        for stored in rows:
+            position = self._rows_by_id.get(stored.id)
+            if position is None or self._refund_total(stored.id) != stored.refunded:
+                raise E.ArchiveChanged(f"ledger row {stored.id} changed since it was read")
+            positions.add(position)
+        emptied: dict[int, list[int]] = {}
+        per_account: dict[tuple[str, str], int] = {}
+        for position in positions:
+            raw = self._raw(position)
+            assert raw is not None
+            row_id, account = raw[0], raw[2]
+            del self._rows_by_id[row_id]
+            self._refunded.pop(row_id, None)
+            self._archived[row_id] = None
+            per_account[account] = per_account.get(account, 0) + 1
+            if raw[11] is not None:
+                self._spend_archived += 1
+            chunk, offset = divmod(position, _CHUNK)
+            emptied.setdefault(chunk, []).append(offset)
+        for chunk, offsets in emptied.items():
+            if chunk < len(self._chunks):
+                sealed = self._chunks[chunk]
+                assert sealed is not None
+                slots = list(sealed)
+                for offset in offsets:
+                    slots[offset] = None
+                # A new tuple without the rows releases them; a chunk with no row left goes.
+                self._chunks[chunk] = (
+                    tuple(slots) if any(slot is not None for slot in slots) else None
+                )
+            else:
+                for offset in offsets:
+                    self._tail[offset] = None
+        for key, count in per_account.items():
+            acct = self.account(*key)
+            assert acct is not None
+            acct.archived_rows += count
+            if 2 * acct.archived_rows >= len(acct.rows):
+                acct.rows = self._kept(acct.rows)
+                acct.archived_rows = 0
+        if 2 * self._spend_archived >= len(self._spend_rows):
+            self._spend_rows = self._kept(self._spend_rows)
+            self._spend_archived = 0
+        rollups = self._rollups
+        for rollup, (net, count) in totals.items():
+            old = rollups.get(rollup)
+            rollups[rollup] = (net, count) if old is None else (old[0] + net, old[1] + count)
+        if self._horizon is None or before > self._horizon:
+            self._horizon = before
+
+    def _kept(self, positions: array[int]) -> array[int]:
+        """The positions whose row was not archived."""
+        return array("q", [p for p in positions if self._raw(p) is not None])
+
+    def archived(self, transaction_id: str) -> bool:
+        return transaction_id in self._archived
+
+    def archived_before(self) -> datetime | None:
+        return self._horizon
+
+    # -- growth: prune -----------------------------------------------------------------------
+
+    def prune(self, kind: RT.PruneKind, cutoff: datetime, limit: int, dry_run: bool) -> int:
+        if kind == "idempotency":
+            return self._prune_idempotency(cutoff, limit, dry_run)
+        if kind == "holds":
+            return self._prune_holds(cutoff, limit, dry_run)
+        return self._prune_windows(cutoff, limit, dry_run)
+
+    def _idem_current(self, entry: tuple[datetime, int, str, str, str, str]) -> _Account | None:
+        """The account whose record `entry` indexes, if that record is still the one stored."""
+        acct = self.account(entry[2], entry[3])
+        if acct is None:
+            return None
+        record = acct.idem.get((entry[4], entry[5]))
+        return acct if record is not None and record[2] == entry[0] else None
+
+    def _prune_idempotency(self, cutoff: datetime, limit: int, dry_run: bool) -> int:
+        due = self._idem_due
+        if dry_run:
+            # A record may be indexed twice at the same instant (rewritten after the clock
+            # went back): count records, not entries.
+            return len({e[2:] for e in due if e[0] < cutoff and self._idem_current(e) is not None})
+        done = 0
+        while due and done < limit and due[0][0] < cutoff:
+            entry = heapq.heappop(due)
+            acct = self._idem_current(entry)
+            if acct is not None:
+                del acct.idem[entry[4], entry[5]]
+                done += 1
+        return done
+
+    def _hold_finished(self, entry: tuple[datetime, int, str, str, str]) -> _Account | None:
+        """The account still keeping the finished hold `entry` indexes, if any."""
+        acct = self.account(entry[2], entry[3])
+        if acct is None:
+            return None
+        hold_id = entry[4]
+        if hold_id in acct.closed:
+            return acct
+        hold = acct.holds.get(hold_id)
+        return acct if hold is not None and not hold.counted else None
+
+    def _prune_holds(self, cutoff: datetime, limit: int, dry_run: bool) -> int:
+        due = self._holds_due
+        if dry_run:
+            # A hold that lapsed and was closed later is indexed twice.
+            return len({e[2:] for e in due if e[0] < cutoff and self._hold_finished(e) is not None})
+        done = 0
+        while due and done < limit and due[0][0] < cutoff:
+            entry = heapq.heappop(due)
+            acct = self._hold_finished(entry)
+            if acct is None:
+                continue
+            hold_id = entry[4]
+            if acct.closed.pop(hold_id, None) is not None:
+                acct.closed_members.pop(hold_id, None)
+            else:
+                del acct.holds[hold_id]  # open but lapsed: nothing counts it
+            done += 1
+        return done
+
+    def _prune_windows(self, now: datetime, limit: int, dry_run: bool) -> int:
+        day, month = RT.window_keys(now)
+        closed = sorted(
+            key for key in self._windows if key[2] < (day if key[0] == _DAILY else month)
+        )
+        done = 0
+        for key in closed:
+            group = self._windows[key]
+            for account_id in list(group):
+                table, entries = self._window_entries(key, account_id)
+                if dry_run:
+                    done += len(entries)
+                    continue
+                taken = entries[: limit - done]
+                for entry in taken:
+                    del table[entry]
+                done += len(taken)
+                if len(taken) < len(entries):
+                    return done  # the limit: the rest goes in the next chunk
+                del group[account_id]
+            if not dry_run:
+                del self._windows[key]
+        return done
+
+    def _window_entries(
+        self, key: tuple[str, str, int], account_id: str
+    ) -> tuple[dict[Any, int], list[Any]]:
+        """An account's counters of one closed window: their table, and their keys in it."""
+        counter, kind, window = key
+        acct = self.account(kind, account_id)
+        if acct is None:
+            return {}, []
+        if counter == _ALLOWANCE:
+            table: dict[Any, int] = acct.allowance_used
+            return table, [window] if window in table else []
+        if counter == _MEMBER:
+            table = acct.member_spend
+            return table, [k for k in table if k[1] == window]
+        table = acct.spend
+        return table, [k for k in table if k[0] == counter and k[1] == window]
+
+    def _window_counted(self, counter: str, kind: str, window: int, account_id: str) -> None:
+        """Note that the account has a counter in the window (for `prune`)."""
+        key = (counter, kind, window)
+        group = self._windows.get(key)
+        if group is None:
+            group = self._windows[key] = {}
+        group[account_id] = None
 
     # -- idempotency -------------------------------------------------------------------------
 
@@ -469,11 +751,12 @@ class _Memory:
         key: str,
         fingerprint: tuple[object, ...],
         result_type: type[T],
+        since: datetime | None,
     ) -> tuple[bool, T | None]:
         assert isinstance(acct, _Account)
         entry = acct.idem.get((op, key))
-        if entry is None:
-            return False, None
+        if entry is None or (since is not None and entry[2] < since):
+            return False, None  # never used, or past retention (pruned or not)
         if entry[0] != fingerprint:
             return True, None
         result = result_type.model_validate_json(entry[1])  # type: ignore[attr-defined]
@@ -484,7 +767,14 @@ class _Memory:
         self, acct: E.Account, op: str, key: str, fingerprint: tuple[object, ...], result: Any
     ) -> None:
         assert isinstance(acct, _Account)
-        acct.idem[(op, key)] = (fingerprint, result.model_dump_json())
+        now = self.now()
+        # Replaces a record past retention; `prune` skips the old one's index entry, whose
+        # time no longer matches.
+        old = acct.idem.get((op, key))
+        acct.idem[(op, key)] = (fingerprint, result.model_dump_json(), now)
+        if self._retention.idempotency is not None and (old is None or old[2] != now):
+            self._due_count += 1
+            heapq.heappush(self._idem_due, (now, self._due_count, acct.kind, acct.id, op, key))
 
     # -- plans and allowance -----------------------------------------------------------------
 
@@ -501,6 +791,7 @@ class _Memory:
     def use_allowance(self, acct: E.Account, month: int, amount: int) -> None:
         assert isinstance(acct, _Account)
         acct.allowance_used[month] = acct.allowance_used.get(month, 0) + amount
+        self._window_counted(_ALLOWANCE, acct.kind, month, acct.id)
 
     # -- caps and spend windows --------------------------------------------------------------
 
@@ -525,9 +816,11 @@ class _Memory:
         spend = acct.spend
         for cap_type in (_DAILY, _MONTHLY):
             window = L.cap_window_key(cap_type, at)
-            _add(spend, (cap_type, window, None), amount)
+            # A counter back at zero stays, as in the SQL stores, until its window is pruned.
+            _count(spend, (cap_type, window, None), amount)
             if model is not None:
-                _add(spend, (cap_type, window, model), amount)
+                _count(spend, (cap_type, window, model), amount)
+            self._window_counted(cap_type, E.USER, window, user_id)
 
     # -- teams -------------------------------------------------------------------------------
 
@@ -565,7 +858,8 @@ class _Memory:
 
     def add_member_spend(self, team: E.Account, user_id: str, month: int, amount: int) -> None:
         assert isinstance(team, _Account)
-        _add(team.member_spend, (user_id, month), amount)
+        _count(team.member_spend, (user_id, month), amount)
+        self._window_counted(_MEMBER, team.kind, month, team.id)
 
     # -- pricing -----------------------------------------------------------------------------
 
@@ -601,6 +895,18 @@ def _add(table: dict[Any, int], key: object, delta: int) -> None:
         table.pop(key, None)
 
 
+def _count(table: dict[Any, int], key: object, delta: int) -> None:
+    """Add `delta` to ``table[key]`` (a window counter: kept at zero, like a SQL row)."""
+    table[key] = table.get(key, 0) + delta
+
+
+def _first_midnight(moment: datetime) -> int:
+    """The first UTC day (as an ordinal) whose midnight is at or after `moment`."""
+    moment = moment.astimezone(UTC)
+    past_midnight = moment.hour or moment.minute or moment.second or moment.microsecond
+    return moment.toordinal() + (1 if past_midnight else 0)
+
+
 def _consume(heap: list[tuple[datetime, int, _Lot]]) -> Iterator[L.Lot]:
     """
     The heap's lots with credits, in order, for a draw.
@@ -624,10 +930,22 @@ class MemoryStore(StoreFront):
     Args:
         clock: Returns the current aware UTC datetime; tests pass a controllable one.
             Nothing else in the store reads the wall clock.
+        idempotency_retention: How long an idempotency key replays after it was first used
+            (a timedelta, or seconds as int or float; None keeps keys for ever). Past it the
+            key is a new request, and `prune` deletes the record.
+        hold_retention: How long a finished hold (settled, released or lapsed) is kept after
+            its expiry time before `prune` deletes it (as above; None keeps holds for ever).
     """
 
-    def __init__(self, *, clock: Callable[[], datetime] | None = None) -> None:
-        self._st = _Memory(clock or L.utc_now)
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        idempotency_retention: timedelta | float | None = RT.DEFAULT_RETENTION,
+        hold_retention: timedelta | float | None = RT.DEFAULT_RETENTION,
+    ) -> None:
+        retention = RT.Retention.of(idempotency_retention, hold_retention)
+        self._st = _Memory(clock or L.utc_now, retention)
         self._locks = KeyedLocks()
         self._closed = False
         self._set_up = False

@@ -22,7 +22,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from importlib import resources
 from threading import Thread
 from typing import Any, Final, Literal, Protocol, TypeVar
@@ -33,6 +33,7 @@ import sniffio
 from ducto._shown import shown
 from ducto.errors import DuctoError, InvalidArgumentError, StoreError, StoreUnavailableError
 from ducto.interface import _ledger as L
+from ducto.interface import _retention as R
 from ducto.interface._front import Keys, StoreFront
 from ducto.interface._group import GroupCommit, Job
 from ducto.interface._sqlite_storage import SQLiteStorage
@@ -41,12 +42,13 @@ from ducto.interface.models import SetupResult
 __all__ = ["SQLiteStore"]
 
 T = TypeVar("T")
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 _MIGRATIONS: Final = (
     "0001_ledger.sql",
     "0002_plans_caps_teams.sql",
     "0003_team_holds.sql",
     "0004_idempotency_rowid.sql",
+    "0005_retention.sql",
 )
 
 # Primary result codes (``sqlite3.Error.sqlite_errorcode & 0xFF``) that mean the database
@@ -184,6 +186,11 @@ class SQLiteStore(StoreFront):
         group_commit: Run concurrent operations in shared transactions (one commit each
             batch). Off, every operation commits on its own.
         max_batch: The most operations one transaction carries.
+        idempotency_retention: How long an idempotency key replays after it was first used
+            (a timedelta, or seconds as int or float; None keeps keys for ever). Past it the
+            key is a new request, and `prune` deletes the record.
+        hold_retention: How long a finished hold (settled, released or lapsed) is kept after
+            its expiry time before `prune` deletes it (as above; None keeps holds for ever).
     """
 
     def __init__(
@@ -195,6 +202,8 @@ class SQLiteStore(StoreFront):
         busy_timeout: float = 5.0,
         group_commit: bool = True,
         max_batch: int = 100,
+        idempotency_retention: timedelta | float | None = R.DEFAULT_RETENTION,
+        hold_retention: timedelta | float | None = R.DEFAULT_RETENTION,
     ) -> None:
         if not isinstance(path, str | os.PathLike):
             raise InvalidArgumentError(f"path must be a str or path, got {shown(path)}")
@@ -208,6 +217,7 @@ class SQLiteStore(StoreFront):
             )
         L.check_bool("group_commit", group_commit)
         L.check_limit(max_batch, name="max_batch", maximum=10_000)
+        self._retention = R.Retention.of(idempotency_retention, hold_retention)
         self._path = _resolve(path)
         self._synchronous = synchronous
         self._clock: Callable[[], datetime] = clock or L.utc_now
@@ -240,7 +250,7 @@ class SQLiteStore(StoreFront):
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
         self._runner = runner
-        self._st = SQLiteStorage(opened[0], self._clock, L.IdSource())
+        self._st = SQLiteStorage(opened[0], self._clock, L.IdSource(), self._retention)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
