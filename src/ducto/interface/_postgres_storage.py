@@ -20,19 +20,26 @@ earlier operation of the batch wrote what they read (a page of the ledger, the l
 of a team's members) raise `Defer`: the operation moves to a later round, after the batch's
 writes so far are applied.
 
+A refund whose ledger row is gone learns in the same read whether the row was archived
+(``ducto_read`` looks for it among the archived ids only when a row asked for is missing).
+Idempotency records come with the instant they were written, which `recall` compares with the
+retention's cutoff; a record past it is replaced by `remember`. Pruning and archiving do not
+run on a snapshot: `PostgresStore` runs them as short transactions of their own.
+
 The two functions only move data; every rule stays in the engine.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
 from ducto.interface import _engine as E
 from ducto.interface import _ledger as L
+from ducto.interface import _retention as R
 from ducto.interface.models import PlanDefinition, PricingConfigData, SpendCap, TeamMember
 
 T = TypeVar("T")
@@ -64,7 +71,8 @@ def _dt(value: str | None) -> datetime | None:
     return moment if moment.tzinfo is UTC else moment.astimezone(UTC)
 
 
-def _req_dt(value: str) -> datetime:
+def timestamp(value: str) -> datetime:
+    """A timestamptz as Postgres renders it (in JSON or as text), as an aware UTC datetime."""
     moment = _dt(value)
     assert moment is not None
     return moment
@@ -228,6 +236,8 @@ def need_for(op: Any, args: Sequence[Any]) -> Need:
         need.refunds[tx] = key or ""
     elif op is E.sweep:
         need.sweep = True
+    elif op is E.now:
+        pass  # every document brings the clock
     elif op is E.page:
         need.pages[tuple(args)] = None
     elif op is E.list_lots:
@@ -306,7 +316,8 @@ class Data:
     users: dict[str, Any] = field(default_factory=dict)
     """A user's caps, this window's spend and this month's allowance used (False: not read,
     because the account's caps count was 0 or it had no plan)."""
-    keys: dict[tuple[str, str, str], dict[str, tuple[str, Any]]] = field(default_factory=dict)
+    keys: dict[tuple[str, str, str], dict[str, tuple[str, Any, str]]] = field(default_factory=dict)
+    """Stored results by key and operation: fingerprint, result, when written (as text)."""
     holds: dict[tuple[str, str, str], Any] = field(default_factory=dict)
     debits: dict[tuple[str, str], tuple[int, Any, Any, bool, bool]] = field(default_factory=dict)
     """Lots for a debit: the amount asked for, the unexpired and the expired lots in their
@@ -320,6 +331,8 @@ class Data:
     versions: dict[int, Any] = field(default_factory=dict)
     history: list[Any] | None = None
     debit_rows: dict[str, Any] = field(default_factory=dict)
+    archived: set[str] = field(default_factory=set)
+    """Ledger rows asked for as `debit_rows`, missing, and archived."""
     pages: dict[tuple[Any, ...], list[Any]] = field(default_factory=dict)
     sweep: list[Any] | None = None
 
@@ -350,7 +363,7 @@ class Data:
                 row = accounts.get(key)
                 expired = sorted(
                     ([i, seq, left, at] for i, left, seq, at in (row and row[8]) or ()),
-                    key=lambda lot: (_req_dt(lot[3]), lot[1]),
+                    key=lambda lot: (timestamp(lot[3]), lot[1]),
                 )
                 partial = False
             else:
@@ -364,8 +377,8 @@ class Data:
             )
         for key3 in need.keys:
             keys[key3] = {}
-        for kind, account, name, op, fingerprint, result in doc.get("keys") or ():
-            keys.setdefault((kind, account, name), {})[op] = (fingerprint, result)
+        for kind, account, name, op, fingerprint, result, written in doc.get("keys") or ():
+            keys.setdefault((kind, account, name), {})[op] = (fingerprint, result, written)
         for hold_key in need.holds:
             holds[hold_key] = None
         for row in doc.get("holds") or ():
@@ -395,7 +408,10 @@ class Data:
             self.debit_rows[row[0]] = row[1:]
             refund_key = need.refunds.get(row[0])
             if refund_key:  # the refund's key, on the account the row names
-                keys[(row[1], row[2], refund_key)] = {e[0]: (e[1], e[2]) for e in row[11] or ()}
+                keys[(row[1], row[2], refund_key)] = {
+                    e[0]: (e[1], e[2], e[3]) for e in row[11] or ()
+                }
+        self.archived.update(doc.get("archived") or ())
         for page, rows in zip(need.pages, doc.get("pages") or (), strict=False):
             self.pages[page] = rows
         if doc.get("sweep") is not None:
@@ -405,7 +421,7 @@ class Data:
 def parse(need: Need, text: bytes) -> Data:
     """A ``ducto_read`` document as new `Data`."""
     doc = json.loads(text)
-    data = Data(now=_req_dt(doc["now"]))
+    data = Data(now=timestamp(doc["now"]))
     data.read(need, doc)
     return data
 
@@ -549,12 +565,20 @@ class Snapshot:
         data: What the batch read.
         ids: The store's id source.
         configs: Parsed pricing configs by version (versions never change once written).
+        retention: The store's retention settings.
     """
 
-    def __init__(self, data: Data, ids: L.IdSource, configs: dict[int, PricingConfigData]) -> None:
+    def __init__(
+        self,
+        data: Data,
+        ids: L.IdSource,
+        configs: dict[int, PricingConfigData],
+        retention: R.Retention,
+    ) -> None:
         self.data = data
         self._ids = ids
         self._configs = configs
+        self._retention = retention
         self.out = Writes()
         self._now = data.now
         self._month = L.month_key(data.now)
@@ -573,7 +597,7 @@ class Snapshot:
         self._fetched: dict[tuple[tuple[str, str], int], tuple[list[_Lot], bool]] = {}
         self._extra_lots: dict[tuple[str, str], list[_Lot]] = {}
         self._lots_written: set[tuple[str, str]] = set()
-        self._keys: dict[tuple[str, str, str], dict[str, tuple[str, Any]]] = {}
+        self._keys: dict[tuple[str, str, str], dict[str, tuple[str, Any, str]]] = {}
         self._debits: dict[str, E.Debit | None] = {}
         self._appended: dict[str, E.Debit] = {}
         self._ledger_written: set[tuple[str, str]] = set()
@@ -667,7 +691,7 @@ class Snapshot:
             if cached is not None:
                 cached.counted = False
         return [
-            E.Hold(hold_id, amount, "", model, False, _req_dt(expires), member=member)
+            E.Hold(hold_id, amount, "", model, False, timestamp(expires), member=member)
             for hold_id, amount, model, member, expires in rows
         ]
 
@@ -704,7 +728,7 @@ class Snapshot:
                 operation_type,
                 model,
                 use_allowance,
-                _req_dt(expires),
+                timestamp(expires),
                 member=member,
                 state=state,
                 counted=counted and hold_id not in self._lapsed_ids,
@@ -946,7 +970,7 @@ class Snapshot:
                     account,
                     amount,
                     type_,
-                    _req_dt(created),
+                    timestamp(created),
                     [(str(d[0]), int(d[1])) for d in draws or ()],
                     list(refunds) if refunds else None,
                     spender,
@@ -977,15 +1001,44 @@ class Snapshot:
         if rows is None:
             raise Miss(Need(pages={wanted: None}))
         # Columns in StoredRow's order; created_at (the ninth) arrives as text.
-        page = [E.StoredRow._make((*row[:8], _req_dt(row[8]), *row[9:])) for row in rows[:limit]]
+        page = [E.StoredRow._make((*row[:8], timestamp(row[8]), *row[9:])) for row in rows[:limit]]
         return page, len(rows) > limit
 
     def spend_events(self, start: datetime, end: datetime) -> list[L.SpendEvent]:
         raise AssertionError("PostgresStore computes analytics in SQL")  # pragma: no cover
 
+    # -- growth: retention and archiving -----------------------------------------------------
+
+    @property
+    def retention(self) -> R.Retention:
+        return self._retention
+
+    def prune(self, kind: R.PruneKind, cutoff: datetime, limit: int, dry_run: bool) -> int:
+        raise AssertionError("PostgresStore prunes in SQL")  # pragma: no cover
+
+    def archive_candidates(self, before: datetime, after: int, limit: int) -> list[E.StoredRow]:
+        raise AssertionError("PostgresStore archives in SQL")  # pragma: no cover
+
+    def archive(
+        self,
+        rows: Sequence[E.StoredRow],
+        totals: Mapping[R.RollupKey, list[int]],
+        before: datetime,
+    ) -> None:
+        raise AssertionError("PostgresStore archives in SQL")  # pragma: no cover
+
+    def archived(self, transaction_id: str) -> bool:
+        # Asked only after `debit` found no row, which read the archived ids along with it.
+        if transaction_id not in self.data.debit_rows:
+            raise Miss(Need(refunds={transaction_id: ""}))
+        return transaction_id in self.data.archived
+
+    def archived_before(self) -> datetime | None:
+        raise AssertionError("PostgresStore computes analytics in SQL")  # pragma: no cover
+
     # -- idempotency -------------------------------------------------------------------------
 
-    def _entries(self, acct: E.Account, key: str) -> dict[str, tuple[str, Any]]:
+    def _entries(self, acct: E.Account, key: str) -> dict[str, tuple[str, Any, str]]:
         full = (acct.kind, acct.id, key)
         entries = self._keys.get(full)
         if entries is not None:
@@ -1004,12 +1057,13 @@ class Snapshot:
         key: str,
         fingerprint: tuple[object, ...],
         result_type: type[T],
+        since: datetime | None,
     ) -> tuple[bool, T | None]:
         assert isinstance(acct, _Account)
         if not acct.exists and (acct.kind, acct.id, key) not in self._keys:
             return False, None
         entry = self._entries(acct, key).get(op)
-        if entry is None:
+        if entry is None or (since is not None and timestamp(entry[2]) < since):
             return False, None
         if entry[0] != L.fingerprint(*fingerprint):
             return True, None
@@ -1029,8 +1083,10 @@ class Snapshot:
         if entries is None:
             entries = self._entries(acct, key) if acct.exists else {}
             self._keys[full] = entries
-        entries[op] = (text, dumped)
-        self.out.keys.append([acct.kind, acct.id, op, key, text, dumped])
+        # Stamped with the batch's now; it replaces a record past retention.
+        written = self._now.isoformat()
+        entries[op] = (text, dumped, written)
+        self.out.keys.append([acct.kind, acct.id, op, key, text, dumped, written])
 
     # -- plans and allowance -----------------------------------------------------------------
 
@@ -1235,7 +1291,7 @@ class Snapshot:
         if version not in self._configs:
             self._configs[version] = PricingConfigData.model_validate_json(row[2])
         return E.PricingVersion(
-            version, pricing_id, self._configs[version], label, _req_dt(created)
+            version, pricing_id, self._configs[version], label, timestamp(created)
         )
 
     def active_pricing(self) -> E.PricingVersion | None:

@@ -16,6 +16,13 @@ shielded from cancellation (bounded by ``statement_timeout``): a cancelled calle
 cancellation, the operation is applied whole or not at all, and no connection is lost to it.
 Serialization failures and deadlocks are retried inside the store; "now" comes from the
 database server's clock, read after the locks, unless the store is given a `clock`.
+
+`prune` and `archive_ledger` run chunk by chunk, each chunk a short transaction of its own
+beside the traffic (``ducto_prune``, ``ducto_archive_rows``, ``ducto_archive``), with cutoffs
+and rollups computed by the engine's rules in Python. Deleting holds or ledger rows takes the
+locks of their accounts as the data path does, so it never falls between an operation's read
+and its commit. Analytics are SQL aggregates over the kept usage rows and the daily rollups
+of archived days.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Generator, Sequence
-from datetime import datetime
+from datetime import datetime, time, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from functools import partial
 from importlib import resources
@@ -44,6 +51,7 @@ from ducto.errors import (
 )
 from ducto.interface import _engine as E
 from ducto.interface import _ledger as L
+from ducto.interface import _retention as R
 from ducto.interface._front import Keys, StoreFront
 from ducto.interface._group import GroupCommit, Job
 from ducto.interface._postgres_storage import (
@@ -54,6 +62,7 @@ from ducto.interface._postgres_storage import (
     literal,
     need_for,
     parse,
+    timestamp,
 )
 from ducto.interface.models import (
     AggregateStatsRow,
@@ -73,11 +82,18 @@ if TYPE_CHECKING:
 __all__ = ["PostgresStats", "PostgresStore"]
 
 T = TypeVar("T")
-SCHEMA_VERSION: Final = 3
-_MIGRATIONS: Final = ("0001_schema.sql", "0002_team_holds.sql", "0003_data_path.sql")
+SCHEMA_VERSION: Final = 4
+_MIGRATIONS: Final = (
+    "0001_schema.sql",
+    "0002_team_holds.sql",
+    "0003_data_path.sql",
+    "0004_retention.sql",
+)
 _SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _TABLE: Final = re.compile(r"^CREATE TABLE (\w+)", re.MULTILINE)
 _MAX_ATTEMPTS: Final = 8
+_ARCHIVE_SPAN: Final = 1_000_000
+"""Ledger sequence numbers one statement of `archive_ledger` looks through for old rows."""
 _MAX_FETCHES: Final = 16
 """Most extra reads one batch makes for what its snapshot missed (each is rare)."""
 _RETRY: Final = frozenset({"40001", "40P01"})  # serialization failure, deadlock detected
@@ -216,6 +232,11 @@ def _split_url(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(query=urlencode(rest, quote_via=quote))), schema
 
 
+def _first_day(moment: datetime) -> int:
+    """The UTC day (proleptic ordinal) of the first UTC midnight at or after `moment` (UTC)."""
+    return moment.toordinal() + (0 if moment.time() == time() else 1)
+
+
 def _check_seconds(name: str, value: object) -> float:
     if type(value) not in (int, float) or not 0 < value <= 600:  # type: ignore[operator]
         raise InvalidArgumentError(
@@ -259,6 +280,12 @@ class PostgresStore(StoreFront):
             larger batches cost the server and this process less per operation; more let
             other operations go on while a batch waits for an account another process has
             locked.
+        idempotency_retention: How long an idempotency record is kept after it was written
+            (a `timedelta`, or seconds as an int or float; None keeps records for ever).
+            Past it a key is a new request, whether or not `prune` has deleted the record.
+        hold_retention: How long a hold nothing counts any more (settled, released, or
+            lapsed) is kept after its expiry time before `prune` deletes it (a `timedelta`,
+            or seconds; None keeps holds for ever).
     """
 
     def __init__(
@@ -277,6 +304,8 @@ class PostgresStore(StoreFront):
         group_commit: bool = True,
         max_batch: int = 32,
         max_batches: int = 1,
+        idempotency_retention: timedelta | float | None = R.DEFAULT_RETENTION,
+        hold_retention: timedelta | float | None = R.DEFAULT_RETENTION,
     ) -> None:
         if dsn is None and pool is None:
             dsn = os.environ.get("DUCTO_STORE_URL")
@@ -301,6 +330,7 @@ class PostgresStore(StoreFront):
         L.check_bool("group_commit", group_commit)
         L.check_limit(max_batch, name="max_batch", maximum=1000)
         L.check_limit(max_batches, name="max_batches", maximum=1000)
+        self._retention = R.Retention.of(idempotency_retention, hold_retention)
         self._timeout = _check_seconds("connect_timeout", connect_timeout)
         self._statement_timeout = _check_seconds("statement_timeout", statement_timeout)
         self._dsn = dsn
@@ -589,6 +619,11 @@ class PostgresStore(StoreFront):
         if write:
             head = b"BEGIN;"
             lock_doc["lock"] = list(locks)
+            # A refund's accounts are those of the row it names: ducto_read finds and locks
+            # them along with the others.
+            refunds = [job.args[0] for job in writers if job.fn is E.refund]
+            if refunds:
+                lock_doc["refunds"] = refunds
         now = self._now()
         order = 0
         while pending:
@@ -611,7 +646,7 @@ class PostgresStore(StoreFront):
             deferred: list[Job] = []
             fetches = 0
             while True:
-                snapshot = Snapshot(data, self._ids, self._configs)
+                snapshot = Snapshot(data, self._ids, self._configs, self._retention)
                 missed: Need | None = None
                 blocked: set[E.AccountKey] = set()
                 drop: list[Job] = []
@@ -768,6 +803,98 @@ class PostgresStore(StoreFront):
                 pass
         conn.usable = False
 
+    # -- growth: prune and archive_ledger, each chunk a short transaction of its own ---------------
+
+    async def _prune_chunk(self, kind: R.PruneKind, limit: int, dry_run: bool) -> int:
+        now = self._now()
+        if now is not None and R.prune_cutoff(kind, now, self._retention) is None:
+            return 0  # kept for ever: nothing to ask the server
+        count: int = await self._transact(partial(self._prune_steps, kind, limit, dry_run, now))
+        return count
+
+    def _prune_steps(
+        self, kind: R.PruneKind, limit: int, dry_run: bool, now: datetime | None
+    ) -> Steps[int]:
+        """
+        One chunk of `prune`: the cutoff from the engine's rules, then one ``ducto_prune``.
+
+        "Now" is the store's clock, or else the server's, read first. The statement is a
+        transaction of its own; pruning holds takes the locks of their accounts as operations
+        do, so a hold is never deleted between an operation's read and its commit.
+        """
+        if now is None:
+            text = yield b"SELECT to_json(clock_timestamp())"
+            assert text is not None
+            now = timestamp(json.loads(text))
+        cutoff = R.prune_cutoff(kind, now, self._retention)
+        if cutoff is None:
+            return 0
+        doc: dict[str, Any] = {"kind": kind, "limit": limit, "dry_run": dry_run}
+        if kind == "windows":
+            doc["day"], doc["month"] = R.window_keys(cutoff)
+        else:
+            doc["before"] = cutoff.isoformat()
+        text = yield b"SELECT ducto_prune(" + literal(doc) + b")"
+        return int(text or 0)
+
+    async def _archive_candidates(self, before: datetime, after: int) -> list[E.StoredRow]:
+        """
+        The next chunk of rows to archive, read a range of ``seq`` per statement.
+
+        Nothing indexes the whole ledger by time, so finding that no row older than the
+        cutoff is left means reading every newer one: in ranges, each statement stays well
+        inside the statement timeout however long the ledger.
+        """
+        rows: list[E.StoredRow] = []
+        while len(rows) < R.ARCHIVE_CHUNK:
+            doc = {
+                "before": before.isoformat(),
+                "after": after,
+                "upto": after + _ARCHIVE_SPAN,
+                "limit": R.ARCHIVE_CHUNK - len(rows),
+            }
+            found, last = await self._transact(partial(self._archive_rows_steps, doc))
+            rows.extend(found)
+            if len(rows) >= R.ARCHIVE_CHUNK or last is None or after + _ARCHIVE_SPAN >= last:
+                break
+            after += _ARCHIVE_SPAN
+        return rows
+
+    def _archive_rows_steps(
+        self, doc: dict[str, Any]
+    ) -> Steps[tuple[list[E.StoredRow], int | None]]:
+        text = yield b"SELECT ducto_archive_rows(" + literal(doc) + b")"
+        assert text is not None
+        found, last = json.loads(text)
+        # Columns in StoredRow's order; created_at (the ninth) arrives as text.
+        return [E.StoredRow._make((*row[:8], timestamp(row[8]), *row[9:])) for row in found], last
+
+    async def _archive_commit(self, rows: list[E.StoredRow], before: datetime) -> None:
+        await self._transact(partial(self._archive_steps, rows, before))
+
+    def _archive_steps(self, rows: Sequence[E.StoredRow], before: datetime) -> Steps[None]:
+        """
+        One archived chunk in one transaction of two round trips.
+
+        ``ducto_archive`` takes the rows' accounts' locks (so a refund of one of them runs
+        wholly before or after), deletes each row still there with the refund total it was
+        read with, and records the chunk's rollups (computed here, by the engine's rule), the
+        archived ids and the horizon. Unless every row was deleted the transaction is rolled
+        back and `E.ArchiveChanged` raised.
+        """
+        totals = sorted(R.rollups(rows).items())  # one order for every writer of a rollup
+        doc = {
+            "rows": [[row.id, row.refunded] for row in rows],
+            "accounts": sorted({(row.kind, row.account) for row in rows}),
+            "rollups": [[*key, net, count] for key, (net, count) in totals],
+            "before": before.isoformat(),
+        }
+        text = yield b"BEGIN;SELECT ducto_archive(" + literal(doc) + b")"
+        if int(text or 0) != len(rows):
+            yield b"ROLLBACK"
+            raise E.ArchiveChanged("a row was refunded or archived since it was read")
+        yield b"COMMIT"
+
     # -- analytics, as SQL aggregates ------------------------------------------------------------
 
     async def _query(self, sql: str, *params: object) -> Any:
@@ -781,23 +908,38 @@ class PostgresStore(StoreFront):
         return await self._transact(steps)
 
     async def _spend(self, select: str, lo: datetime, hi: datetime, *more: object) -> Any:
-        """`select` (one JSON value) over ``w``: each usage debit in the window, net of refunds."""
-        return await self._query(
+        """
+        `select` (one JSON value) over ``w``: usage in the window, as analytics counts it.
+
+        ``w`` holds each usage debit in the window, net of refunds (``c`` 1), and each rollup
+        of an archived day whose midnight is in it (``c`` the debits it stands for). The
+        statement also reads the archive horizon, and a window that splits an archived day is
+        refused (`_retention.check_archive_window`).
+        """
+        horizon, result = await self._query(
             "WITH w AS (SELECT coalesce(spender, account) AS u, coalesce(model, $1) AS m,"
-            " (created_at AT TIME ZONE 'UTC')::date AS d, -amount - refunded AS net"
+            " (created_at AT TIME ZONE 'UTC')::date AS d, -amount - refunded AS net, 1 AS c"
             " FROM ledger WHERE type IN ('usage', 'team_usage') AND created_at >= $2"
-            f" AND created_at < $3) {select}",
+            " AND created_at < $3"
+            " UNION ALL SELECT user_id, model, date '0001-01-01' + (day - 1), net, count"
+            " FROM rollups WHERE day >= $4 AND day < $5)"
+            " SELECT json_build_array((SELECT value FROM settings"
+            f" WHERE key = 'archived_before'), ({select}))",
             L.UNKNOWN_MODEL,
             lo,
             hi,
+            _first_day(lo),
+            _first_day(hi),
             *more,
         )
+        R.check_archive_window(lo, hi, timestamp(horizon) if horizon else None)
+        return result
 
     async def spend_by_user(self, start: datetime, end: datetime) -> list[SpendByUserRow]:
         lo, hi = L.check_window(start, end)
         rows = await self._spend(
             "SELECT coalesce(json_agg(json_build_array(u, s, c) ORDER BY s DESC,"
-            " u COLLATE \"C\"), '[]') FROM (SELECT u, sum(net) AS s, count(*) AS c FROM w"
+            " u COLLATE \"C\"), '[]') FROM (SELECT u, sum(net) AS s, sum(c) AS c FROM w"
             " GROUP BY u) x",
             lo,
             hi,
@@ -808,7 +950,7 @@ class PostgresStore(StoreFront):
         lo, hi = L.check_window(start, end)
         rows = await self._spend(
             "SELECT coalesce(json_agg(json_build_array(m, s, c) ORDER BY s DESC,"
-            " m COLLATE \"C\"), '[]') FROM (SELECT m, sum(net) AS s, count(*) AS c FROM w"
+            " m COLLATE \"C\"), '[]') FROM (SELECT m, sum(net) AS s, sum(c) AS c FROM w"
             " GROUP BY m) x",
             lo,
             hi,
@@ -819,7 +961,7 @@ class PostgresStore(StoreFront):
         lo, hi = L.check_window(start, end)
         rows = await self._spend(
             "SELECT coalesce(json_agg(json_build_array(d, s, c) ORDER BY d), '[]') FROM"
-            " (SELECT d, sum(net) AS s, count(*) AS c FROM w GROUP BY d) x",
+            " (SELECT d, sum(net) AS s, sum(c) AS c FROM w GROUP BY d) x",
             lo,
             hi,
         )
@@ -831,7 +973,7 @@ class PostgresStore(StoreFront):
         rows = await self._spend(
             'SELECT coalesce(json_agg(json_build_array(u, s) ORDER BY s DESC, u COLLATE "C"),'
             " '[]') FROM (SELECT u, sum(net) AS s FROM w GROUP BY u"
-            ' ORDER BY 2 DESC, u COLLATE "C" LIMIT $4) x',
+            ' ORDER BY 2 DESC, u COLLATE "C" LIMIT $6) x',
             lo,
             hi,
             limit,
@@ -841,7 +983,8 @@ class PostgresStore(StoreFront):
     async def aggregate_stats(self, start: datetime, end: datetime) -> AggregateStatsRow:
         lo, hi = L.check_window(start, end)
         total, users, count, top_user, top_model = await self._spend(
-            "SELECT json_build_array(coalesce(sum(net), 0), count(DISTINCT u), count(*),"
+            "SELECT json_build_array(coalesce(sum(net), 0), count(DISTINCT u),"
+            " coalesce(sum(c), 0),"
             ' (SELECT u FROM w GROUP BY u ORDER BY sum(net) DESC, u COLLATE "C" LIMIT 1),'
             ' (SELECT m FROM w GROUP BY m ORDER BY sum(net) DESC, m COLLATE "C" LIMIT 1))'
             " FROM w",
