@@ -383,6 +383,51 @@ async def test_a_hot_user_is_never_overcommitted(
     assert (100, 0) == (balance.reserved, balance.available)
 
 
+async def test_a_refund_waits_for_its_accounts_lock(
+    anyio_backend: str, url: str, schema: str
+) -> None:
+    """A refund, like every operation, runs only while it holds its account's advisory lock.
+
+    Another session holds the lock of the debited account: the refund must wait for it (it
+    names only a transaction, so its first read finds and locks the account), and go through
+    once the lock is let go.
+    """
+    async with opened(url, schema) as store:
+        await store.add_credits("refunded", 100, "purchase")
+        hold = await store.reserve_credits("refunded", 10, "chat")
+        usage = await store.deduct_credits("refunded", hold.reservation_id, 10)
+        done: list[Any] = []
+
+        async def refund() -> None:
+            done.append(await store.refund_credits(usage.transaction_id, 4))
+
+        holder = await psycopg.AsyncConnection.connect(url) if anyio_backend == "asyncio" else None
+        blocker = psycopg.connect(url) if holder is None else None
+        lock = "SELECT pg_advisory_xact_lock(hashtextextended('u/refunded', 7079))"
+        if holder is not None:
+            await holder.execute(lock)
+        else:
+            assert blocker is not None
+            await anyio.to_thread.run_sync(blocker.execute, lock)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(refund)
+                await anyio.sleep(0.5)
+                assert [] == done  # still waiting for the lock
+                if holder is not None:
+                    await holder.commit()
+                else:
+                    assert blocker is not None
+                    await anyio.to_thread.run_sync(blocker.commit)
+        finally:
+            if holder is not None:
+                await holder.close()
+            if blocker is not None:
+                blocker.close()
+        assert done[0].ok
+        assert 94 == (await store.get_balance("refunded")).balance
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("user_count", "iterations"),
