@@ -1,5 +1,6 @@
 """
-The ``ducto`` command line: set up a store, publish pricing, grant, inspect, refund, sweep.
+The ``ducto`` command line: set up a store, publish pricing, grant, inspect, refund, sweep,
+prune and archive.
 
 ```
 ducto --store sqlite:///billing.db setup
@@ -9,6 +10,8 @@ ducto grant alice 1000 --type purchase --key stripe-evt-1
 ducto grant --csv grants.csv
 ducto balance alice
 ducto --json ledger alice --limit 5
+ducto prune --dry-run
+ducto archive --before 2026-01-01 --to ledger-2025.jsonl.gz
 ```
 
 The store comes from ``--store URL`` or the ``DUCTO_STORE_URL`` environment variable (the
@@ -26,24 +29,40 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
-from typing import NoReturn
+from datetime import UTC, date, datetime, timedelta
+from typing import Final, Generic, NoReturn, TextIO, TypeVar
 
 import anyio
 
 from ducto._cli import batch, commands
-from ducto._cli.context import STORE_ENV, Context
-from ducto._cli.output import Output
-from ducto._cli.values import NotFoundError, UsageError, parse_count, redact
+from ducto._cli.context import STORE_ENV, Context, missing_extra
+from ducto._cli.output import Output, cell
+from ducto._cli.values import (
+    NotFoundError,
+    UsageError,
+    parse_count,
+    parse_duration,
+    redact,
+    sqlite_path,
+    url_password,
+)
+from ducto._shown import shown
 from ducto.errors import (
     CreditError,
     DuctoError,
     InvalidArgumentError,
     PricingVersionNotFoundError,
     StoreError,
+    StoreUnavailableError,
 )
+from ducto.interface import open_store
+from ducto.interface.base import CreditStore
+from ducto.interface.models import ArchiveResult, PruneResult
 
 __all__ = ["main"]
 
@@ -52,6 +71,14 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_STORE = 3
 EXIT_INTERRUPTED = 130
+
+PROGRESS_EVERY: Final = 0.5
+"""Seconds between two progress lines of `prune` and `archive` (none for a shorter run)."""
+
+_DATE: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
+_FOR_EVER: Final = frozenset({"forever", "for-ever", "never", "none"})
+
+_R = TypeVar("_R")
 
 _EPILOG = f"""\
 The store is --store URL or ${STORE_ENV}: memory://, sqlite:///relative.db,
@@ -235,6 +262,46 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--dry-run", action="store_true", help="report, change nothing")
     cmd.set_defaults(handler=commands.cmd_sweep)
 
+    cmd = command(
+        "prune",
+        "delete idempotency records and finished holds past retention, and closed windows",
+        epilog="Run it with the retention your application gives its store: a key is replayed "
+        "only while its record is kept. Safe while traffic flows and from several processes.",
+    )
+    cmd.add_argument("--dry-run", action="store_true", help="count what would go, delete nothing")
+    for option, what in (("idempotency", "idempotency records"), ("hold", "finished holds")):
+        cmd.add_argument(
+            f"--{option}-retention",
+            metavar="DURATION",
+            help=f"how long {what} are kept: 24h, 7d, 30d, or 'forever' "
+            "(default: 7d, the stores' default)",
+        )
+    _progress_option(cmd)
+    cmd.set_defaults(handler=_prune)
+
+    cmd = command(
+        "archive",
+        "move ledger rows created before a UTC day to a gzip'd JSON Lines file",
+        epilog="The file is appended to, and each chunk is synced before its rows leave the "
+        "ledger. After an interrupted run, run the same command again: a chunk may then be "
+        "in the file twice (same ids), never missing.",
+    )
+    cmd.add_argument(
+        "--before",
+        required=True,
+        metavar="YYYY-MM-DD",
+        help="archive rows created before this UTC midnight "
+        "(no later than the first day of the current month)",
+    )
+    cmd.add_argument(
+        "--to", dest="destination", required=True, metavar="PATH", help="the archive file"
+    )
+    cmd.add_argument(
+        "--dry-run", action="store_true", help="count the rows, write and delete nothing"
+    )
+    _progress_option(cmd)
+    cmd.set_defaults(handler=_archive)
+
     cmd = command("stats", "spend (net paid usage) over a window")
     cmd.add_argument(
         "--since", metavar="WHEN", help="window start (default: 30 days before --until)"
@@ -252,6 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     _caps(command("caps", "set, list, remove and check spend caps"), common)
     _teams(command("teams", "team pools: create, show, members, credits, ledger"), common)
     return parser
+
+
+def _progress_option(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="report a long run on stderr, at most twice a second (default: on)",
+    )
 
 
 def _ledger_options(cmd: argparse.ArgumentParser) -> None:
@@ -403,9 +479,173 @@ async def _grant(ctx: Context) -> int:
     return await commands.cmd_grant(ctx)
 
 
+class _Ticker(Generic[_R]):
+    """
+    A `progress` callback for `prune` and `archive_ledger` that reports on stderr.
+
+    A line at most every `every` seconds, and none before the run has taken that long, so
+    a short run prints nothing and a long one does not flood a log.
+    """
+
+    def __init__(
+        self,
+        describe: Callable[[_R], str],
+        *,
+        every: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        stream: TextIO | None = None,
+    ) -> None:
+        self._describe = describe
+        self._every = PROGRESS_EVERY if every is None else every
+        self._clock = clock
+        self._stream = stream
+        self._next = clock() + self._every
+
+    def __call__(self, result: _R) -> None:
+        now = self._clock()
+        if now < self._next:
+            return
+        self._next = now + self._every
+        stream = self._stream if self._stream is not None else sys.stderr
+        stream.write(self._describe(result) + "\n")
+        stream.flush()
+
+
+def _retention(args: argparse.Namespace, option: str) -> dict[str, timedelta | None]:
+    """The store keyword for ``--OPTION-retention`` when it was given."""
+    text: str | None = getattr(args, f"{option}_retention", None)
+    if text is None:
+        return {}
+    if text.strip().lower() in _FOR_EVER:
+        return {f"{option}_retention": None}
+    duration = parse_duration(text)
+    if duration is None:
+        raise UsageError(
+            f"--{option}-retention must be a duration (24h, 7d, 30d) or 'forever', "
+            f"got {shown(text)}"
+        )
+    return {f"{option}_retention": duration}
+
+
+def _counts(result: PruneResult) -> str:
+    return (
+        f"{result.idempotency_keys:,} idempotency records, {result.holds:,} holds "
+        f"and {result.windows:,} window counters"
+    )
+
+
+async def _prune(ctx: Context) -> int:
+    args = ctx.args
+    store = await ctx.store()
+    ticker: _Ticker[PruneResult] | None = None
+    if args.progress:
+        ticker = _Ticker(lambda done: f"pruning: {_counts(done)} so far")
+    result = await store.prune(dry_run=args.dry_run, progress=ticker)
+    if ctx.out.as_json:
+        ctx.out.json(result)
+    else:
+        verb = "would delete" if result.dry_run else "deleted"
+        ctx.out.text(f"{verb} {_counts(result)} past retention")
+    return EXIT_OK
+
+
+def _before(text: str) -> datetime:
+    """``--before``: a date, read as that day's UTC midnight."""
+    day: date | None = None
+    if _DATE.fullmatch(text):
+        try:
+            day = date.fromisoformat(text)
+        except ValueError:
+            day = None
+    if day is None:
+        raise UsageError(
+            f"--before must be a date YYYY-MM-DD (read as that day's UTC midnight), "
+            f"got {shown(text)}"
+        )
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+async def _archive(ctx: Context) -> int:
+    args = ctx.args
+    before = _before(args.before)
+    store = await ctx.store()
+    ticker: _Ticker[ArchiveResult] | None = None
+    if args.progress:
+        ticker = _Ticker(
+            lambda done: f"archiving: {done.rows:,} rows, {done.bytes_written:,} bytes so far"
+        )
+    try:
+        result = await store.archive_ledger(
+            before, args.destination, dry_run=args.dry_run, progress=ticker
+        )
+    except OSError as exc:
+        # Rows leave the ledger only after their chunk is synced, so none were lost.
+        raise UsageError(
+            f"cannot write the archive {args.destination!r}: {exc.strerror or exc}"
+        ) from exc
+    if ctx.out.as_json:
+        ctx.out.json(result)
+        return EXIT_OK
+    when = cell(result.before)
+    if result.dry_run:
+        ctx.out.text(f"would archive {result.rows:,} ledger rows created before {when}")
+    else:
+        ctx.out.text(
+            f"archived {result.rows:,} ledger rows created before {when} to "
+            f"{result.destination} ({result.bytes_written:,} bytes)"
+        )
+    return EXIT_OK
+
+
+class _Context(Context):
+    """A `Context` whose store is built with constructor options (``prune``'s retention)."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        out: Output,
+        url: str | None,
+        stack: AsyncExitStack,
+        *,
+        url_from_flag: bool,
+        options: dict[str, timedelta | None],
+    ) -> None:
+        super().__init__(args, out, url, stack, url_from_flag=url_from_flag)
+        self._options = options
+        self._opened: CreditStore | None = None
+
+    async def store(self, *, creating: bool = False) -> CreditStore:
+        """The store, opened on first use with the command's options (see `Context.store`)."""
+        if not self._options:
+            return await super().store(creating=creating)
+        if self._opened is not None:
+            return self._opened
+        url = self.url
+        if not url:
+            raise UsageError(
+                f"no store: pass --store URL or set {STORE_ENV} (for example sqlite:///billing.db)"
+            )
+        if self._url_from_flag and url_password(url):
+            raise UsageError(
+                "--store must not carry a password (it would show in the process list and the "
+                f"shell history): set {STORE_ENV}, or use the database's own password file"
+            )
+        path = sqlite_path(url)
+        if path is not None and not creating and not await anyio.Path(path).exists():
+            raise StoreUnavailableError(
+                f"no database at {path!r}: create it with 'ducto setup' (or check --store)"
+            )
+        try:
+            self._opened = await self._stack.enter_async_context(open_store(url, **self._options))
+        except ImportError as exc:
+            raise missing_extra(exc) or exc from None
+        return self._opened
+
+
 async def _run(args: argparse.Namespace, out: Output, url: str | None, from_flag: bool) -> int:
     async with AsyncExitStack() as stack:
-        ctx = Context(args, out, url, stack, url_from_flag=from_flag)
+        options = {**_retention(args, "idempotency"), **_retention(args, "hold")}
+        ctx = _Context(args, out, url, stack, url_from_flag=from_flag, options=options)
         status: int = await args.handler(ctx)
         return status
 

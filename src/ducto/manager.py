@@ -3,7 +3,8 @@
 
 The manager prices usage with a `PricingEngine`, charges it through any `CreditStore` as a
 hold followed by its settlement, raises the typed `CreditError`s instead of returning error
-results, and reports what happened as `CreditEvent`s.
+results, and reports what happened as `CreditEvent`s. With ``maintenance_interval`` it also
+sweeps expired credits and prunes what retention no longer keeps, in the background.
 
 ```python
 async with CreditManager(MemoryStore()) as manager:
@@ -32,11 +33,15 @@ through this module.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import AsyncExitStack
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Final, Self, TypeVar
+
+import anyio
+from pydantic import BaseModel, ConfigDict
 
 from ducto._charging import (
     DEFAULT_OPERATION,
@@ -54,6 +59,7 @@ from ducto._hold import Hold
 from ducto._reporting import Reporter, check_thresholds
 from ducto._shown import shown
 from ducto.errors import (
+    DuctoError,
     ErrorCode,
     InsufficientCreditsError,
     InvalidArgumentError,
@@ -72,6 +78,7 @@ from ducto.interface.models import (
     DeductionResult,
     GetUserPlanResult,
     PricingConfigData,
+    PruneResult,
     RefundResult,
     ReserveResult,
     SetupResult,
@@ -84,7 +91,13 @@ from ducto.interface.models import (
 )
 from ducto.pricing import CostBreakdown, PricingEngine, UsageMetrics
 
-__all__ = ["CreditManager", "Hold", "InsufficientCreditsError", "PricingNotLoadedError"]
+__all__ = [
+    "CreditManager",
+    "Hold",
+    "InsufficientCreditsError",
+    "MaintenanceRun",
+    "PricingNotLoadedError",
+]
 
 _log = logging.getLogger("ducto.manager")
 
@@ -92,6 +105,7 @@ _T = TypeVar("_T")
 
 _DEFAULT_HANDLER_TIMEOUT: Final = 10.0
 _DEFAULT_EVENT_BUFFER: Final = 10_000
+_MAX_MAINTENANCE_INTERVAL: Final = 366 * 86400
 
 
 def _utc_now() -> datetime:
@@ -103,6 +117,57 @@ def _either(name: str, value: _T | None, alias: str, alias_value: _T | None) -> 
     if value is not None and alias_value is not None:
         raise InvalidArgumentError(f"pass {name}= or its ducto 1.x spelling {alias}=, not both")
     return value if value is not None else alias_value
+
+
+def _check_interval(value: object) -> float | None:
+    """``maintenance_interval`` in seconds: None (off), or seconds or a timedelta."""
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value) if abs(value) <= _MAX_MAINTENANCE_INTERVAL else math.inf
+    else:
+        raise InvalidArgumentError(
+            "maintenance_interval must be None (off), seconds (int or float) or a timedelta,"
+            f" got {shown(value)}"
+        )
+    if not math.isfinite(seconds) or not 0 < seconds <= _MAX_MAINTENANCE_INTERVAL:
+        raise InvalidArgumentError(
+            "maintenance_interval must be more than 0 and at most"
+            f" {_MAX_MAINTENANCE_INTERVAL} seconds, got {shown(value)}"
+        )
+    return seconds
+
+
+class MaintenanceRun(BaseModel):
+    """
+    One run of a manager's background maintenance (see ``maintenance_interval``).
+
+    Attributes:
+        run: The run's number since the manager was created, from 1.
+        started_at: When the run started (the manager's clock).
+        finished_at: When it finished.
+        swept: What `sweep_expired_credits` wrote off; None when the sweep failed.
+        pruned: What `prune` deleted; None when it failed.
+        sweep_error: Why the sweep failed (the exception's type and message), else None.
+        prune_error: Why the prune failed, else None.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    run: int
+    started_at: datetime
+    finished_at: datetime
+    swept: SweepResult | None = None
+    pruned: PruneResult | None = None
+    sweep_error: str | None = None
+    prune_error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether both steps succeeded."""
+        return self.sweep_error is None and self.prune_error is None
 
 
 def _check_timeout(value: object) -> float:
@@ -125,6 +190,8 @@ class CreditManager:
 
     Use it as an async context manager: that opens and closes the store, and runs event
     handlers in a background task so that they never hold billing up (see `ducto.events`).
+    With ``maintenance_interval`` set, another background task sweeps expired credits and
+    prunes what retention no longer keeps while the manager is open.
 
     Pricing is loaded once, by `publish_pricing` or `load_pricing_from_store`; a version
     another process publishes is picked up on the next `load_pricing_from_store`.
@@ -142,6 +209,7 @@ class CreditManager:
         clock: Callable[[], datetime] | None = None,
         handler_timeout: float = _DEFAULT_HANDLER_TIMEOUT,
         event_buffer: int = _DEFAULT_EVENT_BUFFER,
+        maintenance_interval: float | timedelta | None = None,
     ) -> None:
         """
         Create a manager over `store`; does no I/O.
@@ -161,6 +229,14 @@ class CreditManager:
                 it is cancelled and logged (see `ducto.events`).
             event_buffer: Most events waiting for async handlers while the manager is
                 open; more are dropped and logged.
+            maintenance_interval: Seconds (or a timedelta) between background maintenance
+                runs while the manager is open (``async with manager:``): the first an
+                interval after entering, each next one an interval after the last ended.
+                None (the default) runs none. A run calls `sweep_expired_credits` (which
+                emits ``credits_expired``) and then the store's `prune`; a failure is logged
+                on the ``ducto.manager`` logger and tried again at the next run. Both are safe
+                from several processes at once, so every process of a fleet may run it. See
+                `last_maintenance`.
 
         Raises:
             InvalidArgumentError: An argument is invalid (the message names it), or both
@@ -198,12 +274,17 @@ class CreditManager:
             self._charger.use(engine)
         self._store = store
         self._stack: AsyncExitStack | None = None
+        self._clock = clock or _utc_now
+        self._maintenance_every = _check_interval(maintenance_interval)
+        self._maintenance_runs = 0
+        self._last_maintenance: MaintenanceRun | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
         """
-        Open the store and start delivering events to async handlers in the background.
+        Open the store, start delivering events to async handlers in the background, and
+        start the background maintenance when ``maintenance_interval`` is set.
 
         Raises:
             InvalidArgumentError: The manager is open already.
@@ -214,6 +295,9 @@ class CreditManager:
         await stack.enter_async_context(self._store)
         try:
             await stack.enter_async_context(self._reporter.background())
+            if self._maintenance_every is not None:
+                # Entered last, so it stops first: no run overlaps closing the store.
+                await stack.enter_async_context(self._maintenance(self._maintenance_every))
         except BaseException:
             await stack.aclose()
             raise
@@ -226,7 +310,11 @@ class CreditManager:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Deliver the events still waiting (within ``handler_timeout``), close the store."""
+        """
+        Stop the maintenance, deliver the events still waiting, close the store.
+
+        Waiting events get up to ``handler_timeout`` to be delivered.
+        """
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.__aexit__(exc_type, exc, tb)
@@ -246,6 +334,81 @@ class CreditManager:
             What was created or migrated.
         """
         return await self._store.setup(database_url)
+
+    @property
+    def last_maintenance(self) -> MaintenanceRun | None:
+        """
+        The latest background maintenance run (None before the first one finishes).
+
+        For health checks and dashboards: ``ok``, what was swept and pruned, and when. A
+        failed step has its error here and in the log, and is tried again next interval.
+        """
+        return self._last_maintenance
+
+    @asynccontextmanager
+    async def _maintenance(self, every: float) -> AsyncIterator[None]:
+        """Run `_maintain` an interval after entering, then an interval after each run."""
+
+        async def loop() -> None:
+            while True:
+                await anyio.sleep(every)
+                try:
+                    await self._maintain(every)
+                except Exception:
+                    # Only a bug gets here (a clock that raises, say); it must not cancel
+                    # the application, which runs inside this task group.
+                    _log.exception("background maintenance failed; trying again in %g s", every)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(loop)
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def _maintain(self, every: float) -> None:
+        """One maintenance run: sweep, then prune; a failing step is logged, not raised."""
+        self._maintenance_runs += 1
+        started = self._clock()
+        errors: dict[str, str] = {}
+        swept = await self._maintenance_step("sweep", self.sweep_expired_credits, errors, every)
+        pruned = await self._maintenance_step("prune", self._store.prune, errors, every)
+        self._last_maintenance = MaintenanceRun(
+            run=self._maintenance_runs,
+            started_at=started,
+            finished_at=self._clock(),
+            swept=swept,
+            pruned=pruned,
+            sweep_error=errors.get("sweep"),
+            prune_error=errors.get("prune"),
+        )
+        if swept is not None and pruned is not None:
+            _log.debug(
+                "background maintenance: swept %d lots, pruned %d keys, %d holds, %d windows",
+                swept.expired_count,
+                pruned.idempotency_keys,
+                pruned.holds,
+                pruned.windows,
+            )
+
+    @staticmethod
+    async def _maintenance_step(
+        name: str, call: Callable[[], Awaitable[_T]], errors: dict[str, str], every: float
+    ) -> _T | None:
+        try:
+            return await call()
+        except Exception as exc:
+            # A store that is down now may be back by the next run; the application must
+            # not fail because its housekeeping did.
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            _log.error(
+                "background maintenance: %s failed (%s); trying again in %g s",
+                name,
+                errors[name],
+                every,
+                exc_info=not isinstance(exc, DuctoError),
+            )
+            return None
 
     @property
     def store(self) -> CreditStore:

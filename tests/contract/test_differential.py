@@ -409,7 +409,9 @@ async def test_every_store_gives_the_same_results(
                     )
                 first, *others = kinds
                 for other in others:
-                    assert outcomes[first] == outcomes[other], f"step {steps} {kind}"
+                    assert outcomes[first] == outcomes[other], (
+                        f"step {steps} {kind} {other} {outcomes}"
+                    )
                 script.learn(kind, outcomes[first], names[first])
         final = {k: await _final_state(stores[k], names[k], script.refs) for k in kinds}
     first, *others = kinds

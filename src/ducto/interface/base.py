@@ -19,13 +19,19 @@ Conventions every method follows:
   are local time, as `datetime.astimezone` reads them.
 - Idempotency keys are scoped per account and per kind of operation; a key replays its
   original result (``idempotent=True``), and a key reused for a different request is
-  refused with ``idempotency_conflict``.
+  refused with ``idempotency_conflict``. A key is kept for the store's
+  ``idempotency_retention`` (7 days by default) after its first use; past it, the key is a
+  new request (see `CreditStore.prune`).
+- Analytics read archived days (see `CreditStore.archive_ledger`) from daily totals: a
+  window bound before the latest archive cutoff must be a UTC midnight, else
+  `InvalidArgumentError` names it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
+from os import PathLike
 from types import TracebackType
 from typing import Literal, Protocol, Self, runtime_checkable
 
@@ -35,6 +41,7 @@ from ducto.interface.models import (
     AddTeamMemberResult,
     AggregateStatsRow,
     AllowanceResult,
+    ArchiveResult,
     BalanceResult,
     CapCheckResult,
     ChargeResult,
@@ -48,6 +55,7 @@ from ducto.interface.models import (
     PricingConfigData,
     PricingConfigHistoryItem,
     PricingConfigResult,
+    PruneResult,
     RefundResult,
     ReleaseResult,
     RemoveSpendCapResult,
@@ -318,7 +326,8 @@ class CreditStore(Protocol):
             idempotency_key: A repeated key returns the original refund.
 
         Returns:
-            RefundResult, or ``error`` ``transaction_not_found``, ``not_refundable``,
+            RefundResult, or ``error`` ``transaction_not_found``, ``transaction_archived``
+            (the row was moved out by `archive_ledger`), ``not_refundable``,
             ``already_refunded``, ``over_refund`` or ``idempotency_conflict``.
         """
         ...
@@ -335,6 +344,99 @@ class CreditStore(Protocol):
 
         Returns:
             SweepResult: ``expired_count`` lots, ``expired_amount`` credits.
+        """
+        ...
+
+    # -- bounded growth --------------------------------------------------------------------
+
+    async def prune(
+        self, *, dry_run: bool = False, progress: Callable[[PruneResult], object] | None = None
+    ) -> PruneResult:
+        """
+        Delete the replay data retention no longer keeps, and the counters of closed windows.
+
+        Three kinds of record go, each in chunks of 1,000 per transaction, so traffic runs
+        between chunks and no lock is held for long:
+
+        - idempotency records written longer ago than the store's ``idempotency_retention``.
+          Such a key is already a new request whether or not `prune` has deleted its record
+          (the boundary does not depend on when `prune` runs);
+        - holds nothing counts any more (settled, released, or lapsed unsettled) whose expiry
+          time is longer ago than the store's ``hold_retention``. Such a hold then reads as
+          unknown (``reservation_not_found``). A hold that lapsed on an account nothing has
+          touched since still counts in that account's totals, and stays until the next
+          operation on the account lapses it;
+        - the counters of closed windows: spend-cap days and months, allowance months and
+          team members' months before the current UTC day or month, which nothing reads again.
+
+        A retention of None keeps that kind for ever. Safe while traffic flows and from
+        several processes at once: each chunk is its own short transaction and deletes only
+        what is past retention at that moment, so two prunes at once only share the work.
+
+        Args:
+            dry_run: Count what would be deleted and delete nothing.
+            progress: Called with the running totals after each chunk that deleted (or, on a
+                dry run, counted) something, on the caller's event loop; for progress reports
+                on a long first prune.
+
+        Returns:
+            PruneResult: the records deleted (or that would be) per kind:
+            ``idempotency_keys``, ``holds``, ``windows``, and ``dry_run``.
+
+        Raises:
+            InvalidArgumentError: `dry_run` is not a bool or `progress` is not callable.
+        """
+        ...
+
+    async def archive_ledger(
+        self,
+        before: datetime,
+        destination: str | PathLike[str],
+        *,
+        dry_run: bool = False,
+        progress: Callable[[ArchiveResult], object] | None = None,
+    ) -> ArchiveResult:
+        """
+        Move every ledger row created before `before` out of the store, into a file.
+
+        The rows (of every account, user and team) are appended to `destination` as gzip'd
+        JSON Lines, oldest first, in chunks of 2,000: one gzip member per chunk (members
+        concatenate, so ``gzip.open`` reads the file as one stream), one row per line with the
+        public transaction fields (those of `TransactionRow`) plus ``seq``, ``spender``,
+        ``model``, ``operation_type`` and ``allowance``. Each chunk is written and synced
+        before its rows are deleted, in one transaction that also keeps their paid usage as
+        daily rollups. The chunk is deleted only if none of its rows changed since it was
+        read; a refund that got there first makes the chunk be read again. After an
+        interrupted run (a crash, a cancellation, a lost connection) a chunk may be in the
+        file twice, with the same ids, but a row is never deleted without being in the file.
+        An existing file is appended to.
+
+        What stays is exact: balances, lots, holds, and every kept row (``balance_after``,
+        refunds, `list_transactions` paging). Archived paid usage is kept as rollups (net
+        spend and row count per UTC day, user and model), so analytics over archived days
+        give the same answers as before for windows whose bounds there are UTC midnights; an
+        analytics window bound inside an archived day (before the latest cutoff) is refused
+        with `InvalidArgumentError`. A refund of an archived row is refused with
+        ``transaction_archived``.
+
+        Args:
+            before: The cutoff, an aware datetime that is a UTC midnight no later than the
+                start of the current UTC month, so no open spend-cap window or allowance
+                month loses a row.
+            destination: The archive file (its folder must exist).
+            dry_run: Count the rows that would be archived; write and delete nothing.
+            progress: Called with the running totals after each chunk, on the caller's event
+                loop.
+
+        Returns:
+            ArchiveResult: ``rows`` archived (or that would be), the ``before`` cutoff (UTC),
+            the ``destination``, the compressed ``bytes_written`` and ``dry_run``.
+
+        Raises:
+            InvalidArgumentError: `before` is naive, not a UTC midnight, or later than the
+                start of the current UTC month; `destination` is not a file path in an
+                existing folder; `dry_run` or `progress` is invalid.
+            OSError: The archive file cannot be written (no row was deleted for its chunk).
         """
         ...
 

@@ -209,9 +209,10 @@ def _bill(
         operation_type=hold.operation_type,
         allowance=covered,
     )
-    st.add_spend(user_id, model, now, paid)
-    if team:
-        st.add_member_spend(acct, user_id, L.month_key(now), paid)
+    if paid:  # a window counter is written only when it changes (prune counts counters)
+        st.add_spend(user_id, model, now, paid)
+        if team:
+            st.add_member_spend(acct, user_id, L.month_key(now), paid)
     result = result_type(
         transaction_id=row_id,
         user_id=user_id,

@@ -61,4 +61,5 @@ def increment_usage_window(st: Storage, user_id: str, amount: int) -> None:
     now = st.now()
     acct = _load(st, USER, user_id, now) or st.create(USER, user_id, now)
     st.save(acct)
-    st.use_allowance(acct, L.month_key(now), amount)
+    if amount:
+        st.use_allowance(acct, L.month_key(now), amount)

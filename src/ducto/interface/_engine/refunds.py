@@ -81,9 +81,10 @@ def refund(
     if plan.new_lot:
         _credit(st, acct, plan.new_lot, None, now)
     st.set_refunds(original, refunds)
-    st.add_spend(spender, original.model, original.created_at, -give)
-    if team_id is not None:
-        st.add_member_spend(acct, spender, L.month_key(original.created_at), -give)
+    if give:
+        st.add_spend(spender, original.model, original.created_at, -give)
+        if team_id is not None:
+            st.add_member_spend(acct, spender, L.month_key(original.created_at), -give)
     st.save(acct)
     system = {
         "original_transaction_id": transaction_id,

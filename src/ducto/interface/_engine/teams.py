@@ -206,8 +206,9 @@ def deduct_team(
         spender=user_id,
         model=model,
     )
-    st.add_member_spend(team, user_id, L.month_key(now), amount)
-    st.add_spend(user_id, model, now, amount)
+    if amount:
+        st.add_member_spend(team, user_id, L.month_key(now), amount)
+        st.add_spend(user_id, model, now, amount)
     result = TeamDeductionResult(
         **base,
         transaction_id=row_id,
