@@ -40,7 +40,7 @@ from typing import Final, Generic, NoReturn, TextIO, TypeVar
 import anyio
 
 from ducto._cli import batch, commands
-from ducto._cli.context import STORE_ENV, Context, missing_extra
+from ducto._cli.context import STORE_ENV, Context
 from ducto._cli.output import Output, cell
 from ducto._cli.values import (
     NotFoundError,
@@ -48,8 +48,6 @@ from ducto._cli.values import (
     parse_count,
     parse_duration,
     redact,
-    sqlite_path,
-    url_password,
 )
 from ducto._shown import shown
 from ducto.errors import (
@@ -58,10 +56,7 @@ from ducto.errors import (
     InvalidArgumentError,
     PricingVersionNotFoundError,
     StoreError,
-    StoreUnavailableError,
 )
-from ducto.interface import open_store
-from ducto.interface.base import CreditStore
 from ducto.interface.models import ArchiveResult, PruneResult
 
 __all__ = ["main"]
@@ -597,55 +592,10 @@ async def _archive(ctx: Context) -> int:
     return EXIT_OK
 
 
-class _Context(Context):
-    """A `Context` whose store is built with constructor options (``prune``'s retention)."""
-
-    def __init__(
-        self,
-        args: argparse.Namespace,
-        out: Output,
-        url: str | None,
-        stack: AsyncExitStack,
-        *,
-        url_from_flag: bool,
-        options: dict[str, timedelta | None],
-    ) -> None:
-        super().__init__(args, out, url, stack, url_from_flag=url_from_flag)
-        self._options = options
-        self._opened: CreditStore | None = None
-
-    async def store(self, *, creating: bool = False) -> CreditStore:
-        """The store, opened on first use with the command's options (see `Context.store`)."""
-        if not self._options:
-            return await super().store(creating=creating)
-        if self._opened is not None:
-            return self._opened
-        url = self.url
-        if not url:
-            raise UsageError(
-                f"no store: pass --store URL or set {STORE_ENV} (for example sqlite:///billing.db)"
-            )
-        if self._url_from_flag and url_password(url):
-            raise UsageError(
-                "--store must not carry a password (it would show in the process list and the "
-                f"shell history): set {STORE_ENV}, or use the database's own password file"
-            )
-        path = sqlite_path(url)
-        if path is not None and not creating and not await anyio.Path(path).exists():
-            raise StoreUnavailableError(
-                f"no database at {path!r}: create it with 'ducto setup' (or check --store)"
-            )
-        try:
-            self._opened = await self._stack.enter_async_context(open_store(url, **self._options))
-        except ImportError as exc:
-            raise missing_extra(exc) or exc from None
-        return self._opened
-
-
 async def _run(args: argparse.Namespace, out: Output, url: str | None, from_flag: bool) -> int:
     async with AsyncExitStack() as stack:
         options = {**_retention(args, "idempotency"), **_retention(args, "hold")}
-        ctx = _Context(args, out, url, stack, url_from_flag=from_flag, options=options)
+        ctx = Context(args, out, url, stack, url_from_flag=from_flag, options=options)
         status: int = await args.handler(ctx)
         return status
 

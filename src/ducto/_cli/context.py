@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 import anyio
 from pydantic import BaseModel
@@ -57,6 +58,7 @@ class Context:
         stack: AsyncExitStack,
         *,
         url_from_flag: bool,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
         """
         Prepare a command; nothing is opened until `store` is first awaited.
@@ -67,7 +69,9 @@ class Context:
             url: The store URL (from ``--store`` or the environment), if any.
             stack: Closes the store when the command is done.
             url_from_flag: Whether `url` came from ``--store`` (where a password is refused).
+            options: Keywords for the store's constructor (``prune``'s retention).
         """
+        self._options = dict(options or {})
         self.args = args
         self.out = out
         self.url = url
@@ -107,7 +111,7 @@ class Context:
                 f"no database at {path!r}: create it with 'ducto setup' (or check --store)"
             )
         try:
-            store = open_store(url)
+            store = open_store(url, **self._options)
         except ImportError as exc:
             raise missing_extra(exc) or exc from None
         try:
