@@ -7,7 +7,8 @@ DuctoError
 │   ├── ExpressionError                a pricing expression that cannot be parsed or evaluated
 │   ├── ConfigError                    a pricing config the engine refuses (ducto 1.x's name)
 │   │   └── ConfigExpressionError      ... because of an expression (also an ExpressionError)
-│   └── PricingNotLoadedError          the manager has no pricing yet
+│   ├── PricingNotLoadedError          the manager has no pricing yet
+│   └── PricingVersionInEffectError    only a scheduled version can be cancelled
 ├── CreditError                        a business rule refused the operation (one per ErrorCode)
 └── StoreError                         the backend failed; ``__cause__`` is the driver's exception
     ├── StoreUnavailableError
@@ -41,6 +42,7 @@ __all__ = [
     "NotRefundableError",
     "OverRefundError",
     "PricingNotLoadedError",
+    "PricingVersionInEffectError",
     "PricingVersionNotFoundError",
     "ReservationAlreadySettledError",
     "ReservationNotFoundError",
@@ -118,6 +120,17 @@ class PricingVersionNotFoundError(StoreError):
 
     def __init__(self, version: int) -> None:
         super().__init__(f"pricing version {version} does not exist")
+        self.version = version
+
+
+class PricingVersionInEffectError(InvalidArgumentError):
+    """
+    `cancel_pricing` named a version that is in force or was (only a scheduled version can
+    be cancelled); `activate_pricing` named a cancelled one. Nothing was changed.
+    """
+
+    def __init__(self, version: int, message: str) -> None:
+        super().__init__(f"version {version} {message}")
         self.version = version
 
 

@@ -674,7 +674,7 @@ async def test_archive_moves_old_rows_to_the_file_and_keeps_the_rest_exact(
     assert destination.stat().st_size == result.bytes_written > 0
     assert sorted(r.id for r in old) == sorted(line["id"] for line in lines)
     shown = {r.id: r.model_dump(mode="json") for r in old}
-    extra = {"seq", "spender", "model", "operation_type", "allowance"}
+    extra = {"seq", "spender", "model", "operation_type", "allowance", "scope"}
     for line in lines:
         assert shown[line["id"]] == {k: line[k] for k in TransactionRow.model_fields}
         assert set(TransactionRow.model_fields) | extra == set(line)

@@ -49,6 +49,7 @@ from ducto.interface.models import (
     SetupResult,
     SetUserPlanResult,
     SpendByModelRow,
+    SpendByScopeRow,
     SpendByUserRow,
     SpendCap,
     SweepResult,
@@ -56,6 +57,8 @@ from ducto.interface.models import (
     TeamDeductionResult,
     TeamMember,
     TeamTopupResult,
+    TopUpClaimResult,
+    TopUpResult,
     TopUserRow,
     TransactionPage,
 )
@@ -379,14 +382,25 @@ class StoreFront(CreditStore):
     async def get_active_pricing(self) -> PricingConfigResult | None:
         return await self._run(E.get_active_pricing, (), write=False)
 
-    async def set_active_pricing(self, config: PricingConfigData, label: str | None = None) -> str:
+    async def set_active_pricing(
+        self,
+        config: PricingConfigData,
+        label: str | None = None,
+        *,
+        effective_at: datetime | None = None,
+    ) -> str:
         data = L.check_pricing(config)
         label = L.check_optional_text("label", label, max_length=256)
-        return await self._run(E.set_active_pricing, (), data, label)
+        at = L.to_optional_utc("effective_at", effective_at)
+        return await self._run(E.set_active_pricing, (), data, label, at)
 
     async def activate_pricing(self, version: int) -> str:
         L.check_version(version)
         return await self._run(E.activate_pricing, (), version)
+
+    async def cancel_pricing(self, version: int) -> PricingConfigResult:
+        L.check_version(version)
+        return await self._run(E.cancel_pricing, (), version)
 
     async def get_pricing_config(self, version: int) -> PricingConfigResult | None:
         L.check_version(version)
@@ -427,13 +441,20 @@ class StoreFront(CreditStore):
     # -- spend caps --------------------------------------------------------------------------
 
     async def check_spend_cap(
-        self, user_id: str, model: str | None = None, amount: int | None = None
+        self,
+        user_id: str,
+        model: str | None = None,
+        amount: int | None = None,
+        *,
+        scope: str | None = None,
     ) -> CapCheckResult:
         L.check_id("user_id", user_id)
         if model is not None:
             L.check_id("model", model)
         extra = 0 if amount is None else L.check_amount("amount", amount, minimum=0)
-        return await self._run(E.check_spend_cap, _user(user_id), user_id, model, extra)
+        if scope is not None:
+            L.check_id("scope", scope)
+        return await self._run(E.check_spend_cap, _user(user_id), user_id, model, extra, scope)
 
     async def set_spend_cap(self, cap: SpendCap) -> SpendCap:
         stored = L.check_spend_cap(cap).model_copy()
@@ -448,12 +469,54 @@ class StoreFront(CreditStore):
         user_id: str,
         cap_type: Literal["daily", "monthly"],
         model: str | None = None,
+        *,
+        scope: str | None = None,
     ) -> RemoveSpendCapResult:
         L.check_id("user_id", user_id)
         kind = L.check_cap_type(cap_type)
         if model is not None:
             L.check_id("model", model)
-        return await self._run(E.remove_spend_cap, _user(user_id), user_id, kind, model)
+        if scope is not None:
+            L.check_id("scope", scope)
+        return await self._run(E.remove_spend_cap, _user(user_id), user_id, kind, model, scope)
+
+    # -- auto top-up -------------------------------------------------------------------------
+
+    async def claim_top_up(
+        self,
+        user_id: str,
+        *,
+        threshold: int,
+        amount: int,
+        monthly_limit: int,
+        ttl: float | timedelta = 300.0,
+    ) -> TopUpClaimResult:
+        L.check_id("user_id", user_id)
+        L.check_amount("threshold", threshold, minimum=0)
+        L.check_amount("amount", amount)
+        L.check_amount("monthly_limit", monthly_limit, minimum=0)
+        lifetime = L.check_ttl(ttl)
+        return await self._run(
+            E.claim_top_up, _user(user_id), user_id, threshold, amount, monthly_limit, lifetime
+        )
+
+    async def finish_top_up(
+        self,
+        user_id: str,
+        claim_id: str,
+        amount: int,
+        *,
+        payment_reference: str | None = None,
+        metadata: CreditMetadata | None = None,
+    ) -> TopUpResult:
+        L.check_id("user_id", user_id)
+        L.check_id("claim_id", claim_id)
+        L.check_amount("amount", amount)
+        key = L.check_optional_key("payment_reference", payment_reference)
+        meta = L.check_metadata(metadata)
+        return await self._run(
+            E.finish_top_up, _user(user_id), user_id, claim_id, amount, key, meta
+        )
 
     # -- teams -------------------------------------------------------------------------------
 
@@ -562,6 +625,14 @@ class StoreFront(CreditStore):
         L.check_limit(limit)
         lo, hi = L.check_window(start, end)
         return L.top_users(await self._spend_events(lo, hi), limit, lo, hi)
+
+    async def spend_by_scope(
+        self, start: datetime, end: datetime, *, user_id: str | None = None
+    ) -> list[SpendByScopeRow]:
+        lo, hi = L.check_window(start, end)
+        if user_id is not None:
+            L.check_id("user_id", user_id)
+        return L.spend_by_scope(await self._spend_events(lo, hi), lo, hi, user_id)
 
     async def aggregate_stats(self, start: datetime, end: datetime) -> AggregateStatsRow:
         lo, hi = L.check_window(start, end)

@@ -30,6 +30,7 @@ from ducto.interface.models import (
     DailySpendRow,
     PricingConfigData,
     SpendByModelRow,
+    SpendByScopeRow,
     SpendByUserRow,
     SpendCap,
     TopUserRow,
@@ -221,6 +222,8 @@ def check_metadata(value: object, name: str = "metadata") -> CreditMetadata | No
         raise InvalidArgumentError(
             f"{name} must be CreditMetadata, a dict or None, got {type(value).__name__}"
         )
+    if value.scope is not None:
+        check_id(f"{name}.scope", value.scope)
     dumped = value.model_dump(exclude_none=True)
     try:
         json.dumps(dumped, allow_nan=False)
@@ -305,6 +308,8 @@ def check_spend_cap(cap: object) -> SpendCap:
     check_amount("cap.limit", cap.limit, minimum=0)
     if cap.model is not None:
         check_id("cap.model", cap.model)
+    if cap.scope is not None:
+        check_id("cap.scope", cap.scope)
     return cap
 
 
@@ -719,38 +724,63 @@ def cap_trips(spend: int, held: int, amount: int, limit: int) -> bool:
     return spend + held + amount > limit
 
 
-def cap_applies(cap_model: str | None, model: str | None) -> bool:
-    """A cap without a model covers all usage; a per-model cap covers that model only."""
-    return cap_model is None or cap_model == model
+def cap_applies(cap: SpendCap, model: str | None, scope: str | None) -> bool:
+    """
+    Whether `cap` covers usage on `model` in `scope`.
+
+    A cap without a model covers every model, a per-model cap that model only; a cap without
+    a scope covers all of the user's usage, a scoped cap only usage in its scope.
+    """
+    return (cap.model is None or cap.model == model) and (cap.scope is None or cap.scope == scope)
 
 
 SpendOf = Callable[[SpendCap], int]
-"""Window spend a cap sees now (its type's window, its model or every model)."""
-HeldOf = Callable[[str | None], int]
-"""Active holds counting toward a cap on a model (None: every hold)."""
+"""Window spend a cap sees now (its type's window, its model and its scope)."""
+HeldOf = Callable[[str | None, str | None], int]
+"""Active holds counting toward a cap on a model and a scope (None: any)."""
+
+CapSortKey = tuple[int, bool, str, bool, str]
 
 
-def cap_sort_key(cap: SpendCap) -> tuple[int, bool, str]:
+def cap_sort_key(cap: SpendCap) -> CapSortKey:
     """The fixed order of a user's caps: daily before monthly, the all-model cap first, then
-    by model name."""
-    return (0 if cap.cap_type == "daily" else 1, cap.model is not None, cap.model or "")
+    by model name, the unscoped cap first, then by scope."""
+    return (
+        0 if cap.cap_type == "daily" else 1,
+        cap.model is not None,
+        cap.model or "",
+        cap.scope is not None,
+        cap.scope or "",
+    )
+
+
+def cap_resets_at(cap_type: str, moment: datetime) -> datetime:
+    """When the window a cap of `cap_type` counts at `moment` ends (the next UTC midnight or
+    month start)."""
+    return cap_window_bounds(cap_type, moment)[1]
 
 
 def hold_cap_refusal(
-    caps: Iterable[SpendCap], model: str | None, amount: int, spend_of: SpendOf, held_of: HeldOf
+    caps: Iterable[SpendCap],
+    model: str | None,
+    scope: str | None,
+    amount: int,
+    spend_of: SpendOf,
+    held_of: HeldOf,
+    now: datetime,
 ) -> dict[str, Any] | None:
     """
-    The deny cap covering a hold on `model` that `amount` more would trip, if any.
+    The deny cap covering a hold on `model` in `scope` that `amount` more would trip, if any.
 
     When several would, the one with the least headroom (limit minus window spend minus
     active holds) is reported, ties broken by `cap_sort_key`, so every store names the same.
     """
-    best: tuple[tuple[int, tuple[int, bool, str]], SpendCap, int, int] | None = None
+    best: tuple[tuple[int, CapSortKey], SpendCap, int, int] | None = None
     for cap in caps:
-        if cap.action != "deny" or not cap_applies(cap.model, model):
+        if cap.action != "deny" or not cap_applies(cap, model, scope):
             continue
         spend = spend_of(cap)
-        held = held_of(cap.model)
+        held = held_of(cap.model, cap.scope)
         if cap_trips(spend, held, amount, cap.limit):
             rank = (cap.limit - spend - held, cap_sort_key(cap))
             if best is None or rank < best[0]:
@@ -765,18 +795,22 @@ def hold_cap_refusal(
         "cap_model": cap.model,
         "cap_type": cap.cap_type,
         "cap_reserved": held,
+        "cap_scope": cap.scope,
+        "cap_resets_at": cap_resets_at(cap.cap_type, now),
     }
 
 
-def cap_warning(caps: Iterable[SpendCap], model: str | None, spend_of: SpendOf) -> str | None:
+def cap_warning(
+    caps: Iterable[SpendCap], model: str | None, scope: str | None, spend_of: SpendOf
+) -> str | None:
     """
     The action of a warn/notify cap whose window spend is now over its limit, if any.
 
     When several are, the most exceeded one wins, ties broken by `cap_sort_key`.
     """
-    best: tuple[tuple[int, tuple[int, bool, str]], str] | None = None
+    best: tuple[tuple[int, CapSortKey], str] | None = None
     for cap in caps:
-        if cap.action == "deny" or not cap_applies(cap.model, model):
+        if cap.action == "deny" or not cap_applies(cap, model, scope):
             continue
         spend = spend_of(cap)
         if spend > cap.limit:
@@ -787,7 +821,13 @@ def cap_warning(caps: Iterable[SpendCap], model: str | None, spend_of: SpendOf) 
 
 
 def check_caps(
-    caps: Iterable[SpendCap], model: str | None, amount: int, spend_of: SpendOf, held_of: HeldOf
+    caps: Iterable[SpendCap],
+    model: str | None,
+    scope: str | None,
+    amount: int,
+    spend_of: SpendOf,
+    held_of: HeldOf,
+    now: datetime,
 ) -> CapCheckResult:
     """
     The advisory cap check of the most pressing matching cap.
@@ -797,12 +837,12 @@ def check_caps(
     are broken by `cap_sort_key`. ``capped`` is True only for a tripped deny cap (the call
     would be refused, as in ducto 1.x); ``exceeded`` for any tripped cap.
     """
-    best: tuple[tuple[int, int, tuple[int, bool, str]], CapCheckResult] | None = None
+    best: tuple[tuple[int, int, CapSortKey], CapCheckResult] | None = None
     for cap in caps:
-        if not cap_applies(cap.model, model):
+        if not cap_applies(cap, model, scope):
             continue
         spend = spend_of(cap)
-        held = held_of(cap.model)
+        held = held_of(cap.model, cap.scope)
         exceeded = cap_trips(spend, held, amount, cap.limit)
         deny = cap.action == "deny"
         rank = (
@@ -822,6 +862,8 @@ def check_caps(
                     model=cap.model,
                     reserved=held,
                     cap_type=cap.cap_type,
+                    scope=cap.scope,
+                    resets_at=cap_resets_at(cap.cap_type, now),
                 ),
             )
     return best[1] if best is not None else CapCheckResult()
@@ -918,6 +960,11 @@ def metadata_model(metadata: CreditMetadata | None) -> str | None:
     return None if metadata is None else metadata.model
 
 
+def metadata_scope(metadata: CreditMetadata | None) -> str | None:
+    """The budget scope a request names, if any."""
+    return None if metadata is None else metadata.scope
+
+
 # -- Cursors -----------------------------------------------------------------------------------
 
 _CURSOR_PREFIX: Final = "c1."
@@ -962,6 +1009,7 @@ class SpendEvent:
     created_at: datetime
     net: int
     count: int = 1
+    scope: str | None = None
 
 
 def _in_window(
@@ -991,6 +1039,29 @@ def spend_by_user(
     """Net paid usage per user in ``[start, end)``, by spend descending then user id."""
     rows = _ranked(_group(_in_window(events, start, end), "user_id"))
     return [SpendByUserRow(user_id=k, total_spend=s, transaction_count=c) for k, s, c in rows]
+
+
+def spend_by_scope(
+    events: Iterable[SpendEvent], start: datetime, end: datetime, user_id: str | None
+) -> list[SpendByScopeRow]:
+    """
+    Net paid usage per user and budget scope in ``[start, end)`` (one user's when `user_id`
+    is given), by spend descending, then user id, then scope (unscoped first).
+    """
+    totals: dict[tuple[str, str | None], list[int]] = {}
+    for event in _in_window(events, start, end):
+        if user_id is not None and event.user_id != user_id:
+            continue
+        entry = totals.setdefault((event.user_id, event.scope), [0, 0])
+        entry[0] += event.net
+        entry[1] += event.count
+    ranked = sorted(
+        totals.items(), key=lambda kv: (-kv[1][0], kv[0][0], kv[0][1] is not None, kv[0][1] or "")
+    )
+    return [
+        SpendByScopeRow(user_id=user, scope=scope, total_spend=net, transaction_count=count)
+        for (user, scope), (net, count) in ranked
+    ]
 
 
 def spend_by_model(

@@ -182,8 +182,8 @@ def check_archive_window(start: datetime, end: datetime, horizon: datetime | Non
             )
 
 
-RollupKey = tuple[int, str, str]
-"""(UTC day as a proleptic ordinal, user id, model)."""
+RollupKey = tuple[int, str, str, str]
+"""(UTC day as a proleptic ordinal, user id, model, budget scope or "" for none)."""
 
 
 def rollups(rows: Iterable[Any]) -> dict[RollupKey, list[int]]:
@@ -191,8 +191,8 @@ def rollups(rows: Iterable[Any]) -> dict[RollupKey, list[int]]:
     Daily totals of paid usage in `rows` (ledger rows about to be archived).
 
     Each usage or team usage row counts, net of its refunds, for the user who spent it (the
-    member for team usage), under its model, on its UTC day: the same definition analytics
-    read from the rows themselves. Values are ``[net, count]``.
+    member for team usage), under its model and budget scope, on its UTC day: the same
+    definition analytics read from the rows themselves. Values are ``[net, count]``.
     """
     totals: dict[RollupKey, list[int]] = {}
     for row in rows:
@@ -202,6 +202,7 @@ def rollups(rows: Iterable[Any]) -> dict[RollupKey, list[int]]:
             row.created_at.toordinal(),
             row.spender or row.account,
             row.model or L.UNKNOWN_MODEL,
+            row.scope or "",
         )
         entry = totals.setdefault(key, [0, 0])
         entry[0] += -row.amount - row.refunded
@@ -209,11 +210,19 @@ def rollups(rows: Iterable[Any]) -> dict[RollupKey, list[int]]:
     return totals
 
 
-def rollup_events(rows: Iterable[tuple[int, str, str, int, int]]) -> list[L.SpendEvent]:
-    """Stored rollups ``(day, user, model, net, count)`` as analytics events at UTC midnight."""
+def rollup_events(rows: Iterable[tuple[int, str, str, str, int, int]]) -> list[L.SpendEvent]:
+    """Stored rollups ``(day, user, model, scope, net, count)`` as analytics events at UTC
+    midnight (scope "" for none)."""
     return [
-        L.SpendEvent(user, model, datetime.combine(date.fromordinal(day), time(0), UTC), net, count)
-        for day, user, model, net, count in rows
+        L.SpendEvent(
+            user,
+            model,
+            datetime.combine(date.fromordinal(day), time(0), UTC),
+            net,
+            count,
+            scope or None,
+        )
+        for day, user, model, scope, net, count in rows
     ]
 
 
@@ -226,6 +235,7 @@ def archive_line(row: Any, public: Mapping[str, Any]) -> dict[str, Any]:
         "model": row.model,
         "operation_type": row.operation_type,
         "allowance": row.allowance,
+        "scope": row.scope,
     }
 
 

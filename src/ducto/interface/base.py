@@ -64,6 +64,7 @@ from ducto.interface.models import (
     SetupResult,
     SetUserPlanResult,
     SpendByModelRow,
+    SpendByScopeRow,
     SpendByUserRow,
     SpendCap,
     SweepResult,
@@ -71,6 +72,8 @@ from ducto.interface.models import (
     TeamDeductionResult,
     TeamMember,
     TeamTopupResult,
+    TopUpClaimResult,
+    TopUpResult,
     TopUserRow,
     TransactionPage,
 )
@@ -193,7 +196,9 @@ class CreditStore(Protocol):
             user_id: The account.
             amount: Credits to hold (>= 1).
             operation_type: What the hold is for (stored on the usage row it settles into).
-            metadata: ``metadata.model`` makes the hold count toward that model's caps.
+            metadata: ``metadata.model`` makes the hold count toward that model's caps, and
+                ``metadata.scope`` (an API key, a project) toward the caps scoped to it; the
+                settlement's usage row and spend windows carry both.
             min_balance: The floor spendable credits must stay at or above after the hold
                 (ducto 1.x's default of 5).
             ttl: Seconds (or a timedelta, at most 366 days) until the hold stops counting.
@@ -492,35 +497,67 @@ class CreditStore(Protocol):
     # -- pricing ---------------------------------------------------------------------------
 
     async def get_active_pricing(self) -> PricingConfigResult | None:
-        """The active pricing version, or None before any was published."""
+        """
+        The version in force now by the store's clock, or None before any took effect.
+
+        The version in force is the latest of: the last version published at once or
+        activated (from that instant), and every scheduled version whose ``effective_at`` has
+        passed and that was not cancelled.
+        """
         ...
 
-    async def set_active_pricing(self, config: PricingConfigData, label: str | None = None) -> str:
+    async def set_active_pricing(
+        self,
+        config: PricingConfigData,
+        label: str | None = None,
+        *,
+        effective_at: datetime | None = None,
+    ) -> str:
         """
-        Publish `config` as version highest + 1 (never reusing a number) and make it active.
+        Publish `config` as version highest + 1 (never reusing a number).
 
+        Without `effective_at` (or with one not after the store's clock) the version is in
+        force at once. With a later `effective_at` it is scheduled: the version in force does
+        not change until then, and the scheduled one can be cancelled until then
+        (`cancel_pricing`). Versions never change once published (but for being cancelled).
         The config is refused unless the pricing engine can price it, so no manager ever
         loads a version it cannot use.
 
         Args:
             config: The configuration (a dict is validated into `PricingConfigData`).
             label: A free-text label.
+            effective_at: When the version takes effect (an aware datetime).
 
         Returns:
             The new version's id.
 
         Raises:
-            InvalidArgumentError: The config is invalid (`ExpressionError` names the
-                section, key and position of a bad expression).
+            InvalidArgumentError: The config, label or `effective_at` is invalid
+                (`ExpressionError` names the section, key and position of a bad expression).
         """
         ...
 
     async def activate_pricing(self, version: int) -> str:
         """
-        Make an existing version active without creating a new one; return its id.
+        Put an existing version in force now without creating a new one; return its id.
+
+        A rollback holds until the next scheduled version takes effect.
 
         Raises:
             PricingVersionNotFoundError: No such version.
+            PricingVersionInEffectError: The version was cancelled.
+        """
+        ...
+
+    async def cancel_pricing(self, version: int) -> PricingConfigResult:
+        """
+        Cancel a scheduled version before it takes effect; returns it with ``cancelled_at``.
+
+        Cancelling a cancelled version again changes nothing.
+
+        Raises:
+            PricingVersionNotFoundError: No such version.
+            PricingVersionInEffectError: The version has taken effect (or was activated).
         """
         ...
 
@@ -562,25 +599,33 @@ class CreditStore(Protocol):
     # -- spend caps ------------------------------------------------------------------------
 
     async def check_spend_cap(
-        self, user_id: str, model: str | None = None, amount: int | None = None
+        self,
+        user_id: str,
+        model: str | None = None,
+        amount: int | None = None,
+        *,
+        scope: str | None = None,
     ) -> CapCheckResult:
         """
-        Advisory: would `amount` more (on `model`) go over one of the user's caps?
+        Advisory: would `amount` more (on `model`, in `scope`) go over one of the user's caps?
 
         Counts window spend plus active holds plus `amount`, as `reserve_credits` does, and
         reports the most pressing matching cap: a tripped deny cap first, then a tripped
         warn/notify cap, else the cap with the least headroom. ``capped`` is True only when
         that cap would refuse the call (a deny cap), as in ducto 1.x; ``exceeded`` says the
-        limit would be passed whatever the action.
+        limit would be passed whatever the action. ``resets_at`` is when that cap's window
+        ends. Caps scoped to another scope than `scope` do not apply.
         """
         ...
 
     async def set_spend_cap(self, cap: SpendCap) -> SpendCap:
-        """Create or replace the cap for (user, cap type, model); returns the stored cap."""
+        """Create or replace the cap for (user, cap type, model, scope); returns the stored
+        cap."""
         ...
 
     async def list_spend_caps(self, user_id: str) -> list[SpendCap]:
-        """The user's caps, daily before monthly, then the all-model cap, then by model."""
+        """The user's caps, daily before monthly, then the all-model cap, then by model, then
+        the unscoped cap, then by scope."""
         ...
 
     async def remove_spend_cap(
@@ -588,8 +633,65 @@ class CreditStore(Protocol):
         user_id: str,
         cap_type: Literal["daily", "monthly"],
         model: str | None = None,
+        *,
+        scope: str | None = None,
     ) -> RemoveSpendCapResult:
-        """Remove the cap for (user, cap type, model); ``removed`` says whether one existed."""
+        """Remove the cap for (user, cap type, model, scope); ``removed`` says whether one
+        existed."""
+        ...
+
+    # -- auto top-up -----------------------------------------------------------------------
+
+    async def claim_top_up(
+        self,
+        user_id: str,
+        *,
+        threshold: int,
+        amount: int,
+        monthly_limit: int,
+        ttl: float | timedelta = 300.0,
+    ) -> TopUpClaimResult:
+        """
+        Claim the user's one in-flight top-up, atomically.
+
+        The claim is made only if the user's available credits (plan allowance included,
+        as low-balance events count them) are below `threshold`, no other claim on the
+        account is unexpired, and this UTC month's top-ups plus `amount` stay within
+        `monthly_limit`; `amount` counts toward the month from the claim on. So however many
+        processes see one crossing, one of them charges. A claim expires after `ttl`
+        (a crashed process's claim stops blocking the next crossing); its amount keeps
+        counting toward its month, because its payment may have been taken.
+
+        Returns:
+            TopUpClaimResult: ``claimed`` with the ``claim_id``, or the ``reason`` there is
+            none (``not_needed``, ``in_flight``, ``monthly_limit``).
+
+        Raises:
+            InvalidArgumentError: An argument is invalid (naming it); nothing was changed.
+        """
+        ...
+
+    async def finish_top_up(
+        self,
+        user_id: str,
+        claim_id: str,
+        amount: int,
+        *,
+        payment_reference: str | None = None,
+        metadata: CreditMetadata | None = None,
+    ) -> TopUpResult:
+        """
+        Finish a claimed top-up, atomically.
+
+        With `payment_reference` (the payment succeeded), `amount` is granted as a
+        ``purchase`` with the reference as its idempotency key, so a payment is granted once
+        however often it is finished; without it (the charge failed), nothing is granted
+        and the claim's amount no longer counts toward the month. Either way the claim ends
+        (if it is still the account's). A claim that expired is still granted.
+
+        Raises:
+            InvalidArgumentError: An argument is invalid, or `amount` is not the claim's.
+        """
         ...
 
     # -- teams -----------------------------------------------------------------------------
@@ -703,6 +805,16 @@ class CreditStore(Protocol):
 
     async def top_users(self, limit: int, start: datetime, end: datetime) -> list[TopUserRow]:
         """The `limit` users (1 to 1000) with most net paid usage in ``[start, end)``."""
+        ...
+
+    async def spend_by_scope(
+        self, start: datetime, end: datetime, *, user_id: str | None = None
+    ) -> list[SpendByScopeRow]:
+        """
+        Net paid usage per user and budget scope in ``[start, end)`` (``scope`` None for
+        unscoped usage), one user's with `user_id`; by spend descending, then user, then
+        scope.
+        """
         ...
 
     async def aggregate_stats(self, start: datetime, end: datetime) -> AggregateStatsRow:

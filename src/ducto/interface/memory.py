@@ -46,7 +46,7 @@ T = TypeVar("T")
 
 _NOWHERE, _LIVE, _EXPIRED = 0, 1, 2
 _DAILY, _MONTHLY = "daily", "monthly"
-_ALLOWANCE, _MEMBER = "allowance", "member"
+_ALLOWANCE, _MEMBER, _TOP_UP = "allowance", "member", "top_up"
 """With the cap types, the kinds of window counter `prune` deletes once their window closed."""
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _CHUNK: Final = 4096
@@ -92,11 +92,14 @@ class _Row(NamedTuple):
     model: str | None = None
     operation_type: str | None = None
     allowance: int = 0
+    scope: str | None = None
 
 
 @dataclass(slots=True, eq=False)
 class _Account(E.Account):
     reserved_by_model: dict[str, int] = field(default_factory=dict)
+    # Counted holds in a scope, by ``(model or None, scope)``.
+    reserved_by_scope: dict[tuple[str | None, str], int] = field(default_factory=dict)
     reserved_by_member: dict[str, int] = field(default_factory=dict)
     holds: dict[str, E.Hold] = field(default_factory=dict)
     # A settled or released hold, as ``amount * 4 + state``: a dict of str to int is never
@@ -117,10 +120,13 @@ class _Account(E.Account):
     # of it, so archiving a long history in chunks costs time in proportion to it.
     archived_rows: int = 0
     allowance_used: dict[int, int] = field(default_factory=dict)
-    spend: dict[tuple[str, int, str | None], int] = field(default_factory=dict)
-    caps: dict[tuple[str, str | None], SpendCap] = field(default_factory=dict)
+    # Window spend by ``(cap type, window, model or None, scope or None)``.
+    spend: dict[tuple[str, int, str | None, str | None], int] = field(default_factory=dict)
+    caps: dict[tuple[str, str | None, str | None], SpendCap] = field(default_factory=dict)
     members: dict[str, E.Member] = field(default_factory=dict)
     member_spend: dict[tuple[str, int], int] = field(default_factory=dict)
+    top_up: E.TopUpClaim | None = None
+    top_ups: dict[int, int] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -170,7 +176,7 @@ class _Memory:
         self._horizon: datetime | None = None
         self._expiring: list[tuple[datetime, int, _Account, _Lot]] = []
         self._pricing: list[E.PricingVersion] = []
-        self._active_version: int | None = None
+        self._pointer: tuple[int, datetime] | None = None
 
     def now(self) -> datetime:
         return L.read_clock(self._clock)
@@ -283,12 +289,18 @@ class _Memory:
         assert isinstance(acct, _Account)
         if hold.model is not None:
             _add(acct.reserved_by_model, hold.model, delta)
+        if hold.scope is not None:
+            _add(acct.reserved_by_scope, (None, hold.scope), delta)
+            if hold.model is not None:
+                _add(acct.reserved_by_scope, (hold.model, hold.scope), delta)
         if hold.member is not None:
             _add(acct.reserved_by_member, hold.member, delta)
 
-    def held_for(self, acct: E.Account, model: str) -> int:
+    def held_for(self, acct: E.Account, model: str | None, scope: str | None) -> int:
         assert isinstance(acct, _Account)
-        return acct.reserved_by_model.get(model, 0)
+        if scope is None:
+            return acct.reserved_by_model.get(model, 0) if model is not None else acct.reserved
+        return acct.reserved_by_scope.get((model, scope), 0)
 
     def held_by_member(self, team: E.Account, user_id: str) -> int:
         assert isinstance(team, _Account)
@@ -378,6 +390,7 @@ class _Memory:
         model: str | None = None,
         operation_type: str | None = None,
         allowance: int = 0,
+        scope: str | None = None,
     ) -> str:
         assert isinstance(acct, _Account)
         position = self._row_count
@@ -402,6 +415,7 @@ class _Memory:
             model,
             operation_type,
             allowance,
+            scope,
         )
         self._tail.append(row)
         self._row_count += 1
@@ -450,6 +464,7 @@ class _Memory:
             self._refunded.get(row.id),
             row.spender,
             row.model,
+            row.scope,
         )
 
     def set_refunds(self, debit: E.Debit, refunds: list[int]) -> None:
@@ -507,6 +522,7 @@ class _Memory:
             row.model,
             row.operation_type,
             row.allowance,
+            row.scope,
         )
 
     def spend_events(self, start: datetime, end: datetime) -> list[L.SpendEvent]:
@@ -520,14 +536,16 @@ class _Memory:
                         row.model or L.UNKNOWN_MODEL,
                         row.created_at,
                         -row.amount - self._refund_total(row.id),
+                        1,
+                        row.scope,
                     )
                 )
         if self._rollups:
             # Rollups stand at their day's UTC midnight: the days whose midnight is in range.
             first, stop = _first_midnight(start), _first_midnight(end)
             events += RT.rollup_events(
-                (day, user, model, net, count)
-                for (day, user, model), (net, count) in self._rollups.items()
+                (day, user, model, scope, net, count)
+                for (day, user, model, scope), (net, count) in self._rollups.items()
                 if first <= day < stop
             )
         return events
@@ -731,6 +749,9 @@ class _Memory:
         if counter == _MEMBER:
             table = acct.member_spend
             return table, [k for k in table if k[1] == window]
+        if counter == _TOP_UP:
+            table = acct.top_ups
+            return table, [window] if window in table else []
         table = acct.spend
         return table, [k for k in table if k[0] == counter and k[1] == window]
 
@@ -778,11 +799,11 @@ class _Memory:
 
     # -- plans and allowance -----------------------------------------------------------------
 
-    def plan(self, plan_id: str) -> PlanDefinition | None:
-        active = self.active_pricing()
-        if active is None or not active.config.plans:
+    def plan(self, plan_id: str, version: int | None) -> PlanDefinition | None:
+        item = None if version is None else self.pricing(version)
+        if item is None or not item.config.plans:
             return None
-        return active.config.plans.get(plan_id)
+        return item.config.plans.get(plan_id)
 
     def allowance_used(self, acct: E.Account, month: int) -> int:
         assert isinstance(acct, _Account)
@@ -801,26 +822,52 @@ class _Memory:
 
     def put_cap(self, acct: E.Account, cap: SpendCap) -> None:
         assert isinstance(acct, _Account)
-        acct.caps[(cap.cap_type, cap.model)] = cap
+        acct.caps[(cap.cap_type, cap.model, cap.scope)] = cap
 
-    def remove_cap(self, acct: E.Account, cap_type: str, model: str | None) -> bool:
+    def remove_cap(
+        self, acct: E.Account, cap_type: str, model: str | None, scope: str | None
+    ) -> bool:
         assert isinstance(acct, _Account)
-        return acct.caps.pop((cap_type, model), None) is not None
+        return acct.caps.pop((cap_type, model, scope), None) is not None
 
-    def window_spend(self, user_id: str, cap_type: str, window: int, model: str | None) -> int:
+    def window_spend(
+        self, user_id: str, cap_type: str, window: int, model: str | None, scope: str | None
+    ) -> int:
         acct = self._users.get(user_id)
-        return 0 if acct is None else acct.spend.get((cap_type, window, model), 0)
+        return 0 if acct is None else acct.spend.get((cap_type, window, model, scope), 0)
 
-    def add_spend(self, user_id: str, model: str | None, at: datetime, amount: int) -> None:
+    def add_spend(
+        self, user_id: str, model: str | None, scope: str | None, at: datetime, amount: int
+    ) -> None:
         acct = self._users.get(user_id) or self.create(E.USER, user_id, at)
         spend = acct.spend
         for cap_type in (_DAILY, _MONTHLY):
             window = L.cap_window_key(cap_type, at)
             # A counter back at zero stays, as in the SQL stores, until its window is pruned.
-            _count(spend, (cap_type, window, None), amount)
-            if model is not None:
-                _count(spend, (cap_type, window, model), amount)
+            for scoped in (None, scope) if scope is not None else (None,):
+                _count(spend, (cap_type, window, None, scoped), amount)
+                if model is not None:
+                    _count(spend, (cap_type, window, model, scoped), amount)
             self._window_counted(cap_type, E.USER, window, user_id)
+
+    # -- auto top-up -------------------------------------------------------------------------
+
+    def top_up_claim(self, acct: E.Account) -> E.TopUpClaim | None:
+        assert isinstance(acct, _Account)
+        return acct.top_up
+
+    def put_top_up_claim(self, acct: E.Account, claim: E.TopUpClaim | None) -> None:
+        assert isinstance(acct, _Account)
+        acct.top_up = claim
+
+    def top_up_total(self, acct: E.Account, month: int) -> int:
+        assert isinstance(acct, _Account)
+        return acct.top_ups.get(month, 0)
+
+    def add_top_up_total(self, acct: E.Account, month: int, delta: int) -> None:
+        assert isinstance(acct, _Account)
+        _count(acct.top_ups, month, delta)
+        self._window_counted(_TOP_UP, acct.kind, month, acct.id)
 
     # -- teams -------------------------------------------------------------------------------
 
@@ -863,12 +910,23 @@ class _Memory:
 
     # -- pricing -----------------------------------------------------------------------------
 
-    def active_pricing(self) -> E.PricingVersion | None:
-        version = self._active_version
-        return None if version is None else self._pricing[version - 1]
+    def pricing_state(self) -> E.PricingState:
+        pointer = self._pointer
+        since = None if pointer is None else pointer[1]
+        scheduled = [
+            (item.effective_at, item.version)
+            for item in self._pricing
+            if item.cancelled_at is None and (since is None or item.effective_at > since)
+        ]
+        if pointer is None:
+            return E.PricingState(None, None, scheduled)
+        return E.PricingState(pointer[0], pointer[1], scheduled)
 
-    def active_version(self) -> int | None:
-        return self._active_version
+    def set_pricing_pointer(self, version: int, at: datetime) -> None:
+        self._pointer = (version, at)
+
+    def cancel_pricing(self, version: int, at: datetime) -> None:
+        self._pricing[version - 1] = self._pricing[version - 1]._replace(cancelled_at=at)
 
     def pricing(self, version: int) -> E.PricingVersion | None:
         return self._pricing[version - 1] if version <= len(self._pricing) else None
@@ -881,9 +939,6 @@ class _Memory:
 
     def last_pricing_version(self) -> int:
         return len(self._pricing)
-
-    def activate(self, version: int) -> None:
-        self._active_version = version
 
 
 def _add(table: dict[Any, int], key: object, delta: int) -> None:

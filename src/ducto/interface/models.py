@@ -46,6 +46,7 @@ __all__ = [
     "SetUserPlanResult",
     "SetupResult",
     "SpendByModelRow",
+    "SpendByScopeRow",
     "SpendByUserRow",
     "SpendCap",
     "SweepResult",
@@ -54,6 +55,8 @@ __all__ = [
     "TeamDeductionResult",
     "TeamMember",
     "TeamTopupResult",
+    "TopUpClaimResult",
+    "TopUpResult",
     "TopUserRow",
     "TransactionPage",
     "TransactionRow",
@@ -120,6 +123,9 @@ class CreditMetadata(BaseModel):
     reference_id: str | None = None
     idempotency_key: str | None = None
     fixed_job: str | None = None
+    scope: str | None = None
+    """The budget scope a hold or charge counts in (an API key, a project): spend caps
+    scoped to it apply, and its usage rows and analytics carry it."""
 
 
 # -- Pricing configuration ---------------------------------------------------------------------
@@ -173,7 +179,13 @@ class PricingConfigData(BaseModel):
 
 
 class PricingConfigResult(BaseModel):
-    """A stored pricing version."""
+    """
+    A stored pricing version.
+
+    ``active`` says whether it is the version in force now (by the store's clock);
+    ``effective_at`` is when it takes (or took) effect, ``cancelled_at`` when a scheduled
+    version was cancelled before it did.
+    """
 
     id: str
     config: PricingConfigData
@@ -181,16 +193,26 @@ class PricingConfigResult(BaseModel):
     label: str | None = None
     active: bool = False
     created_at: datetime | None = None
+    effective_at: datetime | None = None
+    cancelled_at: datetime | None = None
 
 
 class PricingConfigHistoryItem(BaseModel):
-    """A summary of one pricing version, for listings."""
+    """
+    A summary of one pricing version, for listings.
+
+    ``scheduled`` is True for a version whose ``effective_at`` is still ahead and that was
+    not cancelled.
+    """
 
     id: str
     version: int
     label: str | None = None
     active: bool = False
     created_at: datetime | None = None
+    effective_at: datetime | None = None
+    cancelled_at: datetime | None = None
+    scheduled: bool = False
 
 
 class SetupResult(BaseModel):
@@ -273,6 +295,8 @@ class ReserveResult(_Result):
     cap_model: str | None = None
     cap_type: Literal["daily", "monthly"] | None = None
     cap_reserved: int | None = None
+    cap_scope: str | None = None
+    cap_resets_at: datetime | None = None
 
 
 class DeductionResult(_Result):
@@ -317,6 +341,8 @@ class ChargeResult(DeductionResult):
     cap_model: str | None = None
     cap_type: Literal["daily", "monthly"] | None = None
     cap_reserved: int | None = None
+    cap_scope: str | None = None
+    cap_resets_at: datetime | None = None
 
 
 class ReleaseResult(_Result):
@@ -485,6 +511,9 @@ class SpendCap(BaseModel):
     model: str | None = None
     limit: int = Field(default=0, ge=0, le=2**62, strict=True)
     action: Literal["deny", "warn", "notify"] = "deny"
+    scope: str | None = None
+    """Only usage in this scope counts and is capped (``CreditMetadata.scope``, an API key or
+    a project); None covers all of the user's usage."""
 
 
 class CapCheckResult(BaseModel):
@@ -505,6 +534,9 @@ class CapCheckResult(BaseModel):
     model: str | None = None
     reserved: int = 0
     cap_type: Literal["daily", "monthly"] | None = None
+    scope: str | None = None
+    resets_at: datetime | None = None
+    """When the cap's window (UTC day or month) ends and its spend starts again from 0."""
 
 
 class RemoveSpendCapResult(BaseModel):
@@ -514,6 +546,7 @@ class RemoveSpendCapResult(BaseModel):
     cap_type: Literal["daily", "monthly"]
     model: str | None = None
     removed: bool = False
+    scope: str | None = None
 
 
 # -- Teams -------------------------------------------------------------------------------------
@@ -610,6 +643,48 @@ class TeamDeductionResult(_Result):
     cap_reserved: int | None = None
 
 
+# -- Auto top-up -------------------------------------------------------------------------------
+
+
+class TopUpClaimResult(BaseModel):
+    """
+    The outcome of `claim_top_up`: the account's one in-flight top-up, or why there is none.
+
+    ``reason`` is None when the claim was made; otherwise ``not_needed`` (available is not
+    below the threshold), ``in_flight`` (another top-up holds an unexpired claim) or
+    ``monthly_limit`` (the amount would take this UTC month's top-ups past the limit).
+    ``month_total`` counts this month's claimed top-ups, this one included; a failed top-up
+    gives its amount back.
+    """
+
+    user_id: str
+    claimed: bool = False
+    reason: Literal["not_needed", "in_flight", "monthly_limit"] | None = None
+    claim_id: str = ""
+    amount: int = 0
+    available: int = 0
+    month_total: int = 0
+    expires_at: datetime | None = None
+
+
+class TopUpResult(BaseModel):
+    """
+    The outcome of `finish_top_up`.
+
+    With a payment reference, ``grant`` is the ``purchase`` grant made under that reference
+    as its idempotency key (replayed when the same payment finishes twice); without one (the
+    charge failed) there is no grant and the claim's amount no longer counts toward the month.
+    ``released`` says whether the call ended the account's in-flight claim (False when the
+    claim had already expired and been replaced, or was finished before).
+    """
+
+    user_id: str
+    claim_id: str
+    released: bool = False
+    grant: AddCreditsResult | None = None
+    month_total: int = 0
+
+
 # -- Analytics ---------------------------------------------------------------------------------
 
 
@@ -617,6 +692,15 @@ class SpendByUserRow(BaseModel):
     """Net paid usage of one user in a window."""
 
     user_id: str = ""
+    total_spend: int = 0
+    transaction_count: int = 0
+
+
+class SpendByScopeRow(BaseModel):
+    """Net paid usage of one user in one budget scope in a window (``scope`` None: unscoped)."""
+
+    user_id: str = ""
+    scope: str | None = None
     total_spend: int = 0
     transaction_count: int = 0
 

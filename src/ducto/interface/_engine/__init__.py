@@ -14,7 +14,7 @@ Operations never await. Every check that can refuse or raise comes before the fi
 an operation that refuses or raises has changed nothing, whatever the storage.
 
 One module per operation family (`grants`, `holds`, `refunds`, `teams`, `caps`, `plans`,
-`pricing`, `sweep`, `retention`, `analytics`); `storage` holds the types and the `Storage`
+`pricing`, `topups`, `sweep`, `retention`, `analytics`); `storage` holds the types and the `Storage`
 protocol, and `common` the steps several families share.
 """
 
@@ -28,6 +28,8 @@ from .holds import charge, deduct, release, reserve
 from .plans import check_allowance, get_user_plan, increment_usage_window, set_user_plan
 from .pricing import (
     activate_pricing,
+    cancel_pricing,
+    current_version,
     get_active_pricing,
     get_pricing_config,
     get_pricing_history,
@@ -45,9 +47,11 @@ from .storage import (
     Hold,
     Kind,
     Member,
+    PricingState,
     PricingVersion,
     Storage,
     StoredRow,
+    TopUpClaim,
 )
 from .sweep import sweep
 from .teams import (
@@ -60,6 +64,7 @@ from .teams import (
     remove_team_member,
     reserve_team,
 )
+from .topups import claim_top_up, finish_top_up
 
 __all__ = [
     "Account",
@@ -68,21 +73,27 @@ __all__ = [
     "Hold",
     "Kind",
     "Member",
+    "PricingState",
     "PricingVersion",
     "Storage",
     "StoredRow",
+    "TopUpClaim",
     "TEAM",
     "USER",
     "activate_pricing",
     "add_credits",
     "add_team_credits",
     "add_team_member",
+    "cancel_pricing",
     "charge",
+    "claim_top_up",
     "check_allowance",
     "check_spend_cap",
     "create_team",
     "deduct",
+    "current_version",
     "deduct_team",
+    "finish_top_up",
     "get_active_pricing",
     "get_balance",
     "get_pricing_config",

@@ -11,14 +11,17 @@ from .common import _held_of, _load, _spend_of
 from .storage import USER, Storage
 
 
-def check_spend_cap(st: Storage, user_id: str, model: str | None, extra: int) -> CapCheckResult:
+def check_spend_cap(
+    st: Storage, user_id: str, model: str | None, extra: int, scope: str | None
+) -> CapCheckResult:
     """The advisory cap check (see `CreditStore.check_spend_cap`)."""
     now = st.now()
     acct = _load(st, USER, user_id, now)
     caps = st.caps(acct) if acct is not None else ()
     if acct is None or not caps:
         return CapCheckResult()
-    return L.check_caps(caps, model, extra, _spend_of(st, user_id, now), _held_of(st, acct))
+    spend, held = _spend_of(st, user_id, now), _held_of(st, acct)
+    return L.check_caps(caps, model, scope, extra, spend, held, now)
 
 
 def set_spend_cap(st: Storage, cap: SpendCap) -> SpendCap:
@@ -39,12 +42,18 @@ def list_spend_caps(st: Storage, user_id: str) -> list[SpendCap]:
 
 
 def remove_spend_cap(
-    st: Storage, user_id: str, cap_type: Literal["daily", "monthly"], model: str | None
+    st: Storage,
+    user_id: str,
+    cap_type: Literal["daily", "monthly"],
+    model: str | None,
+    scope: str | None,
 ) -> RemoveSpendCapResult:
     """Remove a cap."""
     acct = st.account(USER, user_id)
-    removed = acct is not None and st.remove_cap(acct, cap_type, model)
+    removed = acct is not None and st.remove_cap(acct, cap_type, model, scope)
     if removed:
         assert acct is not None
         st.save(acct)
-    return RemoveSpendCapResult(user_id=user_id, cap_type=cap_type, model=model, removed=removed)
+    return RemoveSpendCapResult(
+        user_id=user_id, cap_type=cap_type, model=model, scope=scope, removed=removed
+    )

@@ -115,24 +115,33 @@ def _allowance(
     if acct is None:
         return None, 0, 0
     used = st.allowance_used(acct, L.month_key(now)) if acct.plan_id is not None else 0
-    plan = st.plan(acct.plan_id) if acct.plan_id is not None else None
+    plan = _plan(st, acct.plan_id, now) if acct.plan_id is not None else None
     if plan is None:
         return None, 0, used
     return plan, max(0, plan.free_allowance - used), used
 
 
+def _plan(st: Storage, plan_id: str, now: datetime) -> PlanDefinition | None:
+    """The plan as the pricing version in force at `now` defines it."""
+    from .pricing import current_version  # pricing imports this module
+
+    return st.plan(plan_id, current_version(st, now))
+
+
 def _spend_of(st: Storage, user_id: str, now: datetime) -> L.SpendOf:
     def spend(cap: SpendCap) -> int:
         return st.window_spend(
-            user_id, cap.cap_type, L.cap_window_key(cap.cap_type, now), cap.model
+            user_id, cap.cap_type, L.cap_window_key(cap.cap_type, now), cap.model, cap.scope
         )
 
     return spend
 
 
 def _held_of(st: Storage, acct: Account) -> L.HeldOf:
-    def held(model: str | None) -> int:
-        return acct.reserved if model is None else st.held_for(acct, model)
+    def held(model: str | None, scope: str | None) -> int:
+        if model is None and scope is None:
+            return acct.reserved
+        return st.held_for(acct, model, scope)
 
     return held
 

@@ -43,6 +43,7 @@ def _hold_refusal(
     amount: int,
     min_balance: int,
     model: str | None,
+    scope: str | None,
     available: int,
     now: datetime,
 ) -> dict[str, Any] | None:
@@ -54,7 +55,8 @@ def _hold_refusal(
     caps = st.caps(acct)
     if not caps:
         return None
-    return L.hold_cap_refusal(caps, model, amount, _spend_of(st, acct.id, now), _held_of(st, acct))
+    spend, held = _spend_of(st, acct.id, now), _held_of(st, acct)
+    return L.hold_cap_refusal(caps, model, scope, amount, spend, held, now)
 
 
 def reserve(
@@ -72,7 +74,8 @@ def reserve(
     now = st.now()
     acct = _load(st, USER, user_id, now)
     model = L.metadata_model(meta)
-    fingerprint = (amount, operation_type, model, use_allowance)
+    scope = L.metadata_scope(meta)
+    fingerprint = _hold_print(amount, operation_type, model, use_allowance, scope)
     replay, stored = _recall(st, acct, "reserve", key, fingerprint, ReserveResult)
     if replay:
         return stored or ReserveResult(
@@ -84,7 +87,7 @@ def reserve(
         )
     allowance = _allowance(st, acct, now)[1] if use_allowance else 0
     available = _spendable(acct, allowance)
-    refusal = _hold_refusal(st, acct, amount, min_balance, model, available, now)
+    refusal = _hold_refusal(st, acct, amount, min_balance, model, scope, available, now)
     if refusal is not None:
         return ReserveResult(
             user_id=user_id,
@@ -98,7 +101,9 @@ def reserve(
         )
     if acct is None:
         acct = st.create(USER, user_id, now)
-    hold = Hold(st.new_id("res"), amount, operation_type, model, use_allowance, now + lifetime)
+    hold = Hold(
+        st.new_id("res"), amount, operation_type, model, use_allowance, now + lifetime, scope=scope
+    )
     _place(st, acct, hold)
     result = ReserveResult(
         reservation_id=hold.id,
@@ -208,9 +213,10 @@ def _bill(
         model=model,
         operation_type=hold.operation_type,
         allowance=covered,
+        scope=hold.scope,
     )
     if paid:  # a window counter is written only when it changes (prune counts counters)
-        st.add_spend(user_id, model, now, paid)
+        st.add_spend(user_id, model, hold.scope, now, paid)
         if team:
             st.add_member_spend(acct, user_id, L.month_key(now), paid)
     result = result_type(
@@ -225,18 +231,30 @@ def _bill(
         allowance_consumed=covered,
         shortfall=short,
         idempotency_key=key,
-        cap_warning=None if team else _cap_warning(st, acct, model, now),
+        cap_warning=None if team else _cap_warning(st, acct, model, hold.scope, now),
         team_id=acct.id if team else None,
     )
     _remember(st, acct, "deduct", key, fingerprint, result)
     return result
 
 
-def _cap_warning(st: Storage, acct: Account, model: str | None, now: datetime) -> str | None:
+def _cap_warning(
+    st: Storage, acct: Account, model: str | None, scope: str | None, now: datetime
+) -> str | None:
     caps = st.caps(acct)
     if not caps:
         return None
-    return L.cap_warning(caps, model, _spend_of(st, acct.id, now))
+    return L.cap_warning(caps, model, scope, _spend_of(st, acct.id, now))
+
+
+def _hold_print(
+    amount: int, operation_type: str, model: str | None, use_allowance: bool, scope: str | None
+) -> tuple[object, ...]:
+    """A hold request's fingerprint (a scope only where one is given, so keys stored before
+    scopes existed still match)."""
+    if scope is None:
+        return (amount, operation_type, model, use_allowance)
+    return (amount, operation_type, model, use_allowance, scope)
 
 
 def charge(
@@ -259,7 +277,8 @@ def charge(
     now = st.now()
     acct = _load(st, USER, user_id, now)
     model = L.metadata_model(meta)
-    reserve_print = (amount, operation_type, model, use_allowance)
+    scope = L.metadata_scope(meta)
+    reserve_print = _hold_print(amount, operation_type, model, use_allowance, scope)
     if key is not None and acct is not None:
         since = _since(st)
         replay, stored = st.recall(acct, "reserve", key, reserve_print, ReserveResult, since)
@@ -277,7 +296,7 @@ def charge(
             )
     allowance = _allowance(st, acct, now)[1] if use_allowance else 0
     available = _spendable(acct, allowance)
-    refusal = _hold_refusal(st, acct, amount, min_balance, model, available, now)
+    refusal = _hold_refusal(st, acct, amount, min_balance, model, scope, available, now)
     if refusal is not None:
         return ChargeResult(
             user_id=user_id,
@@ -299,6 +318,7 @@ def charge(
         now,
         state=L.HOLD_SETTLED,
         counted=False,
+        scope=scope,
     )
     st.add_hold(acct, hold)
     if key is not None:

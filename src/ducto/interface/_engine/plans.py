@@ -6,7 +6,7 @@ from ducto.errors import InvalidArgumentError
 from ducto.interface import _ledger as L
 from ducto.interface.models import AllowanceResult, GetUserPlanResult, SetUserPlanResult
 
-from .common import _allowance, _load
+from .common import _allowance, _load, _plan
 from .storage import USER, Storage
 
 
@@ -15,7 +15,7 @@ def get_user_plan(st: Storage, user_id: str) -> GetUserPlanResult:
     acct = st.account(USER, user_id)
     if acct is None or acct.plan_id is None:
         return GetUserPlanResult(user_id=user_id)
-    plan = st.plan(acct.plan_id)
+    plan = _plan(st, acct.plan_id, st.now())
     if plan is None:
         return GetUserPlanResult(user_id=user_id, plan_id=acct.plan_id)
     return GetUserPlanResult(
@@ -29,11 +29,11 @@ def get_user_plan(st: Storage, user_id: str) -> GetUserPlanResult:
 
 def set_user_plan(st: Storage, user_id: str, plan_id: str) -> SetUserPlanResult:
     """Record the user's plan; the active version must define it."""
-    if st.plan(plan_id) is None:
-        raise InvalidArgumentError(
-            f"plan_id {plan_id!r} is not defined by the active pricing version"
-        )
     now = st.now()
+    if _plan(st, plan_id, now) is None:
+        raise InvalidArgumentError(
+            f"plan_id {plan_id!r} is not defined by the pricing version in force"
+        )
     acct = _load(st, USER, user_id, now) or st.create(USER, user_id, now)
     acct.plan_id = plan_id
     st.save(acct)

@@ -82,7 +82,7 @@ def refund(
         _credit(st, acct, plan.new_lot, None, now)
     st.set_refunds(original, refunds)
     if give:
-        st.add_spend(spender, original.model, original.created_at, -give)
+        st.add_spend(spender, original.model, original.scope, original.created_at, -give)
         if team_id is not None:
             st.add_member_spend(acct, spender, L.month_key(original.created_at), -give)
     st.save(acct)

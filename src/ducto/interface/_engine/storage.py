@@ -63,6 +63,7 @@ class Hold:
     member: str | None = None
     state: int = L.HOLD_OPEN
     counted: bool = True
+    scope: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -80,6 +81,7 @@ class Debit:
     """``[total, per draw...]`` as `_ledger.plan_refund` keeps it, or None before any refund."""
     spender: str | None
     model: str | None
+    scope: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -91,13 +93,45 @@ class Member:
 
 
 class PricingVersion(NamedTuple):
-    """A stored pricing version."""
+    """
+    A stored pricing version: immutable but for ``cancelled_at``.
+
+    ``effective_at`` is when it takes effect: its publication for a version published at
+    once, a later instant for a scheduled one.
+    """
 
     version: int
     id: str
     config: PricingConfigData
     label: str | None
     created_at: datetime
+    effective_at: datetime
+    cancelled_at: datetime | None = None
+
+
+class PricingState(NamedTuple):
+    """
+    What decides the version in force (see `pricing.current_version`).
+
+    ``pointer`` is the version the last immediate publication or activation made current,
+    at ``pointer_at``; ``scheduled`` holds ``(effective_at, version)`` of every version not
+    cancelled whose ``effective_at`` is after ``pointer_at`` (every such version when there
+    is no pointer), in any order.
+    """
+
+    pointer: int | None
+    pointer_at: datetime | None
+    scheduled: Sequence[tuple[datetime, int]]
+
+
+@dataclass(slots=True, frozen=True)
+class TopUpClaim:
+    """An account's in-flight top-up: ``amount`` counted toward UTC month ``month``."""
+
+    id: str
+    amount: int
+    month: int
+    expires_at: datetime
 
 
 class StoredRow(NamedTuple):
@@ -124,6 +158,7 @@ class StoredRow(NamedTuple):
     model: str | None
     operation_type: str | None
     allowance: int
+    scope: str | None = None
 
 
 class ArchiveChanged(DuctoError):
@@ -187,11 +222,14 @@ class Storage(Protocol):
         ...
 
     def add_held(self, acct: Account, hold: Hold, delta: int) -> None:
-        """Add `delta` to the per-model and per-member totals of counted holds."""
+        """Add `delta` to the per-model, per-scope and per-member totals of counted holds."""
         ...
 
-    def held_for(self, acct: Account, model: str) -> int:
-        """Counted holds on the account that name `model`."""
+    def held_for(self, acct: Account, model: str | None, scope: str | None) -> int:
+        """
+        Counted holds on the account that name `model` (None: any model) in `scope` (None:
+        any scope). The engine never asks for both None (that is ``acct.reserved``).
+        """
         ...
 
     def held_by_member(self, team: Account, user_id: str) -> int:
@@ -258,6 +296,7 @@ class Storage(Protocol):
         model: str | None = None,
         operation_type: str | None = None,
         allowance: int = 0,
+        scope: str | None = None,
     ) -> str:
         """Append a row with ``balance_after = acct.balance``; return its id."""
         ...
@@ -366,8 +405,8 @@ class Storage(Protocol):
         ...
 
     # plans and allowance
-    def plan(self, plan_id: str) -> PlanDefinition | None:
-        """The plan as the active pricing version defines it, or None."""
+    def plan(self, plan_id: str, version: int | None) -> PlanDefinition | None:
+        """The plan as pricing version `version` (the one in force) defines it, or None."""
         ...
 
     def allowance_used(self, acct: Account, month: int) -> int:
@@ -387,16 +426,45 @@ class Storage(Protocol):
         """Create or replace the cap for (user, type, model)."""
         ...
 
-    def remove_cap(self, acct: Account, cap_type: str, model: str | None) -> bool:
-        """Remove a cap; whether one existed."""
+    def remove_cap(
+        self, acct: Account, cap_type: str, model: str | None, scope: str | None
+    ) -> bool:
+        """Remove the cap for (type, model, scope); whether one existed."""
         ...
 
-    def window_spend(self, user_id: str, cap_type: str, window: int, model: str | None) -> int:
-        """Net paid usage of the user in one window, for one model or (None) all."""
+    def window_spend(
+        self, user_id: str, cap_type: str, window: int, model: str | None, scope: str | None
+    ) -> int:
+        """Net paid usage of the user in one window, for one model or (None) all, in one scope
+        or (None) all."""
         ...
 
-    def add_spend(self, user_id: str, model: str | None, at: datetime, amount: int) -> None:
-        """Count `amount` of usage at `at` in the user's daily and monthly windows."""
+    def add_spend(
+        self, user_id: str, model: str | None, scope: str | None, at: datetime, amount: int
+    ) -> None:
+        """
+        Count `amount` of usage at `at` in the user's daily and monthly windows: for every
+        model and for `model`, and, with a `scope`, for the scope on every model and on
+        `model`.
+        """
+        ...
+
+    # auto top-up
+    def top_up_claim(self, acct: Account) -> TopUpClaim | None:
+        """The account's top-up claim (expired or not), or None."""
+        ...
+
+    def put_top_up_claim(self, acct: Account, claim: TopUpClaim | None) -> None:
+        """Replace the account's top-up claim (None: remove it)."""
+        ...
+
+    def top_up_total(self, acct: Account, month: int) -> int:
+        """Top-ups counted toward the account in a UTC month (`_ledger.month_key`)."""
+        ...
+
+    def add_top_up_total(self, acct: Account, month: int, delta: int) -> None:
+        """Add `delta` to a month's top-up total (a counter `prune` removes once the month
+        closed, like the other window counters)."""
         ...
 
     # teams
@@ -429,12 +497,16 @@ class Storage(Protocol):
         ...
 
     # pricing versions
-    def active_pricing(self) -> PricingVersion | None:
-        """The active pricing version, or None."""
+    def pricing_state(self) -> PricingState:
+        """The pointer and the scheduled versions (see `PricingState`)."""
         ...
 
-    def active_version(self) -> int | None:
-        """The active version number, or None."""
+    def set_pricing_pointer(self, version: int, at: datetime) -> None:
+        """Make `version` the one in force from `at` (a publication or an activation)."""
+        ...
+
+    def cancel_pricing(self, version: int, at: datetime) -> None:
+        """Mark a scheduled version cancelled at `at`."""
         ...
 
     def pricing(self, version: int) -> PricingVersion | None:
@@ -451,8 +523,4 @@ class Storage(Protocol):
 
     def last_pricing_version(self) -> int:
         """The highest version number used (0 when none)."""
-        ...
-
-    def activate(self, version: int) -> None:
-        """Make a version the active one."""
         ...

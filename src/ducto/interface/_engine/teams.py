@@ -194,6 +194,7 @@ def deduct_team(
         return TeamDeductionResult(**base, team_balance_after=team.balance, error=error, **details)
     draws = _debit(st, team, amount)
     model = L.metadata_model(meta)
+    scope = L.metadata_scope(meta)
     st.save(team)
     row_id = st.append_row(
         team,
@@ -205,10 +206,11 @@ def deduct_team(
         draws=draws,
         spender=user_id,
         model=model,
+        scope=scope,
     )
     if amount:
         st.add_member_spend(team, user_id, L.month_key(now), amount)
-        st.add_spend(user_id, model, now, amount)
+        st.add_spend(user_id, model, scope, now, amount)
     result = TeamDeductionResult(
         **base,
         transaction_id=row_id,
@@ -258,7 +260,14 @@ def reserve_team(
             **details,
         )
     hold = Hold(
-        st.new_id("res"), amount, operation_type, model, False, now + lifetime, member=user_id
+        st.new_id("res"),
+        amount,
+        operation_type,
+        model,
+        False,
+        now + lifetime,
+        member=user_id,
+        scope=L.metadata_scope(meta),
     )
     available = _spendable(team)
     _place(st, team, hold)
