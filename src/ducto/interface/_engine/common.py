@@ -157,6 +157,7 @@ def _system_metadata(row: StoredRow) -> dict[str, Any]:
         "operation_type": row.operation_type,
         "reservation_id": row.reservation_id,
         "idempotency_key": row.idempotency_key,
+        "scope": row.scope,
     }
     if row.type == "usage":
         system["allowance_consumed"] = row.allowance or None
