@@ -35,7 +35,8 @@ pytestmark = pytest.mark.anyio
 START = datetime(2026, 3, 30, 22, 0, tzinfo=UTC)  # near a month's end, so windows roll over
 USERS = [f"user-{n}" for n in range(6)]
 MODELS = [None, "m1", "m2"]
-_ID = re.compile(r"^(tx|res|lot|team|price)_[0-9a-f]{12}_[0-9a-f]+$")
+SCOPES = [None, None, "key-1", "key-2"]
+_ID = re.compile(r"^(tx|res|lot|team|price|topup)_[0-9a-f]{12}_[0-9a-f]+$")
 _CURSOR = re.compile(r"^c1\.[0-9a-f]+$")
 
 
@@ -76,8 +77,14 @@ class _Refs:
     members: dict[str, list[str]] = field(default_factory=dict)
     team_holds: list[tuple[str, str, str]] = field(default_factory=list)
     keys: list[tuple[str, str]] = field(default_factory=list)
+    claims: list[tuple[str, str, int]] = field(default_factory=list)
+    versions: int = 0
     archived: int = 0
     pruned: int = 0
+    scheduled: int = 0
+    cancelled: int = 0
+    top_ups: int = 0
+    scoped_refusals: int = 0
 
 
 Step = Callable[[CreditStore, _Names, datetime], Awaitable[Any]]
@@ -103,12 +110,17 @@ class _Script:
 
     def meta(self) -> CreditMetadata | None:
         model = self.rng.choice(MODELS)
-        return None if model is None else CreditMetadata(model=model)
+        scope = self.rng.choice(SCOPES)
+        if model is None and scope is None:
+            return None
+        return CreditMetadata(model=model, scope=scope)
 
     def step(self) -> tuple[str, Step | None, int]:
         """The next step: (kind, call or None for a clock move, seconds to move the clock)."""
         rng, refs = self.rng, self.refs
         user = rng.choice(USERS)
+        if rng.random() < 0.08:
+            return self.billing_step(user)
         roll = rng.random()
         if roll < 0.12:
             amount = rng.choice([rng.randint(1, 200), rng.randint(1, 5000)])
@@ -247,11 +259,14 @@ class _Script:
                 model=rng.choice(MODELS),
                 limit=rng.choice([50, 300, 2000]),
                 action=rng.choice(["deny", "deny", "warn", "notify"]),
+                scope=rng.choice(SCOPES),
             )
             if rng.random() < 0.2:
                 return (
                     "uncap",
-                    lambda s, n, now: s.remove_spend_cap(user, cap.cap_type, cap.model),
+                    lambda s, n, now: s.remove_spend_cap(
+                        user, cap.cap_type, cap.model, scope=cap.scope
+                    ),
                     0,
                 )
             return "cap", lambda s, n, now: s.set_spend_cap(cap), 0
@@ -271,7 +286,12 @@ class _Script:
         if roll < 0.92:
             model = rng.choice(MODELS)
             amount = rng.randint(0, 500)
-            return "check_cap", lambda s, n, now: s.check_spend_cap(user, model, amount), 0
+            scope = rng.choice(SCOPES)
+            return (
+                "check_cap",
+                lambda s, n, now: s.check_spend_cap(user, model, amount, scope=scope),
+                0,
+            )
         if roll < 0.95:
             return "balance", lambda s, n, now: _balance_view(s, user), 0
         if roll < 0.97:
@@ -285,6 +305,68 @@ class _Script:
             return "archive", lambda s, n, now: _archive(s, now, dry), 0
         return "clock", None, rng.choice([30, 600, 3600, 6 * 3600, 2 * 86400])
 
+    def billing_step(self, user: str) -> tuple[str, Step | None, int]:
+        """Scheduled prices, auto top-up claims and scoped spend."""
+        rng, refs = self.rng, self.refs
+        roll = rng.random()
+        if roll < 0.2:
+            allowance = rng.choice([0, 100, 1000])
+            config = PricingConfigData(
+                models={"_default": f"input_tokens * {rng.choice(['0.01', '0.02'])}"},
+                plans={"pro": PlanDefinition(id="pro", name="Pro", free_allowance=allowance)},
+            )
+            later = rng.choice([-60, 600, 3600, 86400])
+
+            def schedule(s: CreditStore, n: _Names, now: datetime) -> Awaitable[Any]:
+                at = now + timedelta(seconds=later)
+                return s.set_active_pricing(config, "scheduled", effective_at=at)
+
+            return "schedule", schedule, 0
+        if roll < 0.3:
+            version = rng.randint(1, refs.versions + 1)
+            return "cancel_pricing", lambda s, n, now: s.cancel_pricing(version), 0
+        if roll < 0.35:
+            return "active_pricing", lambda s, n, now: s.get_active_pricing(), 0
+        if roll < 0.6:
+            threshold = rng.choice([50, 500, 5000])
+            amount = rng.choice([100, 1000])
+            limit = rng.choice([500, 3000])
+            ttl = rng.choice([60, 3600])
+            return (
+                f"claim:{user}",
+                lambda s, n, now: s.claim_top_up(
+                    user, threshold=threshold, amount=amount, monthly_limit=limit, ttl=ttl
+                ),
+                0,
+            )
+        if roll < 0.8 and refs.claims:
+            owner, claim, amount = rng.choice(refs.claims)
+            paid = rng.random() < 0.7
+            self.keys += 1
+            reference = f"pay-{self.keys}" if paid else None
+            return (
+                "finish_top_up",
+                lambda s, n, now: s.finish_top_up(
+                    owner, n.ids[claim], amount, payment_reference=reference
+                ),
+                0,
+            )
+        scope = rng.choice(SCOPES[2:])
+        amount = rng.randint(1, 300)
+        if roll < 0.9:
+            return (
+                f"reserve:{user}",
+                lambda s, n, now: s.reserve_credits(
+                    user, amount, "chat", CreditMetadata(scope=scope), 0
+                ),
+                0,
+            )
+        return (
+            "scope_spend",
+            lambda s, n, now: _scope_view(s, user, now),
+            0,
+        )
+
     def learn(self, kind: str, plain: Any, names: _Names) -> None:
         """Remember what a step made that later steps may use."""
         refs = self.refs
@@ -292,6 +374,21 @@ class _Script:
             refs.archived += plain[0]
         if kind == "prune" and isinstance(plain, dict) and not plain.get("dry_run", True):
             refs.pruned += plain["idempotency_keys"] + plain["holds"] + plain["windows"]
+        if kind in ("pricing", "schedule") and isinstance(plain, str):
+            refs.versions += 1
+            refs.scheduled += kind == "schedule"
+        if kind == "cancel_pricing" and isinstance(plain, dict) and "raised" not in plain:
+            refs.cancelled += 1
+        if kind == "finish_top_up" and isinstance(plain, dict) and plain.get("grant"):
+            refs.top_ups += plain["grant"]["error"] is None
+        if (
+            isinstance(plain, dict)
+            and plain.get("error") == "spend_cap_exceeded"
+            and plain.get("cap_scope")
+        ):
+            refs.scoped_refusals += 1
+        if kind.startswith("claim:") and isinstance(plain, dict) and plain.get("claimed"):
+            refs.claims.append((kind.split(":")[1], plain["claim_id"], plain["amount"]))
         if not isinstance(plain, dict) or plain.get("error") is not None:
             return
         if kind.startswith("reserve:"):
@@ -327,6 +424,12 @@ async def _balance_view(store: CreditStore, user: str) -> Any:
     return (await store.get_balance(user), await store.list_lots(user))
 
 
+async def _scope_view(store: CreditStore, user: str, now: datetime) -> Any:
+    """A user's spend by scope over the last whole UTC days (archived days are daily totals)."""
+    end = now.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+    return await store.spend_by_scope(end - timedelta(days=60), end, user_id=user)
+
+
 async def _final_state(store: CreditStore, names: _Names, refs: _Refs) -> Any:
     # Whole UTC days: archived days are kept as daily totals.
     midnight = START.replace(hour=0)
@@ -355,6 +458,7 @@ async def _final_state(store: CreditStore, names: _Names, refs: _Refs) -> Any:
         await store.top_users(3, *window),
         await store.aggregate_stats(*window),
         await store.get_pricing_history(),
+        await store.spend_by_scope(*window),
     )
     return names.plain(state)
 
@@ -421,3 +525,7 @@ async def test_every_store_gives_the_same_results(
     assert script.refs.team_holds, "the script never placed a team hold"
     assert script.refs.archived, "the script never archived a row"
     assert script.refs.pruned, "the script never pruned a record"
+    assert script.refs.scheduled, "the script never scheduled a pricing version"
+    assert script.refs.cancelled, "the script never cancelled a scheduled version"
+    assert script.refs.top_ups, "the script never finished a paid top-up"
+    assert script.refs.scoped_refusals, "no scoped cap ever refused a hold"

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import pytest
 from tests.conftest import FakeClock
+from tests.contract._checks import all_rows
 
 from ducto.errors import InvalidArgumentError, PricingVersionInEffectError
 from ducto.errors import PricingVersionNotFoundError as NotFound
@@ -213,3 +214,35 @@ async def test_a_bad_effective_at_is_refused_by_name(
         await store.set_active_pricing(_config("1"), effective_at=value)  # type: ignore[arg-type]
 
     assert [] == await store.get_pricing_history()
+
+
+# -- through a manager ------------------------------------------------------------------------------
+
+
+async def test_a_stream_across_a_price_switch_is_billed_at_one_price(
+    store: CreditStore, user_id: str, clock: FakeClock
+) -> None:
+    """
+    A manager prices each charge with the version in force when it is made: a stream held
+    before a scheduled switch settles after it at the old price, a call made after it pays
+    the new one, and each usage row names the version that priced it.
+    """
+    from ducto import CreditManager, UsageMetrics
+
+    manager = CreditManager(store, clock=clock)
+    await store.add_credits(user_id, 100_000, "purchase")
+    await manager.publish_pricing({"models": {"_default": "input_tokens * 1"}})
+    at = clock.now + timedelta(minutes=5)
+    await manager.publish_pricing({"models": {"_default": "input_tokens * 3"}}, effective_at=at)
+    chunk = UsageMetrics(model="m", input_tokens=10)
+
+    async with manager.hold(user_id, UsageMetrics(model="m", input_tokens=50)) as stream:
+        stream.record(chunk)
+        clock.set(at)  # the price changes while the stream runs
+        stream.record(chunk)
+        streamed = await stream.settle()
+    after = await manager.deduct(user_id, UsageMetrics(model="m", input_tokens=20))
+
+    assert (20, 60) == (streamed.charged, after.charged)
+    rows = [r for r in await all_rows(store, user_id) if r.type == "usage"]
+    assert [1, 2] == [r.metadata["pricing_version"] for r in rows]
