@@ -24,6 +24,7 @@ than raising; ``result.raise_for_error()`` turns such a result into the matching
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from enum import StrEnum
 from typing import ClassVar
 
@@ -213,6 +214,8 @@ class SpendCapExceededError(InsufficientCreditsError):
         model: The model the cap is for (None: every model).
         reserved: Active holds already counted against the cap.
         cap_type: ``daily`` or ``monthly``.
+        scope: The budget scope the cap is for (an API key, a project; None: all usage).
+        resets_at: When the cap's window (UTC day or month) ends, if known.
         needed: As on `InsufficientCreditsError`: the credits asked for.
         available: As on `InsufficientCreditsError`: what the cap still allows (0 when the
             limit is not known).
@@ -229,17 +232,22 @@ class SpendCapExceededError(InsufficientCreditsError):
         model: str | None = None,
         reserved: int = 0,
         cap_type: str | None = None,
+        *,
+        scope: str | None = None,
+        resets_at: datetime | None = None,
     ) -> None:
-        scope = f" for model {model!r}" if model else ""
+        covers = f" for model {model!r}" if model else ""
+        if scope is not None:
+            covers += f" in scope {scope!r}"
         kind = f"{cap_type} " if cap_type else ""
         if limit is None:
-            message = f"user {user_id!r} would exceed a {kind}spend cap{scope} with {amount} more"
+            message = f"user {user_id!r} would exceed a {kind}spend cap{covers} with {amount} more"
         else:
             spent = current_spend or 0
             over = spent + reserved + amount - limit
             held = f", {reserved} held" if reserved else ""
             message = (
-                f"user {user_id!r} would exceed the {kind}spend cap{scope} of {limit} by {over}"
+                f"user {user_id!r} would exceed the {kind}spend cap{covers} of {limit} by {over}"
                 f" ({spent} spent{held}, {amount} more requested)"
             )
         CreditError.__init__(self, f"Spend cap exceeded: {message}")  # 1.x's words first
@@ -249,6 +257,7 @@ class SpendCapExceededError(InsufficientCreditsError):
         self.user_id, self.amount, self.limit = user_id, amount, limit
         self.current_spend, self.model = current_spend, model
         self.reserved, self.cap_type = reserved, cap_type
+        self.scope, self.resets_at = scope, resets_at
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, object]) -> CreditError:
@@ -257,6 +266,8 @@ class SpendCapExceededError(InsufficientCreditsError):
         spend = fields.get("cap_spend")
         model = fields.get("cap_model")
         cap_type = fields.get("cap_type")
+        scope = fields.get("cap_scope")
+        resets_at = fields.get("cap_resets_at")
         return cls(
             _s(fields, "user_id"),
             _requested(fields),
@@ -265,6 +276,8 @@ class SpendCapExceededError(InsufficientCreditsError):
             model if isinstance(model, str) else None,
             _i(fields, "cap_reserved"),
             cap_type if isinstance(cap_type, str) else None,
+            scope=scope if isinstance(scope, str) else None,
+            resets_at=resets_at if isinstance(resets_at, datetime) else None,
         )
 
 

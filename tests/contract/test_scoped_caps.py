@@ -17,7 +17,7 @@ from tests.conftest import FakeClock
 from tests.contract._checks import all_rows, assert_invariants
 from tests.contract._peers import peers
 
-from ducto.errors import ErrorCode, InvalidArgumentError
+from ducto.errors import ErrorCode, InvalidArgumentError, SpendCapExceededError
 from ducto.interface.base import CreditStore
 from ducto.interface.models import CreditMetadata, ReserveResult, SpendCap
 
@@ -120,6 +120,9 @@ async def test_a_scoped_cap_refuses_only_its_scope(store: CreditStore, user_id: 
     assert other_key.ok
     assert unscoped.ok
     assert fits.ok
+    with pytest.raises(SpendCapExceededError, match="in scope 'a'") as raised:
+        refused.raise_for_error()
+    assert ("a", MIDNIGHT) == (raised.value.scope, raised.value.resets_at)
     await assert_invariants(store, user_id)
 
 
