@@ -46,6 +46,7 @@ from ducto import (
     CreditManager,
     Hold,
     SpendCap,
+    SpendCapExceededError,
     ToolCall,
     UsageMetrics,
     open_store,
@@ -81,7 +82,9 @@ BONUS = 100
 TEAM_POOL = 20_000
 TEAM_MEMBER_CAP = 400
 DAILY_CAP = 150
+KEY_CAP = 60
 LOW_BALANCE = 50
+KEYS = ("web", "mobile", "ci")
 
 
 class ProviderError(Exception):
@@ -107,6 +110,7 @@ class User:
     pro: bool
     team: bool
     capped: bool
+    ci_budget: bool = False  # the user's "ci" API key has a daily budget of its own
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,7 @@ class Request:
     failure: str | None  # None, "before" (no token came) or "mid" (the stream broke)
     refund: bool
     latency: float
+    api_key: str = "web"  # the API key the call came with: its budget scope
 
     @property
     def key(self) -> str:
@@ -151,6 +156,7 @@ class Tally:
     team_charged: int = 0
     refunded: int = 0
     refunds: int = 0
+    key_refusals: dict[str, int] = field(default_factory=dict)
     low_balance_users: set[str] = field(default_factory=set)
     latencies: list[float] = field(default_factory=list)
 
@@ -169,6 +175,7 @@ TEAM = "Team calls: manager.deduct_team() charges the team pool for a member"
 def make_users(count: int, seed: int) -> list[User]:
     """The customers: purchases, plans, team membership and caps, from the seed."""
     rng = random.Random(f"{seed}:users")
+    keys = random.Random(f"{seed}:keys")
     users = []
     for n in range(count):
         small = rng.random() < 0.1  # a few nearly empty accounts, to meet refusals
@@ -179,6 +186,7 @@ def make_users(count: int, seed: int) -> list[User]:
                 pro=rng.random() < 0.25,
                 team=rng.random() < 0.15,
                 capped=rng.random() < 0.1,
+                ci_budget=keys.random() < 0.3,
             )
         )
     return users
@@ -211,9 +219,24 @@ def make_requests(users: Sequence[User], count: int, seed: int, latency_ms: floa
                 failure="before" if roll < 0.03 else "mid" if roll < 0.07 else None,
                 refund=rng.random() < 0.03,
                 latency=rng.uniform(0.0005, max(latency_ms, 0.5) / 1000),
+                api_key=random.Random(f"{seed}:key:{n}").choice(KEYS),
             )
         )
     return requests
+
+
+def refused(tally: Tally, table: str, request: Request, exc: CreditError) -> None:
+    """Count a refusal; one by the budget of the call's API key is told apart."""
+    if isinstance(exc, SpendCapExceededError) and exc.scope is not None:
+        tally.add(table, f"refused: key {exc.scope!r} over its daily budget")
+        tally.key_refusals[exc.scope] = tally.key_refusals.get(exc.scope, 0) + 1
+        return
+    tally.add(table, f"refused: {exc.code}")
+
+
+def key_of(request: Request) -> dict[str, str]:
+    """The call's metadata: its API key as the budget scope of its hold and usage row."""
+    return {"scope": request.api_key}
 
 
 async def stream(hold: Hold, request: Request) -> None:
@@ -234,7 +257,9 @@ async def stream_call(manager: CreditManager, request: Request, tally: Tally) ->
     estimate = UsageMetrics(
         model=request.model, input_tokens=request.input_tokens, output_tokens=request.max_output
     )
-    hold = manager.hold(request.user.id, estimate, idempotency_key=request.key)
+    hold = manager.hold(
+        request.user.id, estimate, idempotency_key=request.key, metadata=key_of(request)
+    )
     try:
         async with hold:
             await stream(hold, request)
@@ -242,7 +267,7 @@ async def stream_call(manager: CreditManager, request: Request, tally: Tally) ->
     except ProviderError:
         pass  # leaving the block charged what was recorded, or released the hold
     except CreditError as exc:
-        tally.add(STREAM, f"refused: {exc.code}")
+        refused(tally, STREAM, request, exc)
         return
     result = hold.result
     if result is None:
@@ -275,10 +300,13 @@ async def plain_call(manager: CreditManager, request: Request, tally: Tally) -> 
     await anyio.sleep(request.latency)
     try:
         result = await manager.deduct(
-            request.user.id, plain_usage(request), idempotency_key=request.key
+            request.user.id,
+            plain_usage(request),
+            idempotency_key=request.key,
+            metadata=key_of(request),
         )
     except CreditError as exc:
-        tally.add(PLAIN, f"refused: {exc.code}")
+        refused(tally, PLAIN, request, exc)
         return
     tally.add(PLAIN, "charged", result.charged, result.allowance_consumed)
     tally.user_charged += result.charged
@@ -353,6 +381,10 @@ async def open_accounts(
             if user.capped:
                 await store.set_spend_cap(
                     SpendCap(user_id=user.id, cap_type="daily", limit=DAILY_CAP)
+                )
+            if user.ci_budget:
+                await store.set_spend_cap(
+                    SpendCap(user_id=user.id, cap_type="daily", limit=KEY_CAP, scope="ci")
                 )
             if user.team:
                 joined = await store.add_team_member(
@@ -528,7 +560,13 @@ async def run(args: argparse.Namespace, db: Path) -> int:
         await serve(manager, team_id, [r for r in requests if r.day == 2], args.concurrency, tally)
         elapsed = time.perf_counter() - started
 
-        by_model = await store.spend_by_model(DAY_ONE, DAY_ONE + timedelta(days=2))
+        two_days = (DAY_ONE.replace(hour=0), DAY_ONE.replace(hour=0) + timedelta(days=2))
+        by_model = await store.spend_by_model(*two_days)
+        by_key: dict[str, list[int]] = {}
+        for row in await store.spend_by_scope(*two_days):
+            entry = by_key.setdefault(row.scope or "-", [0, 0])
+            entry[0] += row.total_spend
+            entry[1] += row.transaction_count
         books = await check_books(store, users, team_id, tally, swept.expired_amount)
         shown = args.show_user or books.telling
         shown_rows = await full_ledger(store, shown)
@@ -544,6 +582,7 @@ async def run(args: argparse.Namespace, db: Path) -> int:
         swept.expired_count,
         swept.expired_amount,
         by_model,
+        by_key,
         books,
         shown,
         shown_rows,
@@ -563,6 +602,7 @@ def report(
     expired_lots: int,
     expired_credits: int,
     by_model: Sequence[object],
+    by_key: dict[str, list[int]],
     books: Books,
     shown: str,
     shown_rows: Sequence[TransactionRow],
@@ -638,6 +678,30 @@ def report(
         table(
             ["model", "credits", "calls"],
             [(row.model, row.total_spend, row.transaction_count) for row in by_model],  # type: ignore[attr-defined]
+        )
+    )
+    print()
+    budgeted = sum(u.ci_budget for u in users)
+    print(
+        textwrap.fill(
+            f"Spend by API key: each call names its key as the budget scope; {budgeted} users' "
+            f"'ci' keys have a daily budget of {KEY_CAP} credits of their own, enforced when "
+            "the hold is placed, while their other keys spend on from the same balance",
+            width=88,
+        )
+    )
+    print(
+        table(
+            ["key", "credits", "calls", "calls refused by the key's budget"],
+            [
+                (
+                    key if key != "-" else "- (team pool)",
+                    credits,
+                    calls,
+                    tally.key_refusals.get(key, 0),
+                )
+                for key, (credits, calls) in sorted(by_key.items(), key=lambda kv: -kv[1][0])
+            ],
         )
     )
     print()
