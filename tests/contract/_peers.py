@@ -41,7 +41,6 @@ async def peers(
         return
     async with AsyncExitStack() as stack:
         others = [
-            await stack.enter_async_context(_peer(store, tmp_path, clock))
-            for _ in range(count - 1)
+            await stack.enter_async_context(_peer(store, tmp_path, clock)) for _ in range(count - 1)
         ]
         yield [store, *others]

@@ -137,9 +137,7 @@ async def test_a_rollback_holds_until_the_next_scheduled_version(
     assert (1, 3) == (rolled_back, await _in_force(store))
 
 
-async def test_a_cancelled_version_never_takes_effect(
-    store: CreditStore, clock: FakeClock
-) -> None:
+async def test_a_cancelled_version_never_takes_effect(store: CreditStore, clock: FakeClock) -> None:
     """Cancelling before the instant keeps the version in force; cancelling again is a no-op;
     a cancelled version cannot be activated."""
     await store.set_active_pricing(_config("1"))
@@ -165,9 +163,7 @@ async def test_a_cancelled_version_never_takes_effect(
     ]
 
 
-async def test_a_version_in_force_cannot_be_cancelled(
-    store: CreditStore, clock: FakeClock
-) -> None:
+async def test_a_version_in_force_cannot_be_cancelled(store: CreditStore, clock: FakeClock) -> None:
     """Only a scheduled version can be cancelled: one in force, or that was, is refused and
     nothing changes."""
     await store.set_active_pricing(_config("1"))
@@ -216,7 +212,7 @@ async def test_a_bad_effective_at_is_refused_by_name(
     assert [] == await store.get_pricing_history()
 
 
-# -- through a manager ------------------------------------------------------------------------------
+# -- through a manager --------------------------------------------------------------------------
 
 
 async def test_a_stream_across_a_price_switch_is_billed_at_one_price(

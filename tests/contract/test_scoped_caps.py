@@ -51,7 +51,7 @@ async def _funded(store: CreditStore, user_id: str, *caps: SpendCap) -> None:
         await store.set_spend_cap(cap)
 
 
-# -- storage ----------------------------------------------------------------------------------------
+# -- storage ------------------------------------------------------------------------------------
 
 
 async def test_caps_are_keyed_by_scope_too(store: CreditStore, user_id: str) -> None:
@@ -81,7 +81,7 @@ async def test_caps_are_keyed_by_scope_too(store: CreditStore, user_id: str) -> 
 
 async def test_bad_scopes_are_refused_by_name(store: CreditStore, user_id: str) -> None:
     """An empty or NUL scope is refused, naming where it was, and changes nothing."""
-    with pytest.raises(InvalidArgumentError, match="cap.scope"):
+    with pytest.raises(InvalidArgumentError, match=r"cap\.scope"):
         await store.set_spend_cap(SpendCap(user_id=user_id, limit=1, scope=""))
     with pytest.raises(InvalidArgumentError, match=r"metadata\.scope"):
         await store.reserve_credits(user_id, 1, "chat", CreditMetadata(scope="a\x00b"))
@@ -94,7 +94,7 @@ async def test_bad_scopes_are_refused_by_name(store: CreditStore, user_id: str) 
     assert 0 == (await store.get_balance(user_id)).reserved
 
 
-# -- enforcement ------------------------------------------------------------------------------------
+# -- enforcement --------------------------------------------------------------------------------
 
 
 async def test_a_scoped_cap_refuses_only_its_scope(store: CreditStore, user_id: str) -> None:
@@ -271,12 +271,10 @@ async def test_warn_caps_in_a_scope_warn_on_its_usage_only(
     assert "warn" == mine.cap_warning
 
 
-# -- the ledger and analytics -----------------------------------------------------------------------
+# -- the ledger and analytics -------------------------------------------------------------------
 
 
-async def test_usage_rows_and_analytics_carry_the_scope(
-    store: CreditStore, user_id: str
-) -> None:
+async def test_usage_rows_and_analytics_carry_the_scope(store: CreditStore, user_id: str) -> None:
     """The scope is on the usage row; spend by scope is net of refunds, per user and scope."""
     await store.add_credits(user_id, 10_000, "purchase")
     await _spend(store, user_id, 100, "a")
@@ -325,7 +323,7 @@ async def test_spend_by_scope_keeps_archived_days(
     assert [("a", 100), (None, 40)] == [(r.scope, r.total_spend) for r in after]
 
 
-# -- concurrency ------------------------------------------------------------------------------------
+# -- concurrency --------------------------------------------------------------------------------
 
 
 async def test_a_scoped_cap_holds_against_200_concurrent_holds(

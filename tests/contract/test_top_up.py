@@ -39,12 +39,10 @@ async def _claim(
     return await store.claim_top_up(user_id, **args)  # type: ignore[arg-type]
 
 
-# -- claiming ---------------------------------------------------------------------------------------
+# -- claiming -----------------------------------------------------------------------------------
 
 
-async def test_a_claim_is_made_only_below_the_threshold(
-    store: CreditStore, user_id: str
-) -> None:
+async def test_a_claim_is_made_only_below_the_threshold(store: CreditStore, user_id: str) -> None:
     """At or above the threshold nothing is claimed; below it, the claim counts the amount."""
     await store.add_credits(user_id, 500, "purchase")
 
@@ -74,9 +72,7 @@ async def test_a_user_never_seen_is_below_a_positive_threshold(
     assert 0 == claim.available
 
 
-async def test_the_plan_allowance_counts_as_available(
-    store: CreditStore, user_id: str
-) -> None:
+async def test_the_plan_allowance_counts_as_available(store: CreditStore, user_id: str) -> None:
     """Available counts the allowance left, as low-balance crossings do."""
     await store.set_active_pricing(
         PricingConfigData(
@@ -139,7 +135,7 @@ async def test_the_monthly_limit_refuses_a_claim_that_would_pass_it(
     await assert_invariants(store, user_id)
 
 
-# -- finishing --------------------------------------------------------------------------------------
+# -- finishing ----------------------------------------------------------------------------------
 
 
 async def test_a_paid_top_up_grants_once_under_its_payment_reference(
@@ -234,9 +230,7 @@ async def test_a_payment_reference_used_by_another_grant_is_a_conflict(
     await store.add_credits(user_id, 5, "purchase", idempotency_key="pi_reused")
     claim = await _claim(store, user_id)
 
-    done = await store.finish_top_up(
-        user_id, claim.claim_id, 1_000, payment_reference="pi_reused"
-    )
+    done = await store.finish_top_up(user_id, claim.claim_id, 1_000, payment_reference="pi_reused")
 
     assert done.grant is not None
     assert ErrorCode.IDEMPOTENCY_CONFLICT is done.grant.error
@@ -299,7 +293,7 @@ async def test_prune_removes_the_totals_of_closed_months(
     assert 1_000 == (await _claim(store, user_id, threshold=10_000)).month_total
 
 
-# -- across processes -------------------------------------------------------------------------------
+# -- across processes ---------------------------------------------------------------------------
 
 
 async def test_eight_processes_crossing_at_once_make_one_claim(
@@ -366,4 +360,3 @@ async def test_the_monthly_limit_holds_under_a_storm(
     last = await _claim(store, user_id, amount=1, threshold=10**9)
     assert sum(granted) <= last.month_total <= LIMIT
     await assert_invariants(store, user_id)
-

@@ -641,6 +641,7 @@ class TeamDeductionResult(_Result):
     cap_spend: int | None = None
     cap_type: Literal["daily", "monthly"] | None = None
     cap_reserved: int | None = None
+    cap_resets_at: datetime | None = None
 
 
 # -- Auto top-up -------------------------------------------------------------------------------

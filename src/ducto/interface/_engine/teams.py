@@ -157,7 +157,13 @@ def _member_refusal(
     error = L.team_deduct_error(member is not None, available, amount, spent + held, cap)
     details: dict[str, Any] = {"available": available}
     if error is ErrorCode.SPEND_CAP_EXCEEDED:
-        details.update(cap_limit=cap, cap_spend=spent, cap_reserved=held, cap_type="monthly")
+        details.update(
+            cap_limit=cap,
+            cap_spend=spent,
+            cap_reserved=held,
+            cap_type="monthly",
+            cap_resets_at=L.cap_resets_at("monthly", now),
+        )
     return error, details
 
 
