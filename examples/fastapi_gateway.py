@@ -4,7 +4,9 @@ An OpenAI-compatible gateway on FastAPI, billed by ducto, in front of a fake str
 The gateway's routes know nothing about billing: `BillingMiddleware` holds credits before
 each ``/v1/chat/completions`` call reaches the route, records usage as the response (plain
 or streamed) passes, settles when it ends, and charges what was recorded when a client
-disconnects. One API key bills a team pool instead of its owner. Balances live in SQLite.
+disconnects. Each API key is a budget scope: one of alice's keys has a daily budget of its
+own on her balance, answered with 429 and the time it resets once spent. One API key bills a
+team pool instead of its owner. Balances live in SQLite.
 
     python examples/fastapi_gateway.py           # serve on a free port, make a few requests, exit
     python examples/fastapi_gateway.py --serve   # serve on 127.0.0.1:8000 until Ctrl-C
@@ -24,6 +26,7 @@ import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +36,10 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ducto import CreditManager, open_store
+from ducto import CreditManager, SpendCap, open_store
 from ducto.integrations import Payer
 from ducto.integrations.asgi import (
+    HEADER_BUDGET_RESETS_AT,
     HEADER_CHARGED,
     HEADER_HELD,
     HEADER_REMAINING,
@@ -53,7 +57,15 @@ PRICING = {
     "cache": {"read": "cache_read_tokens * 0.0075", "write": "cache_write_tokens * 0.015"},
     "min_balance": 0,
 }
-API_KEYS = {"key-alice": "alice", "key-bob": "bob", "key-carol": "carol"}
+API_KEYS = {
+    "key-alice": ("alice", "alice-web"),
+    "key-alice-ci": ("alice", "alice-ci"),
+    "key-bob": ("bob", "bob-web"),
+    "key-carol": ("carol", "carol-web"),
+}
+"""Each API key's owner and id; the id is the key's budget scope (never the secret itself)."""
+KEY_BUDGETS = {("alice", "alice-ci"): 1_000}
+"""Daily budgets of single keys, in credits, on their owner's balance."""
 TEAM_KEYS: dict[str, str] = {}
 """API keys billed to a team pool, and the pool's id (filled in when the team is created)."""
 ANSWER = "Credits are held before the call and settled for what the model really produced."
@@ -62,10 +74,10 @@ ANSWER = "Credits are held before the call and settled for what the model really
 def payer_for(request: BillingRequest) -> Payer | None:
     """The account behind the request's API key; None (401) for an unknown key."""
     token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    user_id = API_KEYS.get(token)
-    if user_id is None:
+    if token not in API_KEYS:
         return None
-    return Payer(user_id, {"api_key": token[-4:]}, team_id=TEAM_KEYS.get(token))
+    user_id, key_id = API_KEYS[token]
+    return Payer(user_id, {"api_key": key_id}, team_id=TEAM_KEYS.get(token), scope=key_id)
 
 
 # -- a fake upstream model ---------------------------------------------------------------------
@@ -133,9 +145,9 @@ def build_app(manager: CreditManager, *, chunk_delay: float = 0.01) -> BillingMi
     @app.get("/v1/balance")
     async def balance(request: Request) -> dict[str, int | str]:
         token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        user_id = API_KEYS.get(token)
-        if user_id is None:
+        if token not in API_KEYS:
             raise HTTPException(401, "unknown API key")
+        user_id = API_KEYS[token][0]
         result = await manager.get_balance(user_id)
         return {"user": user_id, "balance": result.balance, "available": result.available}
 
@@ -195,8 +207,22 @@ async def exercise(base_url: str) -> None:
             f"{second.headers[HEADER_CHARGED]}, remaining {second.headers[HEADER_REMAINING]}"
         )
 
-        # Bob's balance covers almost nothing: refused before the upstream is called.
+        # Alice's CI key has a daily budget of its own: a call it cannot cover is refused
+        # with the time the budget resets, while her other key spends on.
+        ci = {"Authorization": "Bearer key-alice-ci"}
         big = {**chat, "model": "gpt-4o", "max_tokens": 4000}
+        small = await client.post("/v1/chat/completions", json=chat, headers=ci)
+        response = await client.post("/v1/chat/completions", json=big, headers=ci)
+        print(
+            f"key budget: {small.status_code} then {response.status_code} "
+            f"{response.json()['error']['code']}, resets at "
+            f"{response.headers[HEADER_BUDGET_RESETS_AT]} "
+            f"(retry-after {response.headers['retry-after']} s)"
+        )
+        response = await client.post("/v1/chat/completions", json=big, headers=alice)
+        print(f"other key:  {response.status_code} charged {response.headers[HEADER_CHARGED]}")
+
+        # Bob's balance covers almost nothing: refused before the upstream is called.
         response = await client.post("/v1/chat/completions", json=big, headers=bob)
         print(f"bob:        {response.status_code} {response.json()['error']['code']}")
         response = await client.post("/v1/chat/completions", json=chat, headers={})
@@ -221,6 +247,10 @@ async def main(serve: bool, port: int, db: Path) -> None:
         await manager.publish_pricing(PRICING, label="example prices")
         await manager.add_credits("alice", 5_000, "purchase", idempotency_key="alice-signup")
         await manager.add_credits("bob", 100, "purchase", idempotency_key="bob-signup")
+        for (user_id, key_id), budget in KEY_BUDGETS.items():
+            await manager.store.set_spend_cap(
+                SpendCap(user_id=user_id, cap_type="daily", limit=budget, scope=key_id)
+            )
         team = await manager.store.create_team("research", 20_000)
         await manager.store.add_team_member(team.team_id, "carol", spend_cap=2_000)
         TEAM_KEYS["key-carol"] = team.team_id
@@ -241,6 +271,10 @@ async def main(serve: bool, port: int, db: Path) -> None:
                 await exercise(f"http://{host}:{bound}")
                 print(f"done in {time.perf_counter() - started:.2f} s")
                 server.should_exit = True
+        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        window = (today, today + timedelta(days=1))
+        for row in await manager.store.spend_by_scope(*window, user_id="alice"):
+            print(f"spend by key: {row.scope} {row.total_spend} in {row.transaction_count} calls")
         balance = await manager.get_balance("alice")
         pool = await manager.store.get_team_balance(team.team_id)
         assert balance.reserved == pool.reserved == 0, "a hold was left open"

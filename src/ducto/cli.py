@@ -1,15 +1,19 @@
 """
-The ``ducto`` command line: set up a store, publish pricing, grant, inspect, refund, sweep,
-prune and archive.
+The ``ducto`` command line: set up a store, publish and schedule pricing, grant, inspect,
+refund, sweep, prune and archive.
 
 ```
 ducto --store sqlite:///billing.db setup
 ducto pricing validate pricing.json
 ducto pricing set pricing.json --label "March prices"
+ducto pricing set next.json --effective-at 2027-01-01T00:00:00Z
+ducto pricing list
 ducto grant alice 1000 --type purchase --key stripe-evt-1
 ducto grant --csv grants.csv
 ducto balance alice
 ducto --json ledger alice --limit 5
+ducto caps set alice 500 --scope key_123
+ducto stats --by scope --user alice
 ducto prune --dry-run
 ducto archive --before 2026-01-01 --to ledger-2025.jsonl.gz
 ```
@@ -54,6 +58,7 @@ from ducto.errors import (
     CreditError,
     DuctoError,
     InvalidArgumentError,
+    PricingVersionInEffectError,
     PricingVersionNotFoundError,
     StoreError,
 )
@@ -167,7 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.set_defaults(handler=commands.cmd_setup)
 
     _pricing(
-        command("pricing", "validate, publish, list, activate, export and diff pricing"), common
+        command(
+            "pricing",
+            "validate, publish, schedule, list, activate, cancel, export and diff pricing",
+        ),
+        common,
     )
 
     cmd = command(
@@ -302,7 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--since", metavar="WHEN", help="window start (default: 30 days before --until)"
     )
     cmd.add_argument("--until", metavar="WHEN", help="window end, exclusive (default: now)")
-    cmd.add_argument("--by", choices=("user", "model", "day"), help="group the spend")
+    cmd.add_argument(
+        "--by",
+        choices=("user", "model", "day", "scope"),
+        help="group the spend (scope: per user and budget scope, such as an API key)",
+    )
+    cmd.add_argument(
+        "--user", metavar="USER", help="with --by scope: only this user's spend (default: all)"
+    )
     cmd.add_argument(
         "--top",
         type=_count("--top"),
@@ -356,19 +372,35 @@ def _pricing(cmd: argparse.ArgumentParser, common: list[_Parser]) -> None:
     sub.add_argument("file", metavar="FILE", help="the pricing file, or - for stdin")
     sub.set_defaults(handler=commands.cmd_pricing_validate)
 
-    sub = add("set", "validate a pricing file and publish it as the new active version")
+    sub = add(
+        "set",
+        "validate a pricing file and publish it as a new version, in force now or at a time",
+    )
     sub.add_argument("file", metavar="FILE", help="the pricing file, or - for stdin")
     sub.add_argument("--label", help="a name for the version, shown in the history")
+    sub.add_argument(
+        "--effective-at",
+        metavar="WHEN",
+        help="schedule the version for this future instant, ISO 8601 with Z or an offset "
+        "(2027-01-01T00:00:00Z); the current version stays in force until then "
+        "(default: in force now)",
+    )
     sub.set_defaults(handler=commands.cmd_pricing_set)
 
-    add("get", "show the active pricing version").set_defaults(handler=commands.cmd_pricing_get)
-    add("list", "list every pricing version, newest first").set_defaults(
-        handler=commands.cmd_pricing_list
-    )
+    add("get", "show the pricing version in force").set_defaults(handler=commands.cmd_pricing_get)
+    add(
+        "list",
+        "list every pricing version, newest first: when it takes effect and whether it is "
+        "in force, scheduled or cancelled",
+    ).set_defaults(handler=commands.cmd_pricing_list)
 
-    sub = add("activate", "make an earlier pricing version active again")
+    sub = add("activate", "put an existing pricing version in force now (a rollback)")
     sub.add_argument("version", metavar="VERSION", help="the version number")
     sub.set_defaults(handler=commands.cmd_pricing_activate)
+
+    sub = add("cancel", "cancel a scheduled pricing version before it takes effect")
+    sub.add_argument("version", metavar="VERSION", help="the version number")
+    sub.set_defaults(handler=commands.cmd_pricing_cancel)
 
     sub = add("export", "write a version's config in the form 'pricing set' reads")
     sub.add_argument("version", metavar="VERSION", help="a version number, or 'active'")
@@ -389,7 +421,10 @@ def _pricing(cmd: argparse.ArgumentParser, common: list[_Parser]) -> None:
 def _caps(cmd: argparse.ArgumentParser, common: list[_Parser]) -> None:
     add = _group(cmd, common)
 
-    def scope(sub: argparse.ArgumentParser) -> None:
+    def budget_scope(sub: argparse.ArgumentParser, help_text: str) -> None:
+        sub.add_argument("--scope", metavar="SCOPE", help=help_text)
+
+    def cap_key(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("user", metavar="USER")
         sub.add_argument(
             "--period",
@@ -398,9 +433,14 @@ def _caps(cmd: argparse.ArgumentParser, common: list[_Parser]) -> None:
             help="the UTC day or the UTC month (default: daily)",
         )
         sub.add_argument("--model", help="only this model's spend (default: all models)")
+        budget_scope(
+            sub,
+            "only spend in this budget scope, such as an API key's id "
+            "(default: all of the user's spend)",
+        )
 
-    sub = add("set", "create or replace the cap of (user, period, model)")
-    scope(sub)
+    sub = add("set", "create or replace the cap of (user, period, model, scope)")
+    cap_key(sub)
     sub.add_argument("limit", metavar="LIMIT", help="credits the window may spend")
     sub.add_argument(
         "--action",
@@ -414,13 +454,14 @@ def _caps(cmd: argparse.ArgumentParser, common: list[_Parser]) -> None:
     sub.add_argument("user", metavar="USER")
     sub.set_defaults(handler=commands.cmd_caps_list)
 
-    sub = add("remove", "remove the cap of (user, period, model)")
-    scope(sub)
+    sub = add("remove", "remove the cap of (user, period, model, scope)")
+    cap_key(sub)
     sub.set_defaults(handler=commands.cmd_caps_remove)
 
-    sub = add("check", "advisory: would AMOUNT more trip a cap?")
+    sub = add("check", "advisory: would AMOUNT more trip a cap, and when does it reset?")
     sub.add_argument("user", metavar="USER")
     sub.add_argument("--model", help="the model of the spend (default: none)")
+    budget_scope(sub, "the budget scope of the spend (default: none)")
     sub.add_argument("--amount", help="credits about to be spent (default: 0)")
     sub.set_defaults(handler=commands.cmd_caps_check)
 
@@ -601,6 +642,8 @@ async def _run(args: argparse.Namespace, out: Output, url: str | None, from_flag
 
 
 def _exit_status(exc: BaseException) -> int:
+    if isinstance(exc, PricingVersionInEffectError):
+        return EXIT_REFUSED  # the version's state refuses it, not the command line
     if isinstance(exc, UsageError | InvalidArgumentError):
         return EXIT_USAGE
     if isinstance(exc, NotFoundError | PricingVersionNotFoundError | CreditError):
@@ -612,7 +655,7 @@ def _exit_status(exc: BaseException) -> int:
 
 def _message(exc: BaseException, setting_up: bool) -> str:
     text = str(exc) or type(exc).__name__
-    if isinstance(exc, PricingVersionNotFoundError | NotFoundError):
+    if isinstance(exc, PricingVersionNotFoundError | PricingVersionInEffectError | NotFoundError):
         return text
     if isinstance(exc, StoreError):
         lowered = text.lower()

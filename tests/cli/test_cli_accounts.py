@@ -321,7 +321,10 @@ def test_every_command_has_help(cli: Cli) -> None:
         ["stats"],
         ["caps"],
         ["teams"],
-        *[["pricing", v] for v in ("validate", "set", "get", "list", "activate", "export", "diff")],
+        *[
+            ["pricing", v]
+            for v in ("validate", "set", "get", "list", "activate", "cancel", "export", "diff")
+        ],
         *[["caps", v] for v in ("set", "list", "remove", "check")],
         *[
             ["teams", v]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from tests.cli._cli_support import Cli
 
+from ducto import CreditMetadata
 from ducto.interface.base import CreditStore
 
 
@@ -149,3 +152,99 @@ def test_release_a_members_hold_on_the_pool(cli: Cli) -> None:
     assert "reservation_not_found" in without_team.error_line()
     assert (True, 40, team_id) == (released["released"], released["amount"], released["team_id"])
     assert 100 == cli.json("teams", "show", team_id)["available"]
+
+
+# -- budget scopes -----------------------------------------------------------------------------
+
+
+def _next_midnight() -> str:
+    now = datetime.now(UTC)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+    return midnight.isoformat().replace("+00:00", "Z")
+
+
+def test_caps_with_a_scope(cli: Cli) -> None:
+    """A cap per API key is set, listed, checked (with its reset) and removed by its scope."""
+    scoped = cli.json("caps", "set", "alice", "100", "--scope", "key_1")
+    cli.ok("caps", "set", "alice", "1000")
+    listed = cli.json("caps", "list", "alice")
+    table = cli.ok("caps", "list", "alice").out
+
+    over = cli.json("caps", "check", "alice", "--scope", "key_1", "--amount", "101")
+    other_key = cli.json("caps", "check", "alice", "--scope", "key_2", "--amount", "101")
+    text = cli.ok("caps", "check", "alice", "--scope", "key_1", "--amount", "101").out
+    removed = cli.ok("caps", "remove", "alice", "--scope", "key_1")
+    missing = cli("caps", "remove", "alice", "--scope", "key_1")
+    empty = cli("caps", "set", "alice", "5", "--scope", "")
+
+    assert ("key_1", 100) == (scoped["scope"], scoped["limit"])
+    assert [(None, 1000), ("key_1", 100)] == [(c["scope"], c["limit"]) for c in listed]
+    assert ["alice", "daily", "(all", "models)", "key_1", "100", "deny"] == (
+        table.splitlines()[3].split()
+    )
+    assert "(all usage)" in table.splitlines()[2]
+    assert (True, "key_1", _next_midnight()) == (over["capped"], over["scope"], over["resets_at"])
+    assert (False, None, 1000) == (other_key["capped"], other_key["scope"], other_key["cap_limit"])
+    assert "scope         key_1" in text
+    assert "resets (UTC)  " + _next_midnight().replace("T", " ") in text
+    assert "removed the daily cap in scope 'key_1' of 'alice'" in removed.out
+    assert 1 == missing.status
+    assert "'alice' has no daily cap in scope 'key_1'" in missing.error_line()
+    assert 2 == empty.status
+    assert "--scope must not be empty" in empty.error_line()
+    assert [None] == [c["scope"] for c in cli.json("caps", "list", "alice")]
+
+
+def test_a_scoped_cap_set_by_the_cli_refuses_only_its_scope(cli: Cli) -> None:
+    """A key's cap refuses that key's holds; another key of the same user still holds."""
+    cli.ok("grant", "alice", "1000", "--type", "purchase")
+    cli.ok("caps", "set", "alice", "50", "--scope", "key_1")
+
+    async def reserve(store: CreditStore) -> list[str | None]:
+        errors = []
+        for scope in ("key_1", "key_2"):
+            result = await store.reserve_credits(
+                "alice", 60, "chat", CreditMetadata(scope=scope), min_balance=0
+            )
+            errors.append(result.error)
+        return errors
+
+    assert ["spend_cap_exceeded", None] == cli.with_store(reserve)
+
+
+def test_stats_by_scope(cli: Cli) -> None:
+    """Spend per user and budget scope, one user's with --user; --user needs --by scope."""
+    cli.ok("grant", "alice", "1000", "--type", "purchase")
+    cli.ok("grant", "bob", "1000", "--type", "purchase")
+
+    async def spend(store: CreditStore) -> None:
+        for user, scope, amount in (
+            ("alice", "key_1", 70),
+            ("alice", "key_2", 20),
+            ("alice", None, 5),
+            ("bob", "key_9", 40),
+        ):
+            result = await store.charge_credits(
+                user, amount, "chat", CreditMetadata(scope=scope), min_balance=0
+            )
+            result.raise_for_error()
+
+    cli.with_store(spend)
+    everyone = cli.json("stats", "--by", "scope")
+    alice = cli.json("stats", "--by", "scope", "--user", "alice", "--top", "2")
+    table = cli.ok("stats", "--by", "scope", "--user", "alice").out
+    misplaced = cli("stats", "--by", "user", "--user", "alice")
+
+    assert [("alice", "key_1", 70), ("bob", "key_9", 40), ("alice", "key_2", 20)] == [
+        (r["user_id"], r["scope"], r["total_spend"]) for r in everyone["rows"][:3]
+    ]
+    assert ("alice", None, 5) == (
+        everyone["rows"][3]["user_id"],
+        everyone["rows"][3]["scope"],
+        everyone["rows"][3]["total_spend"],
+    )
+    assert [("key_1", 70), ("key_2", 20)] == [(r["scope"], r["total_spend"]) for r in alice["rows"]]
+    assert "spend by scope of 'alice'" in table
+    assert ["alice", "(unscoped)", "5", "1"] == table.splitlines()[-1].split()
+    assert 2 == misplaced.status
+    assert "--user goes with --by scope" in misplaced.error_line()

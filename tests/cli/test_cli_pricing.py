@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from tests.cli._cli_support import Cli
+
+from ducto.interface.base import CreditStore
+from ducto.interface.models import PricingConfigData
 
 PRICING: dict[str, Any] = {
     "models": {
@@ -225,3 +229,136 @@ def test_validate_reads_standard_input(cli: Cli, monkeypatch: pytest.MonkeyPatch
 
     assert 0 == ran.status
     assert "<stdin>" not in ran.err
+
+
+# -- scheduled versions ------------------------------------------------------------------------
+
+CHEAPER: dict[str, Any] = {"models": {"_default": "input_tokens * 0.005"}}
+LATER = "2099-01-01T00:00:00Z"
+"""Far enough ahead that the scheduled version is still scheduled when the test ends."""
+
+
+def test_set_with_effective_at_schedules_a_version(cli: Cli) -> None:
+    """--effective-at schedules a version; list and get show it beside the one in force."""
+    cli.ok("pricing", "set", _write(cli, "v1.json", PRICING), "--label", "now")
+
+    scheduled = cli.json(
+        "pricing",
+        "set",
+        _write(cli, "v2.json", CHEAPER),
+        "--label",
+        "new year",
+        "--effective-at",
+        LATER,
+    )
+    said = cli.ok("pricing", "set", _write(cli, "v3.json", CHEAPER), "--effective-at", LATER)
+    listed = cli.json("pricing", "list")
+    table = cli.ok("pricing", "list").out
+    in_force = cli.json("pricing", "get")
+    shown = cli.ok("pricing", "get").out
+
+    assert (2, False, True, LATER) == (
+        scheduled["version"],
+        scheduled["active"],
+        scheduled["scheduled"],
+        scheduled["effective_at"],
+    )
+    assert "scheduled pricing version 3" in said.out
+    assert "take effect at 2099-01-01 00:00:00Z; version 1 stays in force until then" in said.out
+    assert [(3, False, True), (2, False, True), (1, True, False)] == [
+        (v["version"], v["active"], v["scheduled"]) for v in listed
+    ]
+    assert [LATER, LATER] == [v["effective_at"] for v in listed[:2]]
+    assert [None, None, None] == [v["cancelled_at"] for v in listed]
+    lines = table.splitlines()
+    assert ["version", "state", "effective", "(UTC)", "label"] == lines[0].split()[:5]
+    assert ["2", "scheduled", "2099-01-01", "00:00:00Z", "new", "year"] == lines[3].split()[:6]
+    assert ["1", "in", "force"] == lines[4].split()[:3]
+    assert 1 == in_force["version"]
+    assert "next       version 2 at 2099-01-01 00:00:00Z" in shown
+
+
+def test_cancel_a_scheduled_version(cli: Cli) -> None:
+    """cancel stops a scheduled version; one in force, or unknown, cannot be cancelled."""
+    cli.ok("pricing", "set", _write(cli, "v1.json", PRICING))
+    cli.ok("pricing", "set", _write(cli, "v2.json", CHEAPER), "--effective-at", LATER)
+
+    cancelled = cli.json("pricing", "cancel", "2")
+    again = cli.json("pricing", "cancel", "2")
+    text = cli.ok("pricing", "cancel", "2").out
+    in_force = cli("pricing", "cancel", "1")
+    unknown = cli("pricing", "cancel", "9")
+    not_a_number = cli("pricing", "cancel", "active")
+    reactivated = cli("pricing", "activate", "2")
+    listed = cli.ok("pricing", "list").out
+
+    assert cancelled["cancelled_at"] is not None
+    assert cancelled["cancelled_at"] == again["cancelled_at"]
+    assert "which was to take effect at 2099-01-01 00:00:00Z" in text
+    assert (1, "ducto: version 1 has taken effect; only a scheduled version can be cancelled") == (
+        in_force.status,
+        in_force.error_line(),
+    )
+    assert 1 == unknown.status
+    assert "pricing version 9 does not exist" in unknown.error_line()
+    assert 2 == not_a_number.status
+    assert "cancel needs a version number" in not_a_number.error_line()
+    assert 1 == reactivated.status
+    assert "version 2 was cancelled and cannot be activated" in reactivated.error_line()
+    assert ["2", "cancelled", "2099-01-01"] == listed.splitlines()[2].split()[:3]
+    assert 1 == cli.json("pricing", "get")["version"]
+
+
+@pytest.mark.parametrize(
+    ("when", "says"),
+    [
+        ("2099-01-01", "--effective-at must say its time zone: add Z for UTC"),
+        ("2099-01-01T00:00:00", "--effective-at must say its time zone: add Z for UTC"),
+        ("next tuesday", "--effective-at must be an ISO 8601 instant with Z or an offset"),
+        ("7d", "--effective-at must be an ISO 8601 instant with Z or an offset"),
+        ("2020-01-01T00:00:00Z", "--effective-at must be in the future"),
+    ],
+)
+def test_effective_at_must_name_its_time_zone_and_be_ahead(cli: Cli, when: str, says: str) -> None:
+    """A naive, unparsable or past --effective-at is refused, naming the option; nothing is
+    published."""
+    ran = cli("pricing", "set", _write(cli, "v1.json", PRICING), "--effective-at", when)
+
+    assert 2 == ran.status
+    assert says in ran.error_line()
+    assert [] == cli.json("pricing", "list")
+
+
+def test_a_version_whose_time_came_is_in_force_and_a_rollback_undoes_it(cli: Cli) -> None:
+    """A version scheduled for an instant now past is in force; activate rolls back to 1."""
+    yesterday = datetime.now(UTC) - timedelta(days=1)
+
+    async def publish(store: CreditStore) -> None:
+        await store.set_active_pricing(PricingConfigData.model_validate(PRICING), "first")
+        await store.set_active_pricing(
+            PricingConfigData.model_validate(CHEAPER),
+            "then",
+            effective_at=yesterday + timedelta(hours=1),
+        )
+
+    cli.with_store(publish, clock=lambda: yesterday)
+    before = cli.ok("pricing", "list").out.splitlines()
+    cli.ok("pricing", "activate", "1")
+    after = cli.json("pricing", "list")
+
+    assert ["2", "in", "force"] == before[2].split()[:3]
+    assert ["1", "-"] == before[3].split()[:2]
+    assert [(2, False), (1, True)] == [(v["version"], v["active"]) for v in after]
+    assert 1 == cli.json("pricing", "get")["version"]
+
+
+def test_get_before_a_scheduled_version_takes_effect(cli: Cli) -> None:
+    """With only a scheduled version, get says when pricing will be in force."""
+    cli.ok("pricing", "set", _write(cli, "v1.json", PRICING), "--effective-at", LATER)
+
+    ran = cli("pricing", "get")
+
+    assert 1 == ran.status
+    assert "no pricing in force yet: version 1 takes effect at 2099-01-01 00:00:00Z" in (
+        ran.error_line()
+    )

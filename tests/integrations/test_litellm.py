@@ -11,6 +11,7 @@ import os
 import socket
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -380,3 +381,121 @@ async def test_a_member_cap_holds_under_racing_calls(
     assert (23, {SpendCapExceededError: 17}) == (served, dict(errors))
     assert {"capped": 300, "free": 2_000} == spent
     assert 0 == (await manager.store.get_team_balance(team_id)).reserved
+
+
+# -- budget scopes -----------------------------------------------------------------------------
+
+
+def _key_owner(call: Mapping[str, Any]) -> Payer | None:
+    """The proxy's resolver of the LiteLLM recipe: the key's owner pays, in the key's scope."""
+    metadata = call.get("metadata") or call.get("litellm_metadata") or {}
+    user_id = metadata.get("user_api_key_user_id")
+    if user_id is None:
+        return None
+    return Payer(
+        user_id,
+        team_id=metadata.get("user_api_key_team_id"),
+        scope=metadata.get("user_api_key_hash"),
+    )
+
+
+@pytest.fixture
+def key_billing(manager: CreditManager) -> Iterator[LiteLLMBilling]:
+    """The callback with the proxy resolver, registered for the test only."""
+    callback = LiteLLMBilling(manager, payer=_key_owner)
+    saved = litellm.callbacks
+    litellm.callbacks = [callback]
+    yield callback
+    litellm.callbacks = saved
+    litellm.logging_callback_manager.remove_callback_from_all_lists(callback)
+
+
+async def _key_call(user: str, key_hash: str, **extra: Any) -> Any:
+    """A call as the proxy hands it on: the key's owner and hash in ``metadata``."""
+    return await litellm.acompletion(
+        model="gpt-4o",
+        messages=MESSAGES,
+        mock_response="Hello from a key",
+        metadata={"user_api_key_user_id": user, "user_api_key_hash": key_hash},
+        max_tokens=extra.pop("max_tokens", 20),
+        **extra,
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_key_budget_refuses_only_that_key(
+    manager: CreditManager, key_billing: LiteLLMBilling, user_id: str, stream: bool
+) -> None:
+    """A daily cap scoped to key a refuses its call with the reset time; key b still spends."""
+    await manager.add_credits(user_id, 10_000, "purchase")
+    await manager.store.set_spend_cap(
+        SpendCap(user_id=user_id, cap_type="daily", limit=5, scope="hash-a")
+    )
+    settled = Settled(manager)
+    extra: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
+
+    with pytest.raises(SpendCapExceededError) as refused:
+        await _key_call(user_id, "hash-a", **(extra if stream else {}))
+    served = await _key_call(user_id, "hash-b", **(extra if stream else {}))
+    if stream:
+        _ = [chunk async for chunk in served]
+    await settled.wait()
+
+    rows = [row for row in await all_rows(manager.store, user_id) if row.type == "usage"]
+    midnight = datetime(2026, 3, 16, tzinfo=UTC)  # the store's clock is 2026-03-15 12:00 UTC
+    assert ("hash-a", midnight, "daily") == (
+        refused.value.scope,
+        refused.value.resets_at,
+        refused.value.cap_type,
+    )
+    assert ["hash-b"] == [row.metadata["scope"] for row in rows]
+    assert 0 == (await manager.get_balance(user_id)).reserved
+    assert 0 == key_billing.open_holds
+    await assert_invariants(manager.store, user_id)
+
+
+async def test_the_proxy_resolver_holds_in_the_key_scope(
+    manager: CreditManager, key_billing: LiteLLMBilling, user_id: str
+) -> None:
+    """The hook places the hold in the key's scope: it counts toward that key's cap only."""
+    await manager.add_credits(user_id, 10_000, "purchase")
+    await manager.store.set_spend_cap(
+        SpendCap(user_id=user_id, cap_type="daily", limit=1_000, scope="hash-a")
+    )
+    metadata = {"user_api_key_user_id": user_id, "user_api_key_hash": "hash-a"}
+    kwargs = {"model": "gpt-4o", "messages": MESSAGES, "metadata": metadata, "max_tokens": 10}
+    kwargs["litellm_call_id"] = "c-scoped"
+
+    await key_billing.async_pre_call_deployment_hook(kwargs, "acompletion")
+    in_scope = await manager.store.check_spend_cap(user_id, scope="hash-a")
+    elsewhere = await manager.store.check_spend_cap(user_id, scope="hash-b")
+    await key_billing.aclose()
+
+    assert in_scope.reserved > 0
+    assert (None, 0) == (elsewhere.action, elsewhere.reserved)
+    assert "hash-a" == in_scope.scope
+
+
+async def test_proxy_failure_hook_says_when_a_budget_resets(
+    manager: CreditManager, billing: LiteLLMBilling
+) -> None:
+    """A spend-cap refusal becomes a 429 naming the cap, its reset and when to retry."""
+    resets_at = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=2)
+    refused = SpendCapExceededError(
+        "alice", 100, 50, 40, None, 0, "daily", scope="key_123", resets_at=resets_at
+    )
+    unknown = SpendCapExceededError("alice", 100, 50, 40)
+
+    answer = await billing.async_post_call_failure_hook({}, refused, None)
+    bare = await billing.async_post_call_failure_hook({}, unknown, None)
+
+    assert answer is not None
+    assert bare is not None
+    error = answer.detail["error"]
+    expected = resets_at.isoformat().replace("+00:00", "Z")
+    assert (429, "spend_cap_exceeded") == (answer.status_code, error["code"])
+    assert (expected, "daily", "key_123") == (error["resets_at"], error["cap_type"], error["scope"])
+    assert expected == answer.headers["x-ducto-budget-resets-at"]
+    assert 7_190 <= int(answer.headers["retry-after"]) <= 7_200
+    assert (None, None) == (bare.detail["error"]["resets_at"], bare.detail["error"]["scope"])
+    assert bare.headers is None

@@ -14,7 +14,7 @@ import anyio
 from pydantic import BaseModel
 
 from ducto._cli.context import Context, refusal
-from ducto._cli.output import Output
+from ducto._cli.output import Output, cell
 from ducto._cli.pricing_files import (
     check_config,
     diff_configs,
@@ -25,6 +25,7 @@ from ducto._cli.pricing_files import (
 from ducto._cli.values import (
     NotFoundError,
     UsageError,
+    parse_aware_instant,
     parse_credits,
     parse_duration,
     parse_instant,
@@ -35,6 +36,7 @@ from ducto.interface.base import CreditStore
 from ducto.interface.models import (
     AddCreditsResult,
     PricingConfigData,
+    PricingConfigHistoryItem,
     SpendCap,
     TransactionPage,
     TransactionRow,
@@ -181,42 +183,109 @@ def _checked_config(name: str) -> PricingConfigData:
     return PricingConfigData.model_validate(data)
 
 
+def _state(item: PricingConfigHistoryItem) -> str | None:
+    """Whether a version is in force, scheduled or cancelled (None: none of these now)."""
+    if item.cancelled_at is not None:
+        return "cancelled"
+    if item.active:
+        return "in force"
+    if item.scheduled:
+        return "scheduled"
+    return None
+
+
+def _next_scheduled(history: Sequence[PricingConfigHistoryItem]) -> PricingConfigHistoryItem | None:
+    """The scheduled version that takes effect first, if any."""
+    pending = [item for item in history if item.scheduled and item.effective_at is not None]
+    return min(pending, key=lambda item: (item.effective_at, item.version), default=None)
+
+
+def _effective_at(ctx: Context) -> datetime | None:
+    """``--effective-at``: an aware instant after now, or None to publish at once."""
+    text: str | None = ctx.args.effective_at
+    if text is None:
+        return None
+    moment = parse_aware_instant(text, "--effective-at")
+    if moment <= ctx.now:
+        raise UsageError(
+            f"--effective-at must be in the future (leave it out to publish now), got {shown(text)}"
+        )
+    return moment
+
+
 async def cmd_pricing_set(ctx: Context) -> int:
-    """Publish a pricing file as the new active version."""
+    """Publish a pricing file as a new version, in force now or scheduled."""
     config = _checked_config(ctx.args.file)
+    effective_at = _effective_at(ctx)
     store = await ctx.store()
-    version_id = await store.set_active_pricing(config, ctx.args.label)
-    active = await store.get_active_pricing()
-    version = active.version if active is not None and active.id == version_id else None
+    version_id = await store.set_active_pricing(config, ctx.args.label, effective_at=effective_at)
+    history = await store.get_pricing_history()
+    item = next((entry for entry in history if entry.id == version_id), None)
+    version = item.version if item is not None else None
     if ctx.out.as_json:
+        fields = {"id", "version", "label", "active", "scheduled", "effective_at"}
         ctx.out.json(
-            {"id": version_id, "version": version, "label": ctx.args.label, "active": True}
+            item.model_dump(mode="json", include=fields)
+            if item is not None
+            else {"id": version_id, "version": None, "label": ctx.args.label}
+        )
+        return OK
+    number = version if version is not None else "?"
+    if item is not None and item.scheduled:
+        current = next((entry for entry in history if entry.active), None)
+        until = (
+            f"; version {current.version} stays in force until then"
+            if current is not None
+            else "; no version is in force until then"
+        )
+        ctx.out.text(
+            f"scheduled pricing version {number} (id {version_id}) to take effect at "
+            f"{cell(item.effective_at)}{until}: {summary(config)}"
         )
         return OK
     ctx.out.text(
-        f"published pricing version {version if version is not None else '?'} "
-        f"(id {version_id}) and made it active: {summary(config)}"
+        f"published pricing version {number} (id {version_id}), in force now: {summary(config)}"
     )
+    following = _next_scheduled(history)
+    if following is not None:
+        Output.note(
+            f"ducto: scheduled version {following.version} still takes effect at "
+            f"{cell(following.effective_at)}"
+        )
     return OK
 
 
 async def cmd_pricing_get(ctx: Context) -> int:
-    """Show the active pricing version."""
+    """Show the pricing version in force."""
     store = await ctx.store()
     active = await store.get_active_pricing()
     if active is None:
         if ctx.out.as_json:
             ctx.out.json(None)
+        first = _next_scheduled(await store.get_pricing_history())
+        if first is not None:
+            raise NotFoundError(
+                f"no pricing in force yet: version {first.version} takes effect at "
+                f"{cell(first.effective_at)}"
+            )
         raise NotFoundError("no pricing published yet: publish one with 'ducto pricing set FILE'")
     if ctx.out.as_json:
         ctx.out.json(active)
         return OK
+    following = _next_scheduled(await store.get_pricing_history())
     ctx.out.pairs(
         [
             ("version", active.version),
             ("id", active.id),
             ("label", active.label),
             ("created", active.created_at),
+            ("effective", active.effective_at),
+            (
+                "next",
+                f"version {following.version} at {cell(following.effective_at)}"
+                if following is not None
+                else None,
+            ),
             ("prices", summary(active.config)),
         ]
     )
@@ -226,16 +295,16 @@ async def cmd_pricing_get(ctx: Context) -> int:
 
 
 async def cmd_pricing_list(ctx: Context) -> int:
-    """List every pricing version, newest first."""
+    """List every pricing version, newest first, with when it takes effect and its state."""
     store = await ctx.store()
     history = await store.get_pricing_history()
     if ctx.out.as_json:
         ctx.out.json(history)
         return OK
     ctx.out.table(
-        ["version", "active", "label", "created (UTC)", "id"],
+        ["version", "state", "effective (UTC)", "label", "created (UTC)", "id"],
         [
-            (item.version, "*" if item.active else "", item.label, item.created_at, item.id)
+            (item.version, _state(item), item.effective_at, item.label, item.created_at, item.id)
             for item in history
         ],
         empty="no pricing published yet",
@@ -261,22 +330,49 @@ async def _load_version(ctx: Context, text: str) -> PricingConfigData:
     )
     if found is None:
         if version == "active":
-            raise NotFoundError("no pricing published yet, so there is no active version")
+            raise NotFoundError("no pricing version is in force, so there is no active version")
         raise PricingVersionNotFoundError(version)
     return found.config
 
 
-async def cmd_pricing_activate(ctx: Context) -> int:
-    """Make an existing pricing version active again."""
-    version = _version(ctx.args.version)
+def _version_number(text: str, command: str) -> int:
+    version = _version(text)
     if version == "active":
-        raise UsageError("activate needs a version number")
+        raise UsageError(f"{command} needs a version number")
+    return version
+
+
+async def cmd_pricing_activate(ctx: Context) -> int:
+    """Put an existing pricing version in force now."""
+    version = _version_number(ctx.args.version, "activate")
     store = await ctx.store()
     version_id = await store.activate_pricing(version)
     if ctx.out.as_json:
         ctx.out.json({"id": version_id, "version": version, "active": True})
         return OK
-    ctx.out.text(f"pricing version {version} (id {version_id}) is now active")
+    ctx.out.text(f"pricing version {version} (id {version_id}) is now in force")
+    following = _next_scheduled(await store.get_pricing_history())
+    if following is not None:
+        Output.note(
+            f"ducto: until scheduled version {following.version} takes effect at "
+            f"{cell(following.effective_at)} (cancel it with "
+            f"'ducto pricing cancel {following.version}' to keep version {version})"
+        )
+    return OK
+
+
+async def cmd_pricing_cancel(ctx: Context) -> int:
+    """Cancel a scheduled pricing version before it takes effect."""
+    version = _version_number(ctx.args.version, "cancel")
+    store = await ctx.store()
+    cancelled = await store.cancel_pricing(version)
+    if ctx.out.as_json:
+        ctx.out.json(cancelled)
+        return OK
+    ctx.out.text(
+        f"cancelled pricing version {version} (id {cancelled.id}), which was to take effect "
+        f"at {cell(cancelled.effective_at)}"
+    )
     return OK
 
 
@@ -555,8 +651,10 @@ async def cmd_sweep(ctx: Context) -> int:
 
 
 async def cmd_stats(ctx: Context) -> int:
-    """Spend over a window: totals, or grouped by user, model or day."""
+    """Spend over a window: totals, or grouped by user, model, day or budget scope."""
     args = ctx.args
+    if args.user is not None and args.by != "scope":
+        raise UsageError("--user goes with --by scope")
     since, until = _window(ctx)
     store = await ctx.store()
     window = {"since": since, "until": until}
@@ -598,6 +696,14 @@ async def cmd_stats(ctx: Context) -> int:
         data = list(by_model[: top or None])
         headers = ["model", "spend", "charges"]
         rows = [(r.model, r.total_spend, r.transaction_count) for r in by_model[: top or None]]
+    elif args.by == "scope":
+        by_scope = await store.spend_by_scope(since, until, user_id=args.user)
+        data = list(by_scope[: top or None])
+        headers = ["user", "scope", "spend", "charges"]
+        rows = [
+            (r.user_id, r.scope or _UNSCOPED, r.total_spend, r.transaction_count)
+            for r in by_scope[: top or None]
+        ]
     else:
         by_day = await store.daily_spend(since, until)
         data = list(by_day[: top or None])
@@ -606,8 +712,10 @@ async def cmd_stats(ctx: Context) -> int:
     if ctx.out.as_json:
         ctx.out.json({**window, "by": args.by, "rows": data})
         return OK
+    whose = f" of {args.user!r}" if args.user is not None else ""
     ctx.out.text(
-        f"spend by {args.by} from {since:%Y-%m-%d %H:%M:%SZ} to {until:%Y-%m-%d %H:%M:%SZ} (UTC)"
+        f"spend by {args.by}{whose} from {since:%Y-%m-%d %H:%M:%SZ} "
+        f"to {until:%Y-%m-%d %H:%M:%SZ} (UTC)"
     )
     ctx.out.table(headers, rows, empty="no spend in this window")
     return OK
@@ -616,14 +724,42 @@ async def cmd_stats(ctx: Context) -> int:
 # -- spend caps ----------------------------------------------------------------------------------
 
 
+_UNSCOPED = "(unscoped)"
+_ALL_USAGE = "(all usage)"
+
+
 def _cap_rows(caps: Sequence[SpendCap]) -> list[tuple[object, ...]]:
     return [
-        (cap.user_id, cap.cap_type, cap.model or "(all models)", cap.limit, cap.action)
+        (
+            cap.user_id,
+            cap.cap_type,
+            cap.model or "(all models)",
+            cap.scope or _ALL_USAGE,
+            cap.limit,
+            cap.action,
+        )
         for cap in caps
     ]
 
 
-_CAP_HEADERS = ["user", "period", "model", "limit", "action"]
+_CAP_HEADERS = ["user", "period", "model", "scope", "limit", "action"]
+
+
+def _scope(ctx: Context) -> str | None:
+    """``--scope``, refused when empty (an empty scope would name no budget)."""
+    scope: str | None = ctx.args.scope
+    if scope is not None and not scope:
+        raise UsageError("--scope must not be empty (leave it out for all of the user's spend)")
+    return scope
+
+
+def _cap_name(period: str, model: str | None, scope: str | None) -> str:
+    """``daily cap on 'gpt-4o' in scope 'key_1'``."""
+    return (
+        f"{period} cap"
+        + (f" on {model!r}" if model else "")
+        + (f" in scope {scope!r}" if scope is not None else "")
+    )
 
 
 async def cmd_caps_set(ctx: Context) -> int:
@@ -631,7 +767,12 @@ async def cmd_caps_set(ctx: Context) -> int:
     args = ctx.args
     limit = parse_credits(args.limit, "LIMIT", minimum=0)
     cap = SpendCap(
-        user_id=args.user, cap_type=args.period, model=args.model, limit=limit, action=args.action
+        user_id=args.user,
+        cap_type=args.period,
+        model=args.model,
+        limit=limit,
+        action=args.action,
+        scope=_scope(ctx),
     )
     store = await ctx.store()
     saved = await store.set_spend_cap(cap)
@@ -656,15 +797,16 @@ async def cmd_caps_list(ctx: Context) -> int:
 async def cmd_caps_remove(ctx: Context) -> int:
     """Remove a spend cap."""
     args = ctx.args
+    scope = _scope(ctx)
     store = await ctx.store()
-    result = await store.remove_spend_cap(args.user, args.period, args.model)
+    result = await store.remove_spend_cap(args.user, args.period, args.model, scope=scope)
     if ctx.out.as_json:
         ctx.out.json(result)
-    scope = f"{args.period} cap" + (f" on {args.model!r}" if args.model else "")
+    cap = _cap_name(args.period, args.model, scope)
     if not result.removed:
-        Output.note(f"ducto: {args.user!r} has no {scope}")
+        Output.note(f"ducto: {args.user!r} has no {cap}")
         return REFUSED
-    ctx.out.text(f"removed the {scope} of {args.user!r}")
+    ctx.out.text(f"removed the {cap} of {args.user!r}")
     return OK
 
 
@@ -672,8 +814,9 @@ async def cmd_caps_check(ctx: Context) -> int:
     """Advisory: would more spend trip a cap?"""
     args = ctx.args
     amount = parse_credits(args.amount, "--amount", minimum=0) if args.amount is not None else None
+    scope = _scope(ctx)
     store = await ctx.store()
-    result = await store.check_spend_cap(args.user, args.model, amount)
+    result = await store.check_spend_cap(args.user, args.model, amount, scope=scope)
     if ctx.out.as_json:
         ctx.out.json(result)
         return OK
@@ -681,6 +824,7 @@ async def cmd_caps_check(ctx: Context) -> int:
         ctx.out.text(
             f"no spend cap applies to {args.user!r}"
             + (f" for {args.model!r}" if args.model else "")
+            + (f" in scope {scope!r}" if scope is not None else "")
         )
         return OK
     if result.capped:
@@ -694,10 +838,12 @@ async def cmd_caps_check(ctx: Context) -> int:
             ("verdict", verdict),
             ("period", result.cap_type),
             ("model", result.model or "(all models)"),
+            ("scope", result.scope or _ALL_USAGE),
             ("limit", result.cap_limit),
             ("spent", result.current_spend),
             ("held", result.reserved),
             ("action", result.action),
+            ("resets (UTC)", result.resets_at),
         ]
     )
     return OK

@@ -148,6 +148,45 @@ def parse_instant(text: str, name: str, *, now: datetime, future: bool) -> datet
     return moment.astimezone(UTC)
 
 
+def parse_aware_instant(text: str, name: str) -> datetime:
+    """
+    Read an ISO 8601 instant that says its time zone (``Z`` or an offset such as ``+02:00``).
+
+    Unlike `parse_instant`, a naive value is refused rather than read as local time: it is
+    for instants that change what every process does (when a pricing version takes effect),
+    where the operator's time zone must not decide.
+
+    Args:
+        text: What was typed.
+        name: The option's name, for the message.
+
+    Returns:
+        An aware UTC datetime.
+
+    Raises:
+        UsageError: The text is not an ISO 8601 instant, or names no time zone.
+    """
+    cleaned = text.strip()
+    if cleaned.endswith(("z", "Z")):
+        cleaned = cleaned[:-1] + "+00:00"
+    example = "2027-01-01T00:00:00Z"
+    try:
+        moment = datetime.fromisoformat(cleaned)
+    except ValueError:
+        raise UsageError(
+            f"{name} must be an ISO 8601 instant with Z or an offset ({example}), got {shown(text)}"
+        ) from None
+    if moment.tzinfo is None:
+        raise UsageError(
+            f"{name} must say its time zone: add Z for UTC or an offset such as +02:00 "
+            f"({example}), got {shown(text)}"
+        )
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise UsageError(f"{name} is out of range, got {shown(text)}") from None
+
+
 def url_password(url: str) -> str | None:
     """The password a URL carries in its user info, if any."""
     try:

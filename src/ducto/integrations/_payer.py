@@ -28,11 +28,17 @@ class Payer:
             The hold is placed on the pool for member `user_id` (the pool must cover it
             and the member's monthly cap must allow it) and the usage is charged to the
             pool as the member's ``team_usage``.
+        scope: The budget scope the call counts in (keyword only): an API key's id, a
+            project. It is stored as the hold's ``CreditMetadata.scope`` (replacing a
+            ``scope`` key of `metadata`), so the user's spend caps scoped to it are checked
+            atomically when the hold is placed, and the usage row carries it for
+            `spend_by_scope`. None: the call counts only toward the user's unscoped caps.
     """
 
     user_id: str
     metadata: Mapping[str, object] | None = field(default=None)
     team_id: str | None = field(default=None, kw_only=True)
+    scope: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         """Check the fields."""
@@ -48,6 +54,10 @@ class Payer:
             raise InvalidArgumentError(
                 f"team_id must be a non-empty str or None, got {shown(self.team_id)}"
             )
+        if self.scope is not None and (not isinstance(self.scope, str) or not self.scope):
+            raise InvalidArgumentError(
+                f"scope must be a non-empty str or None, got {shown(self.scope)}"
+            )
 
 
 def _as_payer(value: object, source: str) -> Payer | None:
@@ -59,3 +69,12 @@ def _as_payer(value: object, source: str) -> Payer | None:
     raise InvalidArgumentError(
         f"{source} must return a user id str, a Payer or None, got {type(value).__name__}"
     )
+
+
+def _hold_metadata(payer: Payer, **system: object) -> dict[str, object]:
+    """The metadata of a payer's hold: its own keys, its scope, then the gateway's keys."""
+    metadata: dict[str, object] = dict(payer.metadata or {})
+    if payer.scope is not None:
+        metadata["scope"] = payer.scope
+    metadata.update(system)
+    return metadata

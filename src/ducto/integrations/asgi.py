@@ -14,7 +14,9 @@ app.add_middleware(BillingMiddleware, manager=manager, payer=user_from_api_key)
 
 A resolver that returns ``Payer(user_id, team_id=...)`` bills the team pool: the hold is
 placed on the pool for that member (`CreditManager.hold` with ``team_id``), and the usage
-is charged to the pool as the member's ``team_usage``.
+is charged to the pool as the member's ``team_usage``. One that returns
+``Payer(user_id, scope=api_key_id)`` puts the call in that budget scope: the user's spend
+caps scoped to it are checked when the hold is placed, and the usage row carries it.
 
 The hold's whole life is inside the middleware's own ``await`` of the app: it is placed
 before the app runs, and when the app returns, raises or is cancelled (client gone,
@@ -29,7 +31,9 @@ What the client sees:
   credits (the user's, or the team pool's), 429 spend cap (the user's, or a team member's
   monthly cap), 403 a team the member does not belong to or that does not exist, 409
   idempotency conflict, 400 invalid request, 401 no payer, 413 body too large; the
-  upstream is never called;
+  upstream is never called. A spend-cap refusal also says when the cap's window resets:
+  ``resets_at`` (ISO 8601 UTC), ``cap_type`` and ``scope`` in the error object, and the
+  ``x-ducto-budget-resets-at`` and ``retry-after`` (seconds) headers;
 - ``x-ducto-credits-held`` on every billed response; on a plain (not streamed) response
   also ``x-ducto-credits-charged`` and ``x-ducto-credits-remaining`` (the response start is
   held back until the body is complete and settled); on a stream the same figures arrive
@@ -55,13 +59,18 @@ from ducto._shown import shown
 from ducto.errors import (
     CreditError,
     DuctoError,
-    ErrorCode,
     InsufficientCreditsError,
     InsufficientTeamBalanceError,
     InvalidArgumentError,
 )
 from ducto.integrations._estimate import RequestEstimator
-from ducto.integrations._payer import Payer, _as_payer
+from ducto.integrations._payer import Payer, _as_payer, _hold_metadata
+from ducto.integrations._refusal import (
+    HEADER_BUDGET_RESETS_AT,
+    _budget_fields,
+    _budget_headers,
+    _status,
+)
 from ducto.integrations._usage import Api, StreamUsage, _api, _provider_of
 from ducto.interface.models import DeductionResult
 from ducto.manager import CreditManager, Hold
@@ -71,6 +80,7 @@ __all__ = [
     "BillingMiddleware",
     "BillingRequest",
     "DEFAULT_ROUTES",
+    "HEADER_BUDGET_RESETS_AT",
     "HEADER_CHARGED",
     "HEADER_HELD",
     "HEADER_REMAINING",
@@ -211,8 +221,11 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     return None
 
 
-def _error_body(api: Api, message: str, type_: str, code: str) -> bytes:
+def _error_body(
+    api: Api, message: str, type_: str, code: str, extra: Mapping[str, object] | None = None
+) -> bytes:
     error: dict[str, Any] = {"message": message, "type": type_, "param": None, "code": code}
+    error.update(extra or {})
     body: dict[str, Any] = {"error": error}
     if _provider_of(api) == "anthropic":
         body = {"type": "error", "error": error}
@@ -238,18 +251,7 @@ async def _send_json(
 
 def _refusal(exc: DuctoError) -> tuple[int, str, str]:
     """HTTP status, error type and error code for an exception raised placing a hold."""
-    if isinstance(exc, InvalidArgumentError):
-        return 400, "invalid_request_error", "invalid_argument"
-    if isinstance(exc, CreditError):
-        code = exc.code
-        if code in (ErrorCode.INSUFFICIENT_CREDITS, ErrorCode.INSUFFICIENT_TEAM_BALANCE):
-            return 402, "insufficient_quota", str(code)
-        if code is ErrorCode.SPEND_CAP_EXCEEDED:
-            return 429, "spend_cap_exceeded", str(code)
-        if code in (ErrorCode.TEAM_NOT_FOUND, ErrorCode.USER_NOT_IN_TEAM):
-            return 403, "permission_error", str(code)
-        return 409, "invalid_request_error", str(code)
-    return 503, "api_error", "billing_unavailable"
+    return _status(exc) or (503, "api_error", "billing_unavailable")
 
 
 def _figures(result: DeductionResult) -> tuple[int, int]:
@@ -387,8 +389,7 @@ class BillingMiddleware:
         key = headers.get("idempotency-key") or None
         try:
             estimate = self._estimator.estimate(api, parsed)
-            metadata: dict[str, object] = dict(payer.metadata or {})
-            metadata["api"] = api.value
+            metadata = _hold_metadata(payer, api=api.value)
             hold = self._manager.hold(
                 payer.user_id,
                 estimate,
@@ -422,7 +423,11 @@ class BillingMiddleware:
         headers: list[tuple[bytes, bytes]] = []
         if isinstance(exc, InsufficientCreditsError | InsufficientTeamBalanceError):
             headers.append((_REMAINING, str(max(exc.available, 0)).encode()))
-        await _send_json(send, status, _error_body(api, str(exc), type_, code), headers)
+        headers.extend(
+            (name.encode(), value.encode()) for name, value in _budget_headers(exc).items()
+        )
+        body = _error_body(api, str(exc), type_, code, _budget_fields(exc))
+        await _send_json(send, status, body, headers)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -26,8 +26,15 @@ A resolver that returns ``Payer(user_id, team_id=...)`` bills a team pool for th
 charged, and a refusal raises `InsufficientTeamBalanceError`, `SpendCapExceededError` (the
 member's cap), `UserNotInTeamError` or `TeamNotFoundError`.
 
+A resolver that returns ``Payer(user_id, scope=...)`` puts the call in a budget scope (on
+the proxy, for example, the API key's ``user_api_key_hash``): the user's spend caps scoped
+to it are checked when the hold is placed, and a refusal raises `SpendCapExceededError`
+with the cap's ``scope`` and ``resets_at``.
+
 On the proxy, ``async_post_call_failure_hook`` turns those refusals into HTTP errors in
-OpenAI's error shape (402, 429, 403, 409, 400, 401).
+OpenAI's error shape (402, 429, 403, 409, 400, 401); a spend-cap refusal's error also
+carries ``resets_at``, ``cap_type`` and ``scope``, with the ``x-ducto-budget-resets-at``
+and ``retry-after`` headers.
 
 LiteLLM reports success and failure from background tasks, after the call has returned.
 A call whose report never comes (a stream the caller abandons before its end) keeps its
@@ -46,9 +53,10 @@ import anyio
 from litellm.integrations.custom_logger import CustomLogger
 
 from ducto._shown import shown
-from ducto.errors import CreditError, DuctoError, InvalidArgumentError
+from ducto.errors import DuctoError, InvalidArgumentError
 from ducto.integrations._estimate import RequestEstimator
-from ducto.integrations._payer import Payer, _as_payer
+from ducto.integrations._payer import Payer, _as_payer, _hold_metadata
+from ducto.integrations._refusal import _budget_fields, _budget_headers, _status
 from ducto.integrations._usage import Api, _api, usage_from_anthropic, usage_from_openai
 from ducto.manager import CreditManager, Hold
 from ducto.pricing import UsageMetrics
@@ -66,7 +74,8 @@ Names who pays for a call from LiteLLM's call arguments: a user id, a `Payer`, o
 
 The SDK's arguments carry what the caller passed (``user``, ``metadata``); on the proxy,
 ``metadata`` also carries the API key's owner (``user_api_key_user_id``,
-``user_api_key_team_id``).
+``user_api_key_team_id``) and the key itself (``user_api_key_hash``,
+``user_api_key_alias``), a natural budget scope.
 """
 
 CALL_TYPES: Final[Mapping[str, Api]] = {
@@ -103,18 +112,7 @@ def _call_type(value: object) -> str:
 def _http_status(exc: BaseException) -> tuple[int, str, str] | None:
     if isinstance(exc, NoPayerError):
         return 401, "authentication_error", "unauthenticated"
-    if isinstance(exc, InvalidArgumentError):
-        return 400, "invalid_request_error", "invalid_argument"
-    if isinstance(exc, CreditError):
-        code = str(exc.code)
-        if code in ("insufficient_credits", "insufficient_team_balance"):
-            return 402, "insufficient_quota", code
-        if code == "spend_cap_exceeded":
-            return 429, "spend_cap_exceeded", code
-        if code in ("team_not_found", "user_not_in_team"):
-            return 403, "permission_error", code
-        return 409, "invalid_request_error", code
-    return None
+    return _status(exc)
 
 
 class LiteLLMBilling(CustomLogger):
@@ -208,8 +206,7 @@ class LiteLLMBilling(CustomLogger):
             return None  # not billed, or a retry of a call that already holds
         payer = await self._resolve(kwargs)
         estimate = self._estimator.estimate(api, kwargs)
-        metadata = dict(payer.metadata or {})
-        metadata["litellm_call_id"] = call_id
+        metadata = _hold_metadata(payer, litellm_call_id=call_id)
         hold = self._manager.hold(
             payer.user_id,
             estimate,
@@ -291,7 +288,9 @@ class LiteLLMBilling(CustomLogger):
 
         Returns:
             A ``fastapi.HTTPException`` for ducto's refusals, else None (LiteLLM's own
-            handling).
+            handling). A spend-cap refusal's error also carries ``resets_at`` (ISO 8601 UTC),
+            ``cap_type`` and ``scope``, and its headers ``x-ducto-budget-resets-at`` and
+            ``retry-after``.
         """
         mapped = _http_status(original_exception)
         if mapped is None:
@@ -299,5 +298,15 @@ class LiteLLMBilling(CustomLogger):
         from fastapi import HTTPException  # the proxy's own dependency
 
         status, type_, code = mapped
-        error = {"message": str(original_exception), "type": type_, "param": None, "code": code}
-        return HTTPException(status_code=status, detail={"error": error})
+        error: dict[str, object] = {
+            "message": str(original_exception),
+            "type": type_,
+            "param": None,
+            "code": code,
+        }
+        error.update(_budget_fields(original_exception))
+        return HTTPException(
+            status_code=status,
+            detail={"error": error},
+            headers=_budget_headers(original_exception) or None,
+        )
