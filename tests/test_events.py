@@ -251,7 +251,7 @@ def test_event_timestamps_are_aware_utc() -> None:
 
 
 def test_event_types_cover_the_documented_kinds() -> None:
-    """The event types include the 1.x kinds and the hold lifecycle."""
+    """The event types include the 1.x kinds, the hold lifecycle and auto top-ups."""
     expected = {
         "credits_added",
         "credits_deducted",
@@ -264,6 +264,8 @@ def test_event_types_cover_the_documented_kinds() -> None:
         "deduct_failed",
         "refund_failed",
         "cap_reached",
+        "top_up",
+        "top_up_failed",
     }
 
     assert expected == {kind.value for kind in CreditEventType}

@@ -156,6 +156,8 @@ async def test_deduct_charges_the_priced_cost(
     assert 1000 == row.metadata["input_tokens"]
     assert 1000 == row.metadata["output_tokens"]
     assert Decimal(40) == Decimal(row.metadata["cost_total"])
+    assert manager.pricing_version is not None
+    assert manager.pricing_version == row.metadata["pricing_version"]
     assert "r-1" == row.metadata["request"]
     balance = await manager.get_balance(user_id)
     assert (60, 0) == (balance.balance, balance.reserved)
@@ -725,6 +727,11 @@ async def test_manager_opens_and_closes_its_store() -> None:
         ({"events": object()}, "events"),
         ({"emitter": "log"}, "emitter"),
         ({"engine": {"models": {}}}, "engine"),
+        ({"pricing_refresh": 0}, "pricing_refresh"),
+        ({"pricing_refresh": "60"}, "pricing_refresh"),
+        ({"pricing_refresh": float("inf")}, "pricing_refresh"),
+        ({"pricing_refresh": timedelta(days=400)}, "pricing_refresh"),
+        ({"auto_top_up": 5}, "auto_top_up"),
     ],
 )
 def test_bad_constructor_arguments_name_the_parameter(
@@ -777,6 +784,8 @@ async def test_bad_input_on_every_manager_method_raises_invalid_argument(
     start, end = clock.now - timedelta(days=1), clock.now + timedelta(days=1)
     calls: dict[str, tuple[list[Any], dict[str, Any]]] = {
         "publish_pricing_from_dict": ([PRICING, None], {}),
+        "publish_pricing": ([PRICING, None], {"effective_at": None}),
+        "cancel_pricing": ([1], {}),
         "calculate": ([CALL], {"plan": None}),
         "get_balance": ([user_id], {}),
         "add_credits": (

@@ -15,7 +15,12 @@ through one `Charger`, so each rule is written once:
 - Retried requests: see `Held`.
 - Reporting: events, and low-balance crossings from each result's atomic figures.
 
-Its interface to the rest of the package is the public methods below (`plan_for`,
+- Pricing versions: every charge is priced with the `Rates` in force when it is made (see
+  `ducto._pricing_schedule`), and a hold keeps the rates it was placed with, so a call is
+  priced at one version however long it runs. The usage row names the version
+  (``pricing_version``).
+
+Its interface to the rest of the package is the public methods below (`rates`, `plan_for`,
 `price`, `price_checked`, `chargeable`, `place`, `placed`, `settle`, `release`, `charge`),
 and the state of each hold is on its `Held`. A store call is made in one place each
 (`_reserve`, `_deduct`, `_release`, and ``charge_credits`` in `charge`), for a user's
@@ -33,6 +38,7 @@ from typing import Any, Final, Literal, TypeAlias
 
 import anyio
 
+from ducto._pricing_schedule import Rates, Schedule
 from ducto._reporting import Reporter
 from ducto._shown import shown
 from ducto.errors import (
@@ -195,14 +201,17 @@ def charge_metadata(
     caller: object,
     usage: UsageMetrics | None = None,
     cost: CostBreakdown | None = None,
+    *,
+    pricing_version: int | None = None,
     **extra: object,
 ) -> CreditMetadata | None:
     """
     The caller's metadata with the manager's system keys on top.
 
     System keys win: ``model``, ``input_tokens`` and ``output_tokens`` of the usage,
-    ``cost_total`` (the exact price before rounding, as a string) and ``pricing_model``
-    (the pricing key the model resolved to), plus `extra`.
+    ``cost_total`` (the exact price before rounding, as a string), ``pricing_model``
+    (the pricing key the model resolved to) and ``pricing_version`` (the number of the
+    store's pricing version that priced it), plus `extra`.
     """
     data: dict[str, Any]
     if caller is None:
@@ -224,6 +233,8 @@ def charge_metadata(
         data["cost_total"] = str(cost.total)
         if cost.model is not None:
             data["pricing_model"] = cost.model
+    if pricing_version is not None:
+        data["pricing_version"] = pricing_version
     data.update((key, value) for key, value in extra.items() if value is not None)
     if not data:
         return None
@@ -268,11 +279,15 @@ def error_name(exc: BaseException) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Priced:
-    """An amount to charge, with the usage and price it came from when it was usage."""
+    """
+    An amount to charge, with the usage and price it came from when it was usage, and the
+    pricing version that priced it (None when no store version did).
+    """
 
     credits: int
     usage: UsageMetrics | None = None
     cost: CostBreakdown | None = None
+    version: int | None = None
 
 
 @dataclass(slots=True)
@@ -320,13 +335,18 @@ class Held:
 class Charger:
     """Prices usage and charges it through the store, reporting each step."""
 
-    __slots__ = ("_engine", "_priced_plans", "_reporter", "_store", "hold_ttl")
+    __slots__ = ("_reporter", "_schedule", "_store", "hold_ttl")
 
-    def __init__(self, store: CreditStore, reporter: Reporter, hold_ttl: float | timedelta) -> None:
+    def __init__(
+        self,
+        store: CreditStore,
+        reporter: Reporter,
+        hold_ttl: float | timedelta,
+        schedule: Schedule,
+    ) -> None:
         self._store = store
         self._reporter = reporter
-        self._engine: PricingEngine | None = None
-        self._priced_plans: frozenset[str] = frozenset()
+        self._schedule = schedule
         self.hold_ttl = hold_ttl
 
     @property
@@ -339,64 +359,75 @@ class Charger:
         """Where events and low-balance crossings go."""
         return self._reporter
 
+    @property
+    def schedule(self) -> Schedule:
+        """The pricing versions: the one in force and the scheduled ones."""
+        return self._schedule
+
     # -- pricing -----------------------------------------------------------------------------
 
     @property
     def engine(self) -> PricingEngine:
-        """The engine in use; `PricingNotLoadedError` before pricing is loaded."""
-        engine = self._engine
-        if engine is None:
+        """The engine in force now; `PricingNotLoadedError` before pricing is loaded."""
+        rates = self._schedule.now()
+        if rates is None:
             raise PricingNotLoadedError()
-        return engine
+        return rates.engine
 
     @property
     def loaded(self) -> bool:
         """Whether pricing is loaded."""
-        return self._engine is not None
+        return self._schedule.now() is not None
 
     def use(self, engine: PricingEngine) -> None:
-        """Price with `engine` from now on."""
-        names: set[str] = set()
-        for key, plan in (engine.config.plans or {}).items():
-            if plan.rate_overrides:
-                names.update((key, plan.id))
-        self._engine = engine
-        self._priced_plans = frozenset(names)
+        """Price with `engine` from now on (until pricing comes from the store)."""
+        self._schedule.use(engine)
 
-    @property
-    def min_balance(self) -> int:
+    async def rates(self) -> Rates:
+        """
+        The rates in force now (refreshed from the store when due).
+
+        Raises:
+            PricingNotLoadedError: No pricing is loaded.
+        """
+        rates = await self._schedule.fresh()
+        if rates is None:
+            raise PricingNotLoadedError()
+        return rates
+
+    async def rates_or_none(self) -> Rates | None:
+        """The rates in force now (refreshed when due), or None before pricing is loaded."""
+        return await self._schedule.fresh()
+
+    @staticmethod
+    def min_balance(rates: Rates | None) -> int:
         """The floor holds keep: the config's ``min_balance``, or 5 before pricing."""
-        engine = self._engine
-        return engine.min_balance if engine is not None else DEFAULT_MIN_BALANCE
+        return rates.min_balance if rates is not None else DEFAULT_MIN_BALANCE
 
-    @property
-    def plans_priced(self) -> bool:
-        """Whether the engine in use has plans with rate overrides (see `plan_for`)."""
-        return bool(self._priced_plans)
-
-    async def plan_for(self, user_id: str) -> str | None:
-        """The user's plan id when it has rate overrides in the engine in use, else None."""
-        if not self._priced_plans:
+    async def plan_for(self, user_id: str, rates: Rates) -> str | None:
+        """The user's plan id when it has rate overrides in `rates`, else None."""
+        if not rates.plans:
             return None
         plan = await self._store.get_user_plan(user_id)
         if plan.plan_id is None or plan.plan_name is None:
             return None  # no plan, or one the active version no longer defines
-        return plan.plan_id if plan.plan_id in self._priced_plans else None
+        return plan.plan_id if plan.plan_id in rates.plans else None
 
-    def price(self, name: str, usage: object, plan: str | None) -> Priced:
+    def price(self, name: str, usage: object, plan: str | None, rates: Rates) -> Priced:
         """
         Validate and price `usage`; the result may exceed `MAX_CREDITS` (see `chargeable`).
 
         Raises:
-            InvalidArgumentError: The usage is invalid or cannot be priced (no pricing
-                loaded, no price for its model or tool, an expression failed).
+            InvalidArgumentError: The usage is invalid or cannot be priced (no price for
+                its model or tool, an expression failed).
         """
-        return self.price_checked(checked_usage(name, usage), plan)
+        return self.price_checked(checked_usage(name, usage), plan, rates)
 
-    def price_checked(self, usage: UsageMetrics, plan: str | None) -> Priced:
+    @staticmethod
+    def price_checked(usage: UsageMetrics, plan: str | None, rates: Rates) -> Priced:
         """`price` for usage that `checked_usage` returned (it is not validated again)."""
-        cost = self.engine.calculate(usage, plan=plan)
-        return Priced(cost.credits, usage, cost)
+        cost = rates.engine.calculate(usage, plan=plan)
+        return Priced(cost.credits, usage, cost, rates.version)
 
     @staticmethod
     def chargeable(name: str, priced: Priced) -> Priced:
@@ -547,16 +578,16 @@ class Charger:
         operation_type: str,
         meta: CreditMetadata | None,
         key: str | None,
+        min_balance: int,
     ) -> DeductionResult:
         """
         Charge `priced` at once, in one store call (`CreditStore.charge_credits`).
 
-        The plan allowance is used first and the config's ``min_balance`` is kept; with a
-        key, a retry charges once. A charge is atomic, so a failed one changed nothing and
-        leaves nothing to release.
+        The plan allowance is used first and `min_balance` (the pricing config's) is kept;
+        with a key, a retry charges once. A charge is atomic, so a failed one changed
+        nothing and leaves nothing to release.
         """
         amount = self.chargeable("the charge", priced).credits
-        min_balance = self.min_balance
         freed = 0
         try:
             # Shielded: whether the charge happened must be known before anything else.

@@ -23,8 +23,10 @@ from ducto._charging import (
     check_credits,
     checked_usage,
 )
+from ducto._pricing_schedule import Rates
 from ducto.errors import (
     InvalidArgumentError,
+    PricingNotLoadedError,
     ReservationAlreadySettledError,
     ReservationReleasedError,
 )
@@ -57,6 +59,11 @@ class Hold:
       2**62 credits), leaving without `settle` charges the held estimate, or the recorded
       usage's price when that is higher and can be charged. `record` and `settle` raise
       `InvalidArgumentError` at once for such usage, and the hold stays open.
+
+    **One price for the whole call.** The hold is priced with the pricing version in force
+    when it is placed, and everything recorded and settled on it is priced with that
+    version too, so a stream that runs across a scheduled price change is billed at the
+    prices it started under (its usage row names the version, ``pricing_version``).
 
     A hold whose idempotency key replayed one placed by an earlier or concurrent attempt
     of the same request is never released by this attempt: the attempt that placed it
@@ -96,6 +103,7 @@ class Hold:
         self._ttl = ttl
         self._team_id = team_id
         self._plan: str | None = None
+        self._rates: Rates | None = None
         self._held: Held | None = None
         self._entered = False
         self._recorded: UsageMetrics | None = None
@@ -168,17 +176,24 @@ class Hold:
             raise InvalidArgumentError("a hold can be entered once; make a new one")
         self._entered = True
         charger = self._charger
-        if charger.plans_priced:
-            self._plan = await charger.plan_for(self._user_id)
+        estimate = self._estimate
+        if isinstance(estimate, UsageMetrics):
+            rates: Rates | None = await charger.rates()
+        else:
+            rates = await charger.rates_or_none()
+        self._rates = rates
+        if rates is not None and rates.plans:
+            self._plan = await charger.plan_for(self._user_id, rates)
         model: str | None = None
-        if isinstance(self._estimate, UsageMetrics):
+        if isinstance(estimate, UsageMetrics):
+            assert rates is not None
             priced = charger.chargeable(
-                "estimate", charger.price_checked(self._estimate, self._plan)
+                "estimate", charger.price_checked(estimate, self._plan, rates)
             )
             amount = max(priced.credits, 1)
             model = priced.usage.model if priced.usage is not None else None
         else:
-            amount = self._estimate
+            amount = estimate
         meta = charge_metadata(self._metadata, model=model)
         held = await charger.place(
             self._user_id,
@@ -187,7 +202,7 @@ class Hold:
             meta,
             self._key,
             self._ttl,
-            charger.min_balance,
+            charger.min_balance(rates),
             team_id=self._team_id,
         )
         self._held = held
@@ -243,20 +258,36 @@ class Hold:
             _log.exception("the store refused to settle hold %s", held.reservation_id)
             if charge.credits != held.amount:
                 try:
-                    await self._settle(Priced(held.amount, charge.usage))
+                    await self._settle(Priced(held.amount, charge.usage, None, charge.version))
                     return
                 except InvalidArgumentError:
                     _log.exception("the store refused the estimate of %s", held.reservation_id)
             await charger.release(held)
 
+    def _pricing(self) -> Rates:
+        """
+        The rates the hold prices with: those in force when it was placed (or, for a hold
+        of credits placed before any pricing was loaded, those in force now).
+
+        Raises:
+            PricingNotLoadedError: No pricing is loaded.
+        """
+        rates = self._rates
+        if rates is None:
+            rates = self._charger.schedule.now()
+            if rates is None:
+                raise PricingNotLoadedError()
+        return rates
+
     def _exit_charge(self, held: Held) -> Priced:
         """What leaving unsettled charges: the recorded usage, or the estimate (see `Hold`)."""
-        estimate = Priced(held.amount, self._recorded)
+        version = self._rates.version if self._rates is not None else None
+        estimate = Priced(held.amount, self._recorded, None, version)
         recorded = self._recorded
         if recorded is None:
             return estimate
         try:
-            priced = self._charger.price_checked(recorded, self._plan)
+            priced = self._charger.price_checked(recorded, self._plan, self._pricing())
         except Exception:
             _log.warning(
                 "usage recorded on hold %s cannot be priced; charging the estimate",
@@ -310,9 +341,10 @@ class Hold:
         try:
             part = checked_usage("usage", usage)
             total = part if self._recorded is None else self._recorded + part
-            if charger.loaded:
+            rates = self._rates or charger.schedule.now()
+            if rates is not None:
                 try:
-                    priced = charger.price_checked(total, self._plan)
+                    priced = charger.price_checked(total, self._plan, rates)
                 except InvalidArgumentError:
                     pass  # no price for it: leaving the block charges the estimate
                 else:
@@ -330,7 +362,10 @@ class Hold:
                 return Priced(0)
             actual = self._recorded
         if isinstance(actual, UsageMetrics):
-            return charger.chargeable("actual", charger.price("actual", actual, self._plan))
+            usage = checked_usage("actual", actual)
+            return charger.chargeable(
+                "actual", charger.price_checked(usage, self._plan, self._pricing())
+            )
         return Priced(check_credits("actual", actual, minimum=0))
 
     async def settle(self, actual: UsageMetrics | int | None = None) -> DeductionResult:
@@ -363,7 +398,9 @@ class Hold:
         held = self._held
         assert held is not None
         # The store names the hold's model on the row when the usage names none.
-        meta = charge_metadata(self._metadata, charge.usage, charge.cost)
+        meta = charge_metadata(
+            self._metadata, charge.usage, charge.cost, pricing_version=charge.version
+        )
         self._settling = True
         try:
             return await self._charger.settle(held, charge, meta)

@@ -11,7 +11,8 @@ Low-balance alerts come from the atomic figures of each operation's result: an o
 that took a user's available credits from ``before`` to ``after`` crosses every threshold
 ``t`` with ``before >= t > after``. Each downward crossing happens in exactly one operation
 (the store orders a user's operations), so each fires exactly once, whatever order
-concurrent calls report in, and no balance has to be read back or remembered.
+concurrent calls report in, and no balance has to be read back or remembered. The same
+crossing of the auto top-up threshold starts a top-up (`watch`).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def check_thresholds(value: object) -> tuple[int, ...]:
 class Reporter:
     """Events and low-balance alerts for one manager."""
 
-    __slots__ = ("_buffer", "_clock", "_emitter", "_send", "_thresholds", "_timeout")
+    __slots__ = ("_buffer", "_clock", "_emitter", "_send", "_thresholds", "_timeout", "_watch")
 
     def __init__(
         self,
@@ -84,6 +85,7 @@ class Reporter:
         self._timeout = handler_timeout
         self._buffer = buffer
         self._send: MemoryObjectSendStream[_Item] | None = None
+        self._watch: tuple[int, Callable[[str], None]] | None = None
 
     @property
     def emitter(self) -> CreditEventEmitter:
@@ -99,8 +101,16 @@ class Reporter:
 
     @property
     def alerts(self) -> bool:
-        """Whether any low-balance threshold is set (else `moved` has nothing to do)."""
-        return bool(self._thresholds)
+        """Whether any threshold is watched (else `moved` has nothing to do)."""
+        return bool(self._thresholds) or self._watch is not None
+
+    def watch(self, threshold: int, crossed: Callable[[str], None]) -> None:
+        """
+        Call ``crossed(user_id)`` for every downward crossing of `threshold` (see `moved`).
+
+        `crossed` runs in the task that made the change, so it must return at once.
+        """
+        self._watch = (threshold, crossed)
 
     def wants(self, kind: CreditEventType) -> bool:
         """Whether an event of `kind` would reach a handler (so it is worth building)."""
@@ -226,8 +236,15 @@ class Reporter:
         """
         Report an operation that took the user's available credits from `before` to `after`.
 
-        Emits ``low_balance`` for every threshold crossed downwards, highest first.
+        Emits ``low_balance`` for every threshold crossed downwards, highest first, after
+        telling the watcher (auto top-up) when its threshold was crossed.
         """
+        watch = self._watch
+        if watch is not None and before >= watch[0] > after:
+            try:
+                watch[1](user_id)
+            except Exception:
+                _log.exception("starting the auto top-up of user %r failed", user_id)
         for threshold in self._thresholds:
             if before >= threshold > after:
                 await self.emit(

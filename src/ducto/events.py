@@ -90,6 +90,26 @@ class CreditEventType(StrEnum):
     """A refund was refused or failed."""
     CAP_REACHED = "cap_reached"
     """A deny spend cap refused a hold or a charge (ducto 1.x's ``credits.cap_reached``)."""
+    TOP_UP = "top_up"
+    """
+    An auto top-up was paid and granted (see `ducto.AutoTopUp`). ``amount`` is the credits
+    granted; ``balance_after`` and ``available`` are the user's after the grant;
+    ``transaction_id`` is the ``purchase`` row; ``idempotency_key`` is the payment
+    reference the app's ``charge`` returned. ``metadata``: ``claim_id``,
+    ``payment_reference``, ``attempts`` (calls of ``charge``), ``month_total`` (this UTC
+    month's top-ups, this one included) and ``replayed`` (the payment had been granted
+    before, by its reference). The grant is also reported as ``credits_added``.
+    """
+    TOP_UP_FAILED = "top_up_failed"
+    """
+    An auto top-up was claimed but did not end in a grant. ``amount`` is the credits it was
+    for; ``error`` is the exception class name of the last failure (or the store's error
+    code). ``metadata``: ``claim_id``, ``attempts``, ``stage`` (``charge``: every attempt
+    failed, nothing was paid, and the amount no longer counts toward the month; ``grant``:
+    the payment was taken but granting it failed, so ``payment_reference`` is given for
+    finishing it later with `CreditStore.finish_top_up`), ``message`` (the last failure's
+    text) and ``month_total`` where the store reported it.
+    """
 
     @classmethod
     def _missing_(cls, value: object) -> CreditEventType | None:

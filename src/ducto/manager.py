@@ -1,10 +1,12 @@
 """
 `CreditManager`: pricing plus a store, the high-level API applications call.
 
-The manager prices usage with a `PricingEngine`, charges it through any `CreditStore` as a
+The manager prices usage with the store's pricing version in force (switching to a
+scheduled version at the instant it takes effect), charges it through any `CreditStore` as a
 hold followed by its settlement, raises the typed `CreditError`s instead of returning error
 results, and reports what happened as `CreditEvent`s. With ``maintenance_interval`` it also
-sweeps expired credits and prunes what retention no longer keeps, in the background.
+sweeps expired credits and prunes what retention no longer keeps, in the background; with
+``auto_top_up`` it buys credits for users whose balance runs low.
 
 ```python
 async with CreditManager(MemoryStore()) as manager:
@@ -26,8 +28,9 @@ async with CreditManager(MemoryStore()) as manager:
 ducto 1.x's spellings work too: ``CreditManager(store, engine, emitter)``,
 ``add_credits(..., tx_type=...)``, ``deduct_fixed(..., job_name=...)``,
 ``publish_pricing_from_dict``; passing both spellings of one argument is refused. The
-charging core lives in ``ducto._charging`` and `Hold` in ``ducto._hold``; both are used
-through this module.
+charging core lives in ``ducto._charging``, `Hold` in ``ducto._hold``, the pricing schedule
+in ``ducto._pricing_schedule`` and `AutoTopUp` in ``ducto._top_up``; all are used through
+this module.
 """
 
 from __future__ import annotations
@@ -56,8 +59,10 @@ from ducto._charging import (
     usage_details,
 )
 from ducto._hold import Hold
+from ducto._pricing_schedule import Rates, Schedule
 from ducto._reporting import Reporter, check_thresholds
 from ducto._shown import shown
+from ducto._top_up import AutoTopUp, TopUpCharge, TopUps
 from ducto.errors import (
     DuctoError,
     ErrorCode,
@@ -78,6 +83,7 @@ from ducto.interface.models import (
     DeductionResult,
     GetUserPlanResult,
     PricingConfigData,
+    PricingConfigResult,
     PruneResult,
     RefundResult,
     ReserveResult,
@@ -92,11 +98,13 @@ from ducto.interface.models import (
 from ducto.pricing import CostBreakdown, PricingEngine, UsageMetrics
 
 __all__ = [
+    "AutoTopUp",
     "CreditManager",
     "Hold",
     "InsufficientCreditsError",
     "MaintenanceRun",
     "PricingNotLoadedError",
+    "TopUpCharge",
 ]
 
 _log = logging.getLogger("ducto.manager")
@@ -106,6 +114,7 @@ _T = TypeVar("_T")
 _DEFAULT_HANDLER_TIMEOUT: Final = 10.0
 _DEFAULT_EVENT_BUFFER: Final = 10_000
 _MAX_MAINTENANCE_INTERVAL: Final = 366 * 86400
+_DEFAULT_PRICING_REFRESH: Final = 60.0
 
 
 def _utc_now() -> datetime:
@@ -119,8 +128,8 @@ def _either(name: str, value: _T | None, alias: str, alias_value: _T | None) -> 
     return value if value is not None else alias_value
 
 
-def _check_interval(value: object) -> float | None:
-    """``maintenance_interval`` in seconds: None (off), or seconds or a timedelta."""
+def _check_interval(value: object, name: str = "maintenance_interval") -> float | None:
+    """An interval in seconds, named `name`: None (off), or seconds or a timedelta."""
     if value is None:
         return None
     if isinstance(value, timedelta):
@@ -129,12 +138,11 @@ def _check_interval(value: object) -> float | None:
         seconds = float(value) if abs(value) <= _MAX_MAINTENANCE_INTERVAL else math.inf
     else:
         raise InvalidArgumentError(
-            "maintenance_interval must be None (off), seconds (int or float) or a timedelta,"
-            f" got {shown(value)}"
+            f"{name} must be None (off), seconds (int or float) or a timedelta, got {shown(value)}"
         )
     if not math.isfinite(seconds) or not 0 < seconds <= _MAX_MAINTENANCE_INTERVAL:
         raise InvalidArgumentError(
-            "maintenance_interval must be more than 0 and at most"
+            f"{name} must be more than 0 and at most"
             f" {_MAX_MAINTENANCE_INTERVAL} seconds, got {shown(value)}"
         )
     return seconds
@@ -191,10 +199,18 @@ class CreditManager:
     Use it as an async context manager: that opens and closes the store, and runs event
     handlers in a background task so that they never hold billing up (see `ducto.events`).
     With ``maintenance_interval`` set, another background task sweeps expired credits and
-    prunes what retention no longer keeps while the manager is open.
+    prunes what retention no longer keeps while the manager is open; with ``auto_top_up``,
+    top-ups run in background tasks too (see `AutoTopUp`).
 
-    Pricing is loaded once, by `publish_pricing` or `load_pricing_from_store`; a version
-    another process publishes is picked up on the next `load_pricing_from_store`.
+    Pricing comes from the store's pricing versions, once `publish_pricing` or
+    `load_pricing_from_store` was called. Each charge is priced with the version in force
+    when it is made, by the manager's clock: the manager knows the version in force and the
+    scheduled ones (each version's config is fetched once), and switches to a scheduled
+    version exactly at its ``effective_at``, without a store call. It refreshes what it knows
+    from the store lazily, at most every ``pricing_refresh`` seconds and once when a
+    scheduled version falls due, so a version another process publishes, schedules or
+    cancels is seen within that interval (and a cancelled version never takes effect). A
+    hold is priced throughout with the version in force when it was placed.
     """
 
     def __init__(
@@ -210,6 +226,8 @@ class CreditManager:
         handler_timeout: float = _DEFAULT_HANDLER_TIMEOUT,
         event_buffer: int = _DEFAULT_EVENT_BUFFER,
         maintenance_interval: float | timedelta | None = None,
+        pricing_refresh: float | timedelta | None = _DEFAULT_PRICING_REFRESH,
+        auto_top_up: AutoTopUp | None = None,
     ) -> None:
         """
         Create a manager over `store`; does no I/O.
@@ -224,7 +242,8 @@ class CreditManager:
                 counting, unless `hold` is given its own ``ttl``.
             low_balance_thresholds: Available-balance levels that raise a ``low_balance``
                 event each time a user's available credits cross down through them.
-            clock: Returns the aware UTC time events are stamped with.
+            clock: Returns the aware UTC time events are stamped with, and by which pricing
+                versions take effect.
             handler_timeout: Seconds an async event handler may take on one event before
                 it is cancelled and logged (see `ducto.events`).
             event_buffer: Most events waiting for async handlers while the manager is
@@ -237,6 +256,14 @@ class CreditManager:
                 on the ``ducto.manager`` logger and tried again at the next run. Both are safe
                 from several processes at once, so every process of a fleet may run it. See
                 `last_maintenance`.
+            pricing_refresh: Most seconds (or a timedelta) between refreshes of the pricing
+                versions from the store (60 by default); None never refreshes (versions
+                this manager scheduled itself still take effect on time). A refresh is made
+                by the first charge after the interval, one at a time; one that fails is
+                logged on the ``ducto.manager`` logger and the manager goes on pricing with
+                the versions it knows.
+            auto_top_up: Buy credits for users whose available balance crosses below a
+                threshold (see `AutoTopUp`); top-ups run while the manager is open.
 
         Raises:
             InvalidArgumentError: An argument is invalid (the message names it), or both
@@ -261,30 +288,39 @@ class CreditManager:
             raise InvalidArgumentError(
                 f"event_buffer must be an int from 1 to 10_000_000, got {shown(event_buffer)}"
             )
+        if auto_top_up is not None and not isinstance(auto_top_up, AutoTopUp):
+            raise InvalidArgumentError(
+                f"auto_top_up must be an AutoTopUp, got {shown(auto_top_up)}"
+            )
         self._events = chosen
+        self._clock = clock or _utc_now
         self._reporter = Reporter(
             self._events,
             check_thresholds(low_balance_thresholds),
-            clock or _utc_now,
+            self._clock,
             _check_timeout(handler_timeout),
             event_buffer,
         )
-        self._charger = Charger(store, self._reporter, check_ttl(hold_ttl, "hold_ttl"))
+        schedule = Schedule(store, self._clock, _check_interval(pricing_refresh, "pricing_refresh"))
+        self._charger = Charger(store, self._reporter, check_ttl(hold_ttl, "hold_ttl"), schedule)
         if engine is not None:
             self._charger.use(engine)
         self._store = store
         self._stack: AsyncExitStack | None = None
-        self._clock = clock or _utc_now
         self._maintenance_every = _check_interval(maintenance_interval)
         self._maintenance_runs = 0
         self._last_maintenance: MaintenanceRun | None = None
+        self._top_ups: TopUps | None = None
+        if auto_top_up is not None:
+            self._top_ups = TopUps(auto_top_up, store, self._reporter, self._top_up_granted)
+            self._reporter.watch(auto_top_up.threshold, self._top_ups.crossed)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
         """
         Open the store, start delivering events to async handlers in the background, and
-        start the background maintenance when ``maintenance_interval`` is set.
+        start running auto top-ups and the background maintenance where they are set.
 
         Raises:
             InvalidArgumentError: The manager is open already.
@@ -295,6 +331,10 @@ class CreditManager:
         await stack.enter_async_context(self._store)
         try:
             await stack.enter_async_context(self._reporter.background())
+            if self._top_ups is not None:
+                # Before the maintenance, so it stops after it; before the store closes and
+                # while events are still delivered.
+                await stack.enter_async_context(self._top_ups.running())
             if self._maintenance_every is not None:
                 # Entered last, so it stops first: no run overlaps closing the store.
                 await stack.enter_async_context(self._maintenance(self._maintenance_every))
@@ -311,9 +351,12 @@ class CreditManager:
         tb: TracebackType | None,
     ) -> None:
         """
-        Stop the maintenance, deliver the events still waiting, close the store.
+        Stop the maintenance and the auto top-ups, deliver the events still waiting, close
+        the store.
 
-        Waiting events get up to ``handler_timeout`` to be delivered.
+        Top-ups in flight get up to twice the `AutoTopUp`'s ``timeout`` to finish (no new
+        attempt of its ``charge`` starts), then are cancelled; waiting events get up to
+        ``handler_timeout`` to be delivered.
         """
         stack, self._stack = self._stack, None
         if stack is not None:
@@ -416,6 +459,19 @@ class CreditManager:
         return self._store
 
     @property
+    def auto_top_up(self) -> AutoTopUp | None:
+        """The auto top-up configured, or None."""
+        return self._top_ups.config if self._top_ups is not None else None
+
+    @property
+    def pending_top_ups(self) -> int:
+        """How many auto top-ups this manager is running now (claiming, paying, granting)."""
+        return self._top_ups.pending if self._top_ups is not None else 0
+
+    async def _top_up_granted(self, result: AddCreditsResult) -> None:
+        await self._after_grant(result, "purchase")
+
+    @property
     def events(self) -> CreditEventEmitter:
         """The emitter the manager reports to; register handlers with ``events.on``."""
         return self._events
@@ -430,26 +486,56 @@ class CreditManager:
     @property
     def engine(self) -> PricingEngine:
         """
-        The pricing engine in use.
+        The pricing engine in force now (by the manager's clock).
 
         Raises:
             PricingNotLoadedError: No pricing is loaded yet.
         """
         return self._charger.engine
 
+    @property
+    def pricing_version(self) -> int | None:
+        """
+        The number of the store's pricing version in force now (by the manager's clock).
+
+        None before pricing is loaded, or while the manager prices with an engine it was
+        given rather than one from the store.
+        """
+        rates = self._charger.schedule.now()
+        return rates.version if rates is not None else None
+
+    @property
+    def scheduled_pricing(self) -> list[tuple[datetime, int]]:
+        """
+        The scheduled versions this manager knows, as ``(effective_at, version)``, soonest
+        first (as of its last refresh from the store, less those that took effect since).
+        """
+        return self._charger.schedule.upcoming()
+
     async def publish_pricing(
-        self, config: PricingConfigData | Mapping[str, object], label: str | None = None
+        self,
+        config: PricingConfigData | Mapping[str, object],
+        label: str | None = None,
+        *,
+        effective_at: datetime | None = None,
     ) -> str:
         """
-        Publish a pricing config as the store's new active version, and price with it.
+        Publish a pricing config as the store's next version, in force now or at a time.
 
         The config is checked first by building the engine that will price with it (the
         check `validate_pricing_config` makes), so a config that cannot be priced is refused
-        before anything reaches the store.
+        before anything reaches the store. The manager then reads the store's schedule back
+        and follows the store from then on (see `CreditManager`): without `effective_at`
+        it prices with the new version at once; with a later `effective_at` the version
+        is scheduled and every manager prices with it from that instant on (this one
+        exactly then, the others within their ``pricing_refresh``), unless it is cancelled
+        first (`cancel_pricing`).
 
         Args:
             config: The config (`PricingConfig`), or its dict form as ducto 1.x wrote it.
             label: A name for the version, for people reading the history.
+            effective_at: When the version takes effect (an aware datetime); None, or an
+                instant not after the store's clock, puts it in force at once.
 
         Returns:
             The id of the new version.
@@ -457,6 +543,7 @@ class CreditManager:
         Raises:
             ConfigError: The config is invalid or cannot be priced (a
                 `ConfigExpressionError` names the section and key).
+            InvalidArgumentError: The label or `effective_at` is invalid.
         """
         if isinstance(config, PricingConfigData):
             engine = PricingEngine(config)
@@ -466,12 +553,34 @@ class CreditManager:
             raise InvalidArgumentError(
                 f"config must be PricingConfigData or a dict, got {type(config).__name__}"
             )
-        version_id = await self._store.set_active_pricing(engine.config, label)
-        self._charger.use(engine)
+        if effective_at is None:
+            version_id = await self._store.set_active_pricing(engine.config, label)
+        else:
+            version_id = await self._store.set_active_pricing(
+                engine.config, label, effective_at=effective_at
+            )
+        schedule = self._charger.schedule
+        try:
+            await schedule.reload({version_id: engine})
+        except Exception as exc:
+            # Published, but not read back: price with it now if it is in force now, and
+            # read the schedule at the next charge.
+            _log.warning(
+                "published pricing version %s but reading the schedule back failed (%s: %s)",
+                version_id,
+                type(exc).__name__,
+                exc,
+                exc_info=not isinstance(exc, DuctoError),
+            )
+            schedule.published_unread(engine, effective_at)
         return version_id
 
     async def publish_pricing_from_dict(
-        self, data: PricingConfigData | Mapping[str, object], label: str | None = None
+        self,
+        data: PricingConfigData | Mapping[str, object],
+        label: str | None = None,
+        *,
+        effective_at: datetime | None = None,
     ) -> str:
         """
         Publish a pricing config (ducto 1.x's name; the same as `publish_pricing`).
@@ -479,6 +588,7 @@ class CreditManager:
         Args:
             data: The config as a dict, or the `PricingConfig` model itself.
             label: A name for the version.
+            effective_at: When the version takes effect; None: at once.
 
         Returns:
             The id of the new version.
@@ -490,27 +600,48 @@ class CreditManager:
             raise InvalidArgumentError(
                 f"data must be PricingConfigData or a dict, got {type(data).__name__}"
             )
-        return await self.publish_pricing(data, label)
+        return await self.publish_pricing(data, label, effective_at=effective_at)
+
+    async def cancel_pricing(self, version: int) -> PricingConfigResult:
+        """
+        Cancel a scheduled pricing version before it takes effect.
+
+        This manager forgets it at once; the others within their ``pricing_refresh``, and
+        in any case before its ``effective_at`` (a manager reads the schedule again when a
+        scheduled version falls due), so it never takes effect.
+
+        Args:
+            version: The version's number (`PricingConfigHistoryItem.version`).
+
+        Returns:
+            The version, with ``cancelled_at`` set.
+
+        Raises:
+            PricingVersionNotFoundError: No such version.
+            PricingVersionInEffectError: The version has taken effect (or was activated);
+                only a scheduled version can be cancelled.
+        """
+        result = await self._store.cancel_pricing(version)
+        self._charger.schedule.cancelled(result.version)
+        return result
 
     async def load_pricing_from_store(self) -> PricingEngine:
         """
-        Price with the store's active pricing version from now on.
+        Price with the store's pricing versions from now on: the one in force and the
+        scheduled ones (see `CreditManager`).
 
         Returns:
-            The new engine.
+            The engine in force now.
 
         Raises:
-            PricingNotLoadedError: The store has no pricing version yet (the manager keeps
-                the engine it had), as in ducto 1.x.
+            PricingNotLoadedError: The store has no pricing version in force yet (the
+                manager keeps the engine it had), as in ducto 1.x.
         """
-        active = await self._store.get_active_pricing()
-        if active is None:
+        if await self._charger.schedule.reload() is None:
             raise PricingNotLoadedError(
                 "the store has no pricing version: publish one with publish_pricing()"
             )
-        engine = PricingEngine(active.config)
-        self._charger.use(engine)
-        return engine
+        return self._charger.engine
 
     def calculate(self, metrics: UsageMetrics, *, plan: str | None = None) -> CostBreakdown:
         """
@@ -835,11 +966,12 @@ class CreditManager:
         """
         Price usage that happened and charge it: a hold for the cost, then its settlement.
 
-        The price uses the user's plan rate overrides. The hold uses the plan allowance
-        first, keeps the pricing config's ``min_balance`` and names the model (so per-model
-        spend caps apply). With an idempotency key, the same key keys the hold and the
-        settlement, so a retry of the same request is charged once and returns the original
-        result (``idempotent=True``), even when an earlier attempt failed half way.
+        The price is the pricing version's in force now (by the manager's clock), with the
+        user's plan rate overrides. The hold uses the plan allowance first, keeps the
+        version's ``min_balance`` and names the model (so per-model spend caps apply). With
+        an idempotency key, the same key keys the hold and the settlement, so a retry of the
+        same request is charged once and returns the original result (``idempotent=True``),
+        even when an earlier attempt failed half way.
 
         A usage that prices to 0 credits still places a 1-credit hold (a hold cannot be
         empty) and settles it for 0, so it writes a usage row like any other.
@@ -857,8 +989,8 @@ class CreditManager:
             metrics: What the call used.
             idempotency_key: The request's id; retries with the same id charge once.
             metadata: Stored on the usage row; the system keys (``model``,
-                ``input_tokens``, ``output_tokens``, ``cost_total``, ``pricing_model``)
-                replace the caller's keys of those names.
+                ``input_tokens``, ``output_tokens``, ``cost_total``, ``pricing_model``,
+                ``pricing_version``) replace the caller's keys of those names.
             operation_type: Stored with the hold.
 
         Returns:
@@ -876,11 +1008,13 @@ class CreditManager:
         """
         charger = self._charger
         metrics = checked_usage("metrics", metrics)
-        charger.engine  # noqa: B018 - raises PricingNotLoadedError before any I/O
-        plan = await charger.plan_for(user_id)
-        priced = charger.price_checked(metrics, plan)
-        meta = charge_metadata(metadata, priced.usage, priced.cost)
-        return await charger.charge(user_id, priced, operation_type, meta, idempotency_key)
+        rates = await charger.rates()
+        plan = await charger.plan_for(user_id, rates)
+        priced = charger.price_checked(metrics, plan, rates)
+        meta = charge_metadata(metadata, priced.usage, priced.cost, pricing_version=priced.version)
+        return await charger.charge(
+            user_id, priced, operation_type, meta, idempotency_key, rates.min_balance
+        )
 
     async def deduct_fixed(
         self,
@@ -895,7 +1029,8 @@ class CreditManager:
         Charge the fixed cost of a named job from the pricing config's ``fixed`` section.
 
         Works like `deduct` (hold, then settlement; allowance first; the same idempotency
-        rules). The job name is stored as ``fixed_job`` in the row's metadata.
+        rules; the pricing version in force now). The job name is stored as ``fixed_job``
+        in the row's metadata, and the version as ``pricing_version``.
 
         Args:
             user_id: The account.
@@ -917,9 +1052,13 @@ class CreditManager:
         name = _either("job", job, "job_name", job_name)
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"job must be a non-empty str, got {shown(name)}")
-        priced = Priced(self.engine.get_fixed_cost(name))
-        meta = charge_metadata(metadata, fixed_job=name)
-        return await self._charger.charge(user_id, priced, "fixed_job", meta, idempotency_key)
+        charger = self._charger
+        rates = await charger.rates()
+        priced = Priced(rates.engine.get_fixed_cost(name), version=rates.version)
+        meta = charge_metadata(metadata, fixed_job=name, pricing_version=rates.version)
+        return await charger.charge(
+            user_id, priced, "fixed_job", meta, idempotency_key, rates.min_balance
+        )
 
     async def reserve_credits(
         self,
@@ -966,17 +1105,23 @@ class CreditManager:
         """
         charger = self._charger
         model: str | None = None
+        version: int | None = None
         if isinstance(amount, UsageMetrics):
-            priced = charger.price("amount", amount, await charger.plan_for(user_id))
+            rates: Rates | None = await charger.rates()
+            assert rates is not None
+            plan = await charger.plan_for(user_id, rates)
+            priced = charger.price("amount", amount, plan, rates)
             credits = max(charger.chargeable("amount", priced).credits, 1)
             model = priced.usage.model if priced.usage is not None else None
+            version = priced.version
         else:
             credits = check_credits("amount", amount, minimum=1)
-        floor = charger.min_balance if min_balance is None else min_balance
+            rates = await charger.rates_or_none()
+        floor = charger.min_balance(rates) if min_balance is None else min_balance
         hold_ttl = charger.hold_ttl if ttl is None else check_ttl(ttl, "ttl")
         if type(use_allowance) is not bool:
             raise InvalidArgumentError(f"use_allowance must be a bool, got {shown(use_allowance)}")
-        meta = charge_metadata(metadata, model=model)
+        meta = charge_metadata(metadata, model=model, pricing_version=version)
         held = await charger.place(
             user_id,
             credits,
@@ -1026,17 +1171,16 @@ class CreditManager:
         charger = self._charger
         if isinstance(usage, UsageMetrics):
             usage = checked_usage("usage", usage)
-            charger.engine  # noqa: B018 - raises PricingNotLoadedError before any I/O
-            priced = charger.chargeable(
-                "usage", charger.price_checked(usage, await charger.plan_for(user_id))
-            )
+            rates = await charger.rates()
+            plan = await charger.plan_for(user_id, rates)
+            priced = charger.chargeable("usage", charger.price_checked(usage, plan, rates))
             if priced.credits == 0:
                 return TeamDeductionResult(
                     team_id=team_id, user_id=user_id, idempotency_key=idempotency_key
                 )
         else:
             priced = Priced(check_credits("usage", usage, minimum=1))
-        meta = charge_metadata(metadata, priced.usage, priced.cost)
+        meta = charge_metadata(metadata, priced.usage, priced.cost, pricing_version=priced.version)
         result = await self._store.deduct_team(
             team_id, user_id, priced.credits, meta, idempotency_key=idempotency_key
         )
@@ -1101,9 +1245,10 @@ class CreditManager:
 
         Entering reserves the estimate (usage is priced with the user's plan; an int is
         credits) with the plan allowance first, the config's ``min_balance``, and the model
-        named for per-model caps; a refusal raises there, before the call runs. See `Hold`
-        for what happens when the block is left without settling, or by an exception or a
-        cancellation.
+        named for per-model caps; a refusal raises there, before the call runs. The pricing
+        version in force then prices everything recorded and settled on the hold, even after
+        a scheduled price change. See `Hold` for what happens when the block is left without
+        settling, or by an exception or a cancellation.
 
         With `team_id`, the hold is on the team pool, attributed to member `user_id`
         (`CreditStore.reserve_team_credits`): the pool must cover it and the member's

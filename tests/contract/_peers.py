@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
-from tests.conftest import POSTGRES_SCHEMA, FakeClock, postgres_url
+from tests.conftest import FakeClock, postgres_url
 
 from ducto.interface.base import CreditStore
 
@@ -21,9 +21,8 @@ def _peer(store: CreditStore, tmp_path: Path, clock: FakeClock) -> CreditStore:
     if kind == "PostgresStore":
         from ducto.interface.postgres import PostgresStore
 
-        return PostgresStore(
-            postgres_url(), schema=POSTGRES_SCHEMA, clock=clock, min_size=1, max_size=2
-        )
+        schema: str = getattr(store, "schema")  # noqa: B009 (not on the protocol)
+        return PostgresStore(postgres_url(), schema=schema, clock=clock, min_size=1, max_size=2)
     raise AssertionError(f"no peer for {kind}")
 
 
