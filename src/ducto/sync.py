@@ -102,6 +102,7 @@ if TYPE_CHECKING:
         SetupResult,
         SetUserPlanResult,
         SpendByModelRow,
+        SpendByScopeRow,
         SpendByUserRow,
         SpendCap,
         SweepResult,
@@ -109,6 +110,8 @@ if TYPE_CHECKING:
         TeamDeductionResult,
         TeamMember,
         TeamTopupResult,
+        TopUpClaimResult,
+        TopUpResult,
         TopUserRow,
         TransactionPage,
     )
@@ -683,13 +686,23 @@ class SyncCreditStore(_Facade):
         """Blocking `CreditStore.get_active_pricing`."""
         return self._call(self._store.get_active_pricing)
 
-    def set_active_pricing(self, config: PricingConfigData, label: str | None = None) -> str:
+    def set_active_pricing(
+        self,
+        config: PricingConfigData,
+        label: str | None = None,
+        *,
+        effective_at: datetime | None = None,
+    ) -> str:
         """Blocking `CreditStore.set_active_pricing`."""
-        return self._call(self._store.set_active_pricing, config, label)
+        return self._call(self._store.set_active_pricing, config, label, effective_at=effective_at)
 
     def activate_pricing(self, version: int) -> str:
         """Blocking `CreditStore.activate_pricing`."""
         return self._call(self._store.activate_pricing, version)
+
+    def cancel_pricing(self, version: int) -> PricingConfigResult:
+        """Blocking `CreditStore.cancel_pricing`."""
+        return self._call(self._store.cancel_pricing, version)
 
     def get_pricing_config(self, version: int) -> PricingConfigResult | None:
         """Blocking `CreditStore.get_pricing_config`."""
@@ -720,10 +733,15 @@ class SyncCreditStore(_Facade):
         return self._call(self._store.increment_usage_window, user_id, plan_id, amount)
 
     def check_spend_cap(
-        self, user_id: str, model: str | None = None, amount: int | None = None
+        self,
+        user_id: str,
+        model: str | None = None,
+        amount: int | None = None,
+        *,
+        scope: str | None = None,
     ) -> CapCheckResult:
         """Blocking `CreditStore.check_spend_cap`."""
-        return self._call(self._store.check_spend_cap, user_id, model, amount)
+        return self._call(self._store.check_spend_cap, user_id, model, amount, scope=scope)
 
     def set_spend_cap(self, cap: SpendCap) -> SpendCap:
         """Blocking `CreditStore.set_spend_cap`."""
@@ -734,10 +752,53 @@ class SyncCreditStore(_Facade):
         return self._call(self._store.list_spend_caps, user_id)
 
     def remove_spend_cap(
-        self, user_id: str, cap_type: Literal["daily", "monthly"], model: str | None = None
+        self,
+        user_id: str,
+        cap_type: Literal["daily", "monthly"],
+        model: str | None = None,
+        *,
+        scope: str | None = None,
     ) -> RemoveSpendCapResult:
         """Blocking `CreditStore.remove_spend_cap`."""
-        return self._call(self._store.remove_spend_cap, user_id, cap_type, model)
+        return self._call(self._store.remove_spend_cap, user_id, cap_type, model, scope=scope)
+
+    def claim_top_up(
+        self,
+        user_id: str,
+        *,
+        threshold: int,
+        amount: int,
+        monthly_limit: int,
+        ttl: float | timedelta = 300.0,
+    ) -> TopUpClaimResult:
+        """Blocking `CreditStore.claim_top_up`."""
+        return self._call(
+            self._store.claim_top_up,
+            user_id,
+            threshold=threshold,
+            amount=amount,
+            monthly_limit=monthly_limit,
+            ttl=ttl,
+        )
+
+    def finish_top_up(
+        self,
+        user_id: str,
+        claim_id: str,
+        amount: int,
+        *,
+        payment_reference: str | None = None,
+        metadata: CreditMetadata | None = None,
+    ) -> TopUpResult:
+        """Blocking `CreditStore.finish_top_up`."""
+        return self._call(
+            self._store.finish_top_up,
+            user_id,
+            claim_id,
+            amount,
+            payment_reference=payment_reference,
+            metadata=metadata,
+        )
 
     def create_team(self, name: str, initial_balance: int = 0) -> CreateTeamResult:
         """Blocking `CreditStore.create_team`."""
@@ -837,6 +898,12 @@ class SyncCreditStore(_Facade):
     def top_users(self, limit: int, start: datetime, end: datetime) -> list[TopUserRow]:
         """Blocking `CreditStore.top_users`."""
         return self._call(self._store.top_users, limit, start, end)
+
+    def spend_by_scope(
+        self, start: datetime, end: datetime, *, user_id: str | None = None
+    ) -> list[SpendByScopeRow]:
+        """Blocking `CreditStore.spend_by_scope`."""
+        return self._call(self._store.spend_by_scope, start, end, user_id=user_id)
 
     def aggregate_stats(self, start: datetime, end: datetime) -> AggregateStatsRow:
         """Blocking `CreditStore.aggregate_stats`."""
@@ -1016,16 +1083,30 @@ class SyncCreditManager(_Facade):
         return self._call(self._manager.setup, database_url)
 
     def publish_pricing(
-        self, config: PricingConfigData | Mapping[str, object], label: str | None = None
+        self,
+        config: PricingConfigData | Mapping[str, object],
+        label: str | None = None,
+        *,
+        effective_at: datetime | None = None,
     ) -> str:
         """Blocking `CreditManager.publish_pricing`."""
-        return self._call(self._manager.publish_pricing, config, label)
+        return self._call(self._manager.publish_pricing, config, label, effective_at=effective_at)
 
     def publish_pricing_from_dict(
-        self, data: PricingConfigData | Mapping[str, object], label: str | None = None
+        self,
+        data: PricingConfigData | Mapping[str, object],
+        label: str | None = None,
+        *,
+        effective_at: datetime | None = None,
     ) -> str:
         """Blocking `CreditManager.publish_pricing_from_dict`."""
-        return self._call(self._manager.publish_pricing_from_dict, data, label)
+        return self._call(
+            self._manager.publish_pricing_from_dict, data, label, effective_at=effective_at
+        )
+
+    def cancel_pricing(self, version: int) -> PricingConfigResult:
+        """Blocking `CreditManager.cancel_pricing`."""
+        return self._call(self._manager.cancel_pricing, version)
 
     def load_pricing_from_store(self) -> PricingEngine:
         """Blocking `CreditManager.load_pricing_from_store`."""
