@@ -39,7 +39,7 @@ from tests.stores._processes import (
 
 from ducto.errors import ErrorCode, InvalidArgumentError, StoreError, StoreUnavailableError
 from ducto.interface import open_store
-from ducto.interface.models import DeductionResult, SpendCap
+from ducto.interface.models import DeductionResult, PricingConfigData, SpendCap
 
 pytestmark = pytest.mark.postgres
 
@@ -149,13 +149,100 @@ async def test_a_version_1_schema_migrates_with_its_data(
         rows = await all_rows(store, "legacy")
         await assert_invariants(store, "legacy")
 
-    assert (["reserved_by_member", "rollups", "archived_rows"], SCHEMA_VERSION) == (
-        migrated.tables_created,
-        migrated.schema_version,
-    )
+    assert (
+        [
+            "reserved_by_member",
+            "rollups",
+            "archived_rows",
+            "reserved_by_scope",
+            "top_up_claims",
+            "top_up_totals",
+        ],
+        SCHEMA_VERSION,
+    ) == (migrated.tables_created, migrated.schema_version)
     assert (200, 30, 170) == (before.balance, before.reserved, before.available)
     assert (True, 175) == (settled.ok, settled.balance_after)
     assert [("tx_legacy", 200), (settled.transaction_id, -25)] == [(r.id, r.amount) for r in rows]
+
+
+async def test_a_version_4_schema_migrates_with_its_pricing_caps_and_rollups(
+    anyio_backend: str, url: str, schema: str
+) -> None:
+    """
+    A schema at version 4 with data migrates in place: the version active before (a rollback)
+    stays in force and no earlier version counts as scheduled, caps, window spend and counted
+    holds keep counting as unscoped, and archived rollups read as unscoped spend.
+    """
+    package = resources.files("ducto.interface.sql.postgres")
+    one, two = datetime(2026, 1, 10, tzinfo=UTC), datetime(2026, 2, 10, tzinfo=UTC)
+    now = datetime(2026, 3, 15, 12, tzinfo=UTC)
+    config = json.dumps({"models": {"_default": "input_tokens * 1"}})
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+        conn.execute(f"SET search_path TO {schema}")
+        for name in ("0001_schema.sql", "0002_team_holds.sql", "0003_data_path.sql"):
+            conn.execute(package.joinpath(name).read_text(encoding="utf-8"))
+        conn.execute(package.joinpath("0004_retention.sql").read_text(encoding="utf-8"))
+        conn.execute("CREATE TABLE ducto_schema (version integer NOT NULL)")
+        conn.execute("INSERT INTO ducto_schema VALUES (4)")
+        for version, at in ((1, one), (2, two)):
+            conn.execute(
+                "INSERT INTO pricing (version, id, config, label, created_at)"
+                " VALUES (%s, %s, %s, NULL, %s)",
+                (version, f"price_old{version}", config, at),
+            )
+        conn.execute("UPDATE settings SET value = '1' WHERE key = 'pricing'")  # rolled back
+        conn.execute(
+            "INSERT INTO accounts (kind, id, balance, lifetime_purchased, reserved, caps)"
+            " VALUES ('u', 'legacy', 500, 500, 40, 1)"
+        )
+        conn.execute(
+            "INSERT INTO lots (id, kind, account, remaining) VALUES ('lot_old', 'u', 'legacy', 500)"
+        )
+        conn.execute(
+            "INSERT INTO holds (id, kind, account, amount, operation_type, model, use_allowance,"
+            " expires_at) VALUES ('res_old', 'u', 'legacy', 40, 'chat', 'm1', false, %s)",
+            (datetime(2030, 1, 1, tzinfo=UTC),),
+        )
+        conn.execute("INSERT INTO reserved_by_model VALUES ('u', 'legacy', 'm1', 40)")
+        conn.execute("INSERT INTO caps VALUES ('legacy', 'daily', '', 100, 'deny')")
+        conn.execute("INSERT INTO spend VALUES ('legacy', 'daily', %s, '', 50)", (now.toordinal(),))
+        conn.execute("INSERT INTO rollups VALUES (%s, 'legacy', 'm1', 30, 2)", (one.toordinal(),))
+        conn.execute("UPDATE settings SET value = %s WHERE key = 'archived_before'", (two,))
+
+    clock = FakeClock(now)
+    async with PostgresStore(url, schema=schema, clock=clock) as store:
+        migrated = await store.setup()
+        active = await store.get_active_pricing()
+        history = await store.get_pricing_history()
+        caps = await store.list_spend_caps("legacy")
+        check = await store.check_spend_cap("legacy", amount=11)
+        refused = await store.reserve_credits("legacy", 20, "chat", min_balance=0)
+        by_scope = await store.spend_by_scope(one, two)
+        later = now + timedelta(hours=1)
+        await store.set_active_pricing(
+            PricingConfigData(models={"_default": "1"}), effective_at=later
+        )
+        before = await store.get_active_pricing()
+        clock.set(later)
+        after = await store.get_active_pricing()
+
+    assert (["reserved_by_scope", "top_up_claims", "top_up_totals"], SCHEMA_VERSION) == (
+        migrated.tables_created,
+        migrated.schema_version,
+    )
+    assert active is not None
+    assert (1, one, one) == (active.version, active.created_at, active.effective_at)
+    assert [(2, False), (1, False)] == [(h.version, h.scheduled) for h in history]
+    assert [(None, None, 100)] == [(c.model, c.scope, c.limit) for c in caps]
+    assert (50, 40, True) == (check.current_spend, check.reserved, check.exceeded)
+    assert ErrorCode.SPEND_CAP_EXCEEDED == refused.error
+    assert [("legacy", None, 30, 2)] == [
+        (r.user_id, r.scope, r.total_spend, r.transaction_count) for r in by_scope
+    ]
+    assert before is not None
+    assert after is not None
+    assert (1, 3) == (before.version, after.version)
 
 
 def test_setup_from_several_processes_at_once(url: str, schema: str, tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ results those operations give one at a time.
 
 A seeded script draws batches of operations on two users and one team pool (so operations
 share accounts all the time: holds settled next to new holds, refunds beside charges, caps set
-before the holds they limit, members added before they spend). Each batch runs as one
+before the holds they limit, scoped caps set before the scoped holds they limit, top-ups
+claimed and finished beside charges, members added before they spend). Each batch runs as one
 PostgresStore transaction; MemoryStore then runs the same operations one at a time, in the
 serial order the batch reports. Every result, and the final state, must be the same.
 """
@@ -21,7 +22,7 @@ import pytest
 from tests.conftest import FakeClock
 from tests.contract.test_differential import _Names
 
-from ducto.errors import DuctoError
+from ducto.errors import DuctoError, ErrorCode
 from ducto.interface._group import Job
 from ducto.interface.base import CreditStore
 from ducto.interface.memory import MemoryStore
@@ -52,6 +53,7 @@ class _Script:
         self.holds: list[tuple[str, str]] = []  # (user, hold name)
         self.team_holds: list[tuple[str, str]] = []
         self.debits: list[str] = []
+        self.claims: list[tuple[str, str, int]] = []  # (user, claim name, amount)
         self.keys = 0
 
     def key(self) -> str | None:
@@ -66,9 +68,18 @@ class _Script:
     def draw(self) -> tuple[str, Call]:
         rng, team = self.rng, self.team
         user = rng.choice(USERS)
-        meta = rng.choice([None, CreditMetadata(model="m1"), CreditMetadata(model="m2")])
+        meta = rng.choice(
+            [
+                None,
+                CreditMetadata(model="m1"),
+                CreditMetadata(model="m2"),
+                CreditMetadata(scope="k1"),
+                CreditMetadata(model="m1", scope="k1"),
+                CreditMetadata(model="m2", scope="k2"),
+            ]
+        )
         key = self.key()
-        roll = rng.randrange(24)
+        roll = rng.randrange(26)
         if roll < 2:
             amount = rng.randint(1, 300)
             expires = rng.choice([None, START + timedelta(hours=rng.randint(1, 30))])
@@ -111,14 +122,18 @@ class _Script:
                 model=rng.choice([None, "m1"]),
                 limit=rng.choice([60, 200, 900]),
                 action=rng.choice(["deny", "warn"]),
+                scope=rng.choice([None, None, "k1", "k2"]),
             )
             if rng.random() < 0.3:
-                return "uncap", lambda s, n: s.remove_spend_cap(user, cap.cap_type, cap.model)
+                return "uncap", lambda s, n: s.remove_spend_cap(
+                    user, cap.cap_type, cap.model, scope=cap.scope
+                )
             return "cap", lambda s, n: s.set_spend_cap(cap)
         if roll == 14:
             model = rng.choice([None, "m1"])
             extra = rng.randint(0, 100)
-            return "check_cap", lambda s, n: s.check_spend_cap(user, model, extra)
+            scope = rng.choice([None, "k1", "k2"])
+            return "check_cap", lambda s, n: s.check_spend_cap(user, model, extra, scope=scope)
         if roll == 15:
             return "balance", lambda s, n: s.get_balance(user)
         if roll == 16:
@@ -150,6 +165,20 @@ class _Script:
             return "team_settle", lambda s, n: s.deduct_credits(
                 member, n.ids[hold], amount, key, team_id=n.ids[team]
             )
+        if roll == 23:
+            threshold = rng.choice([300, 4000, 6000])  # available counts the plan allowance
+            amount = rng.choice([50, 200])
+            limit = rng.choice([300, 1000])
+            return f"claim:{user}", lambda s, n: s.claim_top_up(
+                user, threshold=threshold, amount=amount, monthly_limit=limit, ttl=600
+            )
+        if roll == 24 and self.claims:
+            owner, claim, amount = rng.choice(self.claims)
+            paid = rng.random() < 0.6
+            reference = f"pay-{claim}" if paid else None
+            return "finish", lambda s, n: s.finish_top_up(
+                owner, n.ids[claim], amount, payment_reference=reference
+            )
         if roll == 22:
             which = rng.randrange(3)
             if which == 0:
@@ -173,6 +202,8 @@ class _Script:
             self.holds.append((kind.split(":")[1], outcome["reservation_id"]))
         elif kind.startswith("team_hold:"):
             self.team_holds.append((kind.split(":")[1], outcome["reservation_id"]))
+        elif kind.startswith("claim:") and outcome.get("claimed"):
+            self.claims.append((kind.split(":")[1], outcome["claim_id"], outcome["amount"]))
         elif kind in ("deduct", "charge", "team_deduct", "team_settle") and outcome.get(
             "transaction_id"
         ):
@@ -296,8 +327,63 @@ async def test_batches_give_the_results_of_one_operation_at_a_time(
                     await store.list_lots(user),
                     await store.list_spend_caps(user),
                     await store.check_allowance(user),
+                    await store.check_spend_cap(user, "m1", scope="k1"),
                 ]
+            state.append(await store.spend_by_scope(START - timedelta(days=1), pg_clock.now))
             final.append(names.plain(state))
         assert final[0] == final[1]
         assert team_id
         assert script.debits, "the script never charged anything"
+        assert script.claims, "the script never claimed a top-up"
+
+
+async def _one_batch(store: PostgresStore, calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    """Run `calls` as one batch (one transaction); their results in call order."""
+    jobs: list[Job] = []
+    real_run = store._run
+    _recording(store, jobs)
+    try:
+        recorded = [await call() for call in calls]
+    finally:
+        store._run = real_run  # type: ignore[method-assign]
+    with anyio.fail_after(60):
+        await store._transact(lambda: store._steps(list(jobs)))
+    return [_value(value, job) for value, job in zip(recorded, jobs, strict=True)]
+
+
+@pytest.mark.parametrize("capped_before", [False, True])
+async def test_a_scoped_cap_set_in_a_batch_limits_the_holds_after_it(
+    anyio_backend: str, url: str, schema: str, capped_before: bool
+) -> None:
+    """A scoped cap set in a batch counts the scoped holds made before it in the batch and in
+    earlier ones, for a user with no caps before and for one with only an unscoped cap."""
+    k1 = CreditMetadata(model="m1", scope="k1")
+    async with PostgresStore(url, schema=schema, clock=FakeClock(START)) as store:
+        await store.setup()
+        await store.add_credits("ann", 1000, "purchase")
+        if capped_before:
+            await store.set_spend_cap(SpendCap(user_id="ann", cap_type="daily", limit=900))
+        earlier = await store.reserve_credits("ann", 30, "chat", k1, 0)
+        results = await _one_batch(
+            store,
+            [
+                lambda: store.reserve_credits("ann", 40, "chat", k1, 0),
+                lambda: store.set_spend_cap(
+                    SpendCap(user_id="ann", cap_type="daily", limit=100, scope="k1")
+                ),
+                lambda: store.reserve_credits("ann", 31, "chat", k1, 0),
+                lambda: store.reserve_credits("ann", 30, "chat", CreditMetadata(scope="k1"), 0),
+                lambda: store.reserve_credits("ann", 500, "chat", CreditMetadata(scope="k2"), 0),
+                lambda: store.check_spend_cap("ann", "m1", 0, scope="k1"),
+            ],
+        )
+        settled = await store.deduct_credits("ann", earlier.reservation_id, 30)
+        after = await store.check_spend_cap("ann", "m2", 0, scope="k1")
+
+    first, _, refused, fits, elsewhere, check = results
+    assert (True, False, True, True) == (first.ok, refused.ok, fits.ok, elsewhere.ok)
+    assert ErrorCode.SPEND_CAP_EXCEEDED == refused.error
+    assert ("k1", 70) == (refused.cap_scope, refused.cap_reserved)
+    assert (100, 0, "k1") == (check.reserved, check.current_spend, check.scope)
+    assert settled.ok
+    assert (30, 70) == (after.current_spend, after.reserved)

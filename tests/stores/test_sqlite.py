@@ -316,6 +316,7 @@ MIGRATION_FILES = (
     "0003_team_holds.sql",
     "0004_idempotency_rowid.sql",
     "0005_retention.sql",
+    "0006_scopes_schedules_top_ups.sql",
 )
 
 
@@ -529,6 +530,7 @@ async def test_setup_reports_every_table_it_creates(anyio_backend: str, tmp_path
         *tables_in(migration("0002_plans_caps_teams.sql")),
         *tables_in(migration("0003_team_holds.sql")),
         *tables_in(migration("0005_retention.sql")),
+        *(t for t in tables_in(migration("0006_scopes_schedules_top_ups.sql")) if t not in RENAMED),
     ] == migrated.tables_created
 
 

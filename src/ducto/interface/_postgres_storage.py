@@ -45,6 +45,7 @@ from ducto.interface.models import PlanDefinition, PricingConfigData, SpendCap, 
 T = TypeVar("T")
 
 _ALL_MODELS: Final = ""
+_NO_SCOPE: Final = ""
 _NEW_SEQ: Final = 1 << 62
 """Sequence numbers given to lots made in a batch: after every stored lot, in creation order."""
 _NEVER: Final = datetime.max.replace(tzinfo=UTC)
@@ -119,6 +120,8 @@ class Need:
     """Refunded ledger rows by id, with the refund's idempotency key ("" for none)."""
     pages: dict[tuple[Any, ...], None] = field(default_factory=dict)
     sweep: bool = False
+    top_ups: set[str] = field(default_factory=set)
+    """Users whose top-up claim and this month's top-up total are read (rare operations)."""
 
     def merge(self, other: Need, *, add_debits: bool = False) -> None:
         """
@@ -147,6 +150,7 @@ class Need:
                 self.refunds[tx] = key
         self.pages.update(other.pages)
         self.sweep |= other.sweep
+        self.top_ups |= other.top_ups
 
     def document(self) -> dict[str, Any]:
         """The ``ducto_read`` document (without the locks and the clock, which the store adds)."""
@@ -183,6 +187,8 @@ class Need:
             ]  # fmt: skip
         if self.sweep:
             doc["sweep"] = True
+        if self.top_ups:
+            doc["top_ups"] = list(self.top_ups)
         return doc
 
 
@@ -247,7 +253,7 @@ def need_for(op: Any, args: Sequence[Any]) -> Need:
     elif op in (E.get_active_pricing, E.get_pricing_history, E.set_active_pricing):
         need.pricing = 2
         need.pricing_history = op is E.get_pricing_history
-    elif op in (E.activate_pricing, E.get_pricing_config):
+    elif op in (E.activate_pricing, E.cancel_pricing, E.get_pricing_config):
         need.pricing = 2
         need.pricing_versions.add(args[0])
     elif op in (E.get_user_plan, E.check_allowance):
@@ -294,6 +300,16 @@ def need_for(op: Any, args: Sequence[Any]) -> Need:
         need.accounts.add((t, team))
         need.members.add((team, user))
         _key(need, t, team, key)
+    elif op is E.claim_top_up:
+        user = args[0]
+        need.accounts.add((u, user))
+        need.pricing = 1  # the plan allowance counts toward what is available
+        need.top_ups.add(user)
+    elif op is E.finish_top_up:
+        user, _, _, reference, _ = args
+        need.accounts.add((u, user))
+        need.top_ups.add(user)
+        _key(need, u, user, reference)  # the grant's key
     else:  # pragma: no cover - every engine operation is listed above
         raise AssertionError(f"no prefetch plan for {op!r}")
     return need
@@ -326,7 +342,8 @@ class Data:
     members: dict[tuple[str, str], Any] = field(default_factory=dict)
     member_lists: dict[str, Any] = field(default_factory=dict)
     member_counts: dict[str, int] = field(default_factory=dict)
-    active_version: int | None = None
+    pricing: E.PricingState | None = None
+    """The pointer and the scheduled versions (None: not read)."""
     last_version: int | None = None
     versions: dict[int, Any] = field(default_factory=dict)
     history: list[Any] | None = None
@@ -335,6 +352,8 @@ class Data:
     """Ledger rows asked for as `debit_rows`, missing, and archived."""
     pages: dict[tuple[Any, ...], list[Any]] = field(default_factory=dict)
     sweep: list[Any] | None = None
+    top_ups: dict[str, tuple[Any, int]] = field(default_factory=dict)
+    """A user's top-up claim row (or None) and this month's top-up total."""
 
     def read(self, need: Need, doc: dict[str, Any]) -> None:
         """Add what a ``ducto_read`` document for `need` brought (missing rows as None)."""
@@ -346,13 +365,16 @@ class Data:
             accounts[key] = None
         for row in doc.get("accounts") or ():
             kind, account = key = (row[0], row[1])
-            # balance ... caps, holds due, lots due, then holds by model (read with caps)
-            accounts[key] = [*row[2:11], False]
+            # balance ... caps, holds due, lots due, then holds by model and holds in the
+            # scopes caps name (both read with caps)
+            accounts[key] = [*row[2:11], False, False]
             if kind == E.USER:
                 users[account] = [None, False, False]  # caps, window spend, allowance used
-        for account, caps, spend, by_model in doc.get("caps") or ():
+        for account, caps, spend, by_model, by_scope in doc.get("caps") or ():
             users[account][0:2] = caps, spend or []
-            accounts[(E.USER, account)][9] = by_model or {}
+            row = accounts[(E.USER, account)]
+            row[9] = by_model or {}
+            row[10] = by_scope or []
         for account, used in doc.get("allowance") or ():
             users[account][2] = used or 0
         for kind, account, live, expired in doc.get("debits") or ():
@@ -393,8 +415,12 @@ class Data:
             self.member_counts[team] = count
         pricing = doc.get("pricing")
         if pricing is not None:
-            active, last = pricing
-            self.active_version = int(active) if active else None
+            pointer, last, scheduled = pricing
+            self.pricing = E.PricingState(
+                None if pointer is None else int(pointer[0]),
+                None if pointer is None else timestamp(pointer[1]),
+                [(timestamp(at), version) for at, version in scheduled or ()],
+            )
             self.last_version = last
         for version in need.pricing_versions:
             self.versions[version] = None
@@ -416,6 +442,8 @@ class Data:
             self.pages[page] = rows
         if doc.get("sweep") is not None:
             self.sweep = doc.get("sweep")
+        for user, claim, total in doc.get("top_ups") or ():
+            self.top_ups[user] = (claim, total or 0)
 
 
 def parse(need: Need, text: bytes) -> Data:
@@ -434,7 +462,7 @@ class Writes:
 
     __slots__ = (
         "accounts",
-        "activate",
+        "cancel",
         "caps",
         "caps_removed",
         "holds",
@@ -445,8 +473,10 @@ class Writes:
         "lots_new",
         "members",
         "members_removed",
+        "pointer",
         "pricing",
         "refunds",
+        "top_up_claims",
         "totals",
     )
 
@@ -460,12 +490,14 @@ class Writes:
         self.refunds: dict[str, list[Any]] = {}
         self.keys: list[list[Any]] = []
         self.totals: dict[tuple[Any, ...], int] = {}
-        self.caps: dict[tuple[str, str, str], list[Any] | None] = {}
+        self.caps: dict[tuple[str, str, str, str], list[Any] | None] = {}
         self.caps_removed: list[list[Any]] = []
         self.members: dict[tuple[str, str], list[Any] | None] = {}
         self.members_removed: list[list[Any]] = []
         self.pricing: list[list[Any]] = []
-        self.activate: int | None = None
+        self.pointer: list[Any] | None = None
+        self.cancel: list[list[Any]] = []
+        self.top_up_claims: dict[str, list[Any] | None] = {}
 
     def hold(self, hold_id: str, state: int | None) -> None:
         """Mark a hold no longer counted, and closed in `state` when given."""
@@ -483,7 +515,7 @@ class Writes:
             entry[2] = expired
 
     def add(self, table: str, key: tuple[Any, ...], delta: int) -> None:
-        """Add `delta` to a running total (``model``, ``member``, ``spend``, ...)."""
+        """Add `delta` to a running total (``model``, ``scope``, ``spend``, ...)."""
         full = (table, *key)
         self.totals[full] = self.totals.get(full, 0) + delta
 
@@ -511,7 +543,9 @@ class Writes:
         if self.keys:
             doc["keys"] = self.keys
         for (table, *key), delta in self.totals.items():
-            if delta:
+            # A top-up total is written even back at zero, as a window counter that was
+            # counted (`prune` counts it).
+            if delta or table == "top_up":
                 doc.setdefault(table, []).append([*key, delta])
         removed_caps = [[*k] for k, v in self.caps.items() if v is None]
         if removed_caps:
@@ -527,8 +561,12 @@ class Writes:
             doc["members"] = members
         if self.pricing:
             doc["pricing"] = self.pricing
-        if self.activate is not None:
-            doc["activate"] = str(self.activate)
+        if self.cancel:
+            doc["cancel"] = self.cancel
+        if self.pointer is not None:
+            doc["pointer"] = self.pointer
+        if self.top_up_claims:
+            doc["top_up_claims"] = [[user, claim] for user, claim in self.top_up_claims.items()]
         return doc
 
 
@@ -586,9 +624,19 @@ class Snapshot:
         self._dirty: dict[tuple[str, str], _Account] = {}
         self._held: dict[tuple[str, str], dict[str, int]] = {}
         self._held_unread: set[tuple[str, str]] = set()
+        # Counted holds in a scope by (model or "", scope), and the scopes read (None: all,
+        # for an account made in this batch); built when first asked for.
+        self._held_scoped: dict[tuple[str, str], dict[tuple[str, str], int]] = {}
+        self._held_scopes: dict[tuple[str, str], frozenset[str] | None] = {}
         self._member_held: dict[tuple[str, str], int] = {}
-        self._caps: dict[str, dict[tuple[str, str | None], SpendCap]] = {}
-        self._spend: dict[str, dict[tuple[str, int, str], int]] = {}
+        self._caps: dict[str, dict[tuple[str, str | None, str | None], SpendCap]] = {}
+        self._spend: dict[str, dict[tuple[str, int, str, str], int]] = {}
+        self._spend_scopes: dict[str, frozenset[str]] = {}
+        self._top_ups: dict[str, list[Any]] = {}
+        self._pricing_state: E.PricingState | None = None
+        self._last_version: int | None = None
+        self._new_versions: dict[int, E.PricingVersion] = {}
+        self._cancelled: dict[int, datetime] = {}
         self._allowance: dict[str, int] = {}
         self._lapsed: set[tuple[str, str, str]] = set()
         self._lapsed_ids: set[str] = set()
@@ -666,8 +714,11 @@ class Snapshot:
 
     def create(self, kind: str, account_id: str, now: datetime) -> _Account:
         acct = _Account(kind, account_id)
-        self._accounts[(kind, account_id)] = acct
-        self._held[(kind, account_id)] = {}
+        key = (kind, account_id)
+        self._accounts[key] = acct
+        self._held[key] = {}
+        self._held_scoped[key] = {}
+        self._held_scopes[key] = None
         return acct
 
     def save(self, acct: E.Account) -> None:
@@ -691,8 +742,10 @@ class Snapshot:
             if cached is not None:
                 cached.counted = False
         return [
-            E.Hold(hold_id, amount, "", model, False, timestamp(expires), member=member)
-            for hold_id, amount, model, member, expires in rows
+            E.Hold(
+                hold_id, amount, "", model, False, timestamp(expires), member=member, scope=scope
+            )
+            for hold_id, amount, model, member, expires, scope in rows
         ]
 
     def lapse_lots(self, acct: E.Account, now: datetime) -> Sequence[int]:
@@ -721,7 +774,8 @@ class Snapshot:
             raise Miss(Need(holds={key})) from None
         hold = None
         if row is not None:
-            amount, operation_type, model, use_allowance, expires, member, state, counted = row
+            (amount, operation_type, model, use_allowance, expires, member, state, counted,
+             scope) = row  # fmt: skip
             hold = E.Hold(
                 hold_id,
                 amount,
@@ -732,6 +786,7 @@ class Snapshot:
                 member=member,
                 state=state,
                 counted=counted and hold_id not in self._lapsed_ids,
+                scope=scope,
             )
         self._holds[key] = hold
         return hold
@@ -751,6 +806,7 @@ class Snapshot:
                 hold.state,
                 hold.counted,
                 hold.member,
+                hold.scope,
             ]
         )
 
@@ -760,20 +816,50 @@ class Snapshot:
 
     def add_held(self, acct: E.Account, hold: E.Hold, delta: int) -> None:
         key = (acct.kind, acct.id)
-        if hold.model is not None:
+        model = hold.model
+        if model is not None:
             held = self._held.setdefault(key, {})
-            held[hold.model] = held.get(hold.model, 0) + delta
-            self.out.add("model", (*key, hold.model), delta)
+            held[model] = held.get(model, 0) + delta
+            self.out.add("model", (*key, model), delta)
+        scope = hold.scope
+        if scope is not None:
+            # A scope that was not read gets a wrong total here, but `held_for` defers
+            # whoever asks for it.
+            scoped = self._scoped_held(key)
+            for name in (_ALL_MODELS, model) if model is not None else (_ALL_MODELS,):
+                if scoped is not None:
+                    scoped[(name, scope)] = scoped.get((name, scope), 0) + delta
+                self.out.add("scope", (*key, name, scope), delta)
         if hold.member is not None:
             member_key = (acct.id, hold.member)
             self._member_held[member_key] = self.held_by_member(acct, hold.member) + delta
             self.out.add("member", (*key, hold.member), delta)
 
-    def held_for(self, acct: E.Account, model: str) -> int:
+    def _scoped_held(self, key: tuple[str, str]) -> dict[tuple[str, str], int] | None:
+        """The account's counted holds in the scopes read (None: none were read)."""
+        scoped = self._held_scoped.get(key)
+        if scoped is None:
+            row = self.data.accounts.get(key)
+            if row is None or row[10] is False:
+                return None
+            scoped = self._held_scoped[key] = {(m, s): n for m, s, n in row[10]}
+            # Read for the scopes the account's caps named.
+            caps = self.data.users[key[1]][0] or ()
+            self._held_scopes[key] = frozenset(cap[4] for cap in caps if cap[4])
+        return scoped
+
+    def held_for(self, acct: E.Account, model: str | None, scope: str | None) -> int:
         key = (acct.kind, acct.id)
         if key in self._held_unread:
             raise Defer  # not read: the account had no caps when the batch read it
-        return self._held.get(key, {}).get(model, 0)
+        if scope is None:
+            assert model is not None
+            return self._held.get(key, {}).get(model, 0)
+        scoped = self._scoped_held(key)
+        known = self._held_scopes.get(key)
+        if scoped is None or (known is not None and scope not in known):
+            raise Defer  # not read: no cap named the scope when the batch read it
+        return scoped.get((model or _ALL_MODELS, scope), 0)
 
     def held_by_member(self, team: E.Account, user_id: str) -> int:
         key = (team.id, user_id)
@@ -916,6 +1002,7 @@ class Snapshot:
         model: str | None = None,
         operation_type: str | None = None,
         allowance: int = 0,
+        scope: str | None = None,
     ) -> str:
         row_id = self._ids.next("tx")
         self._ledger_written.add((acct.kind, acct.id))
@@ -936,6 +1023,7 @@ class Snapshot:
                 model,
                 operation_type,
                 allowance,
+                scope,
             ]
         )
         if type_ in L.REFUNDABLE_TYPES:
@@ -950,6 +1038,7 @@ class Snapshot:
                 None,
                 spender,
                 model,
+                scope,
             )
         return row_id
 
@@ -975,6 +1064,7 @@ class Snapshot:
                     list(refunds) if refunds else None,
                     spender,
                     model,
+                    row[11],  # the scope, after the lots drawn and the key's results
                 )
         self._debits[transaction_id] = found
         return found
@@ -1093,14 +1183,16 @@ class Snapshot:
     def _config(self, version: int) -> PricingConfigData:
         config = self._configs.get(version)
         if config is None:
+            added = self._new_versions.get(version)
+            if added is not None:
+                return added.config
             row = self.data.versions.get(version)
             if row is None:
                 raise Miss(Need(pricing_versions={version}))
             config = self._configs[version] = PricingConfigData.model_validate_json(row[2])
         return config
 
-    def plan(self, plan_id: str) -> PlanDefinition | None:
-        version = self.active_version()
+    def plan(self, plan_id: str, version: int | None) -> PlanDefinition | None:
         if version is None:
             return None
         return (self._config(version).plans or {}).get(plan_id)
@@ -1136,18 +1228,19 @@ class Snapshot:
 
     # -- caps and spend windows --------------------------------------------------------------
 
-    def _cap_table(self, user_id: str) -> dict[tuple[str, str | None], SpendCap]:
+    def _cap_table(self, user_id: str) -> dict[tuple[str, str | None, str | None], SpendCap]:
         caps = self._caps.get(user_id)
         if caps is None:
             caps = self._caps[user_id] = {
-                (cap_type, model or None): SpendCap(
+                (cap_type, model or None, scope or None): SpendCap(
                     user_id=user_id,
                     cap_type=cap_type,
                     model=model or None,
                     limit=limit,
                     action=action,
+                    scope=scope or None,
                 )
-                for cap_type, model, limit, action in self._user_row(user_id)[0] or ()
+                for cap_type, model, limit, action, scope in self._user_row(user_id)[0] or ()
             }
         return caps
 
@@ -1160,27 +1253,32 @@ class Snapshot:
     def put_cap(self, acct: E.Account, cap: SpendCap) -> None:
         assert isinstance(acct, _Account)
         caps = self._cap_table(acct.id)
-        caps[(cap.cap_type, cap.model)] = cap
+        caps[(cap.cap_type, cap.model, cap.scope)] = cap
         acct.caps = len(caps)
         model = cap.model or _ALL_MODELS
-        self.out.caps[(acct.id, cap.cap_type, model)] = [
+        scope = cap.scope or _NO_SCOPE
+        self.out.caps[(acct.id, cap.cap_type, model, scope)] = [
             acct.id,
             cap.cap_type,
             model,
             cap.limit,
             cap.action,
+            scope,
         ]
 
-    def remove_cap(self, acct: E.Account, cap_type: str, model: str | None) -> bool:
+    def remove_cap(
+        self, acct: E.Account, cap_type: str, model: str | None, scope: str | None
+    ) -> bool:
         assert isinstance(acct, _Account)
         caps = self._cap_table(acct.id)
-        removed = caps.pop((cap_type, model), None) is not None
+        removed = caps.pop((cap_type, model, scope), None) is not None
         acct.caps = len(caps)
         if removed:
-            self.out.caps[(acct.id, cap_type, model or _ALL_MODELS)] = None
+            key = (acct.id, cap_type, model or _ALL_MODELS, scope or _NO_SCOPE)
+            self.out.caps[key] = None
         return removed
 
-    def _spend_table(self, user_id: str) -> dict[tuple[str, int, str], int] | None:
+    def _spend_table(self, user_id: str) -> dict[tuple[str, int, str, str], int] | None:
         """The user's spend in the current windows (None: not read, as it had no caps)."""
         spend = self._spend.get(user_id)
         if spend is None:
@@ -1188,30 +1286,87 @@ class Snapshot:
             if rows is False:
                 return None
             spend = self._spend[user_id] = {
-                (kind, period, name): amount for kind, period, name, amount in rows or ()
+                (kind, period, name, scope): amount
+                for kind, period, name, scope, amount in rows or ()
             }
         return spend
 
-    def window_spend(self, user_id: str, cap_type: str, window: int, model: str | None) -> int:
+    def _spend_read(self, user_id: str, scope: str) -> bool:
+        """Whether the user's spend in `scope` was read (it is for the scopes caps named)."""
+        scopes = self._spend_scopes.get(user_id)
+        if scopes is None:
+            caps = self._user_row(user_id)[0] or ()
+            scopes = self._spend_scopes[user_id] = frozenset(cap[4] for cap in caps if cap[4])
+        return scope in scopes
+
+    def window_spend(
+        self, user_id: str, cap_type: str, window: int, model: str | None, scope: str | None
+    ) -> int:
         if window != L.cap_window_key(cap_type, self._now):
             raise AssertionError("only the current windows are read")  # pragma: no cover
         spend = self._spend_table(user_id)
-        if spend is None:
+        if spend is None or (scope is not None and not self._spend_read(user_id, scope)):
             raise Defer  # a cap set earlier in the batch: read the spend after its writes
-        return spend.get((cap_type, window, model or _ALL_MODELS), 0)
+        return spend.get((cap_type, window, model or _ALL_MODELS, scope or _NO_SCOPE), 0)
 
-    def add_spend(self, user_id: str, model: str | None, at: datetime, amount: int) -> None:
+    def add_spend(
+        self, user_id: str, model: str | None, scope: str | None, at: datetime, amount: int
+    ) -> None:
+        models = (_ALL_MODELS, model) if model is not None else (_ALL_MODELS,)
+        scopes = (_NO_SCOPE, scope) if scope is not None else (_NO_SCOPE,)
         rows = [
-            (user_id, cap_type, L.cap_window_key(cap_type, at), key)
+            (user_id, cap_type, L.cap_window_key(cap_type, at), name, part)
             for cap_type in ("daily", "monthly")
-            for key in ((_ALL_MODELS, model) if model is not None else (_ALL_MODELS,))
+            for part in scopes
+            for name in models
         ]
         spend = self._spend_table(user_id) if user_id in self.data.users else None
-        if spend is not None:  # keep the windows later reads see current
-            for _, cap_type, period, key in rows:
-                spend[(cap_type, period, key)] = spend.get((cap_type, period, key), 0) + amount
+        if spend is not None:
+            # Keep the windows later reads see current (a scope that was not read gets a
+            # wrong total here, but `window_spend` defers whoever asks for it).
+            for _, cap_type, period, name, part in rows:
+                key = (cap_type, period, name, part)
+                spend[key] = spend.get(key, 0) + amount
         for row in rows:
             self.out.add("spend", row, amount)
+
+    # -- auto top-up -------------------------------------------------------------------------
+
+    def _top_up(self, acct: E.Account) -> list[Any]:
+        """The user's ``[claim, this month's total]``, as read and written in this batch."""
+        entry = self._top_ups.get(acct.id)
+        if entry is None:
+            try:
+                row, total = self.data.top_ups[acct.id]
+            except KeyError:
+                raise Miss(Need(top_ups={acct.id})) from None
+            claim = None
+            if row is not None:
+                claim = E.TopUpClaim(row[0], row[1], row[2], timestamp(row[3]))
+            entry = self._top_ups[acct.id] = [claim, total]
+        return entry
+
+    def top_up_claim(self, acct: E.Account) -> E.TopUpClaim | None:
+        claim: E.TopUpClaim | None = self._top_up(acct)[0]
+        return claim
+
+    def put_top_up_claim(self, acct: E.Account, claim: E.TopUpClaim | None) -> None:
+        self._top_up(acct)[0] = claim
+        self.out.top_up_claims[acct.id] = (
+            None
+            if claim is None
+            else [claim.id, claim.amount, claim.month, claim.expires_at.isoformat()]
+        )
+
+    def top_up_total(self, acct: E.Account, month: int) -> int:
+        if month != self._month:
+            raise AssertionError("only this month's top-ups are read")  # pragma: no cover
+        return int(self._top_up(acct)[1])
+
+    def add_top_up_total(self, acct: E.Account, month: int, delta: int) -> None:
+        if month == self._month:
+            self._top_up(acct)[1] += delta
+        self.out.add("top_up", (acct.id, month), delta)
 
     # -- teams -------------------------------------------------------------------------------
 
@@ -1278,27 +1433,45 @@ class Snapshot:
 
     # -- pricing -----------------------------------------------------------------------------
 
-    def _pricing_loaded(self) -> None:
-        if self.data.last_version is None:
-            raise Miss(Need(pricing=True))
+    def pricing_state(self) -> E.PricingState:
+        state = self._pricing_state
+        if state is None:
+            state = self.data.pricing
+            if state is None:
+                raise Miss(Need(pricing=2))
+        return state
 
-    def active_version(self) -> int | None:
-        self._pricing_loaded()
-        return self.data.active_version
+    def set_pricing_pointer(self, version: int, at: datetime) -> None:
+        scheduled = [(when, v) for when, v in self.pricing_state().scheduled if when > at]
+        self._pricing_state = E.PricingState(version, at, scheduled)
+        self.out.pointer = [version, at.isoformat()]
+
+    def cancel_pricing(self, version: int, at: datetime) -> None:
+        state = self.pricing_state()
+        scheduled = [(when, v) for when, v in state.scheduled if v != version]
+        self._pricing_state = state._replace(scheduled=scheduled)
+        self._cancelled[version] = at
+        self.out.cancel.append([version, at.isoformat()])
 
     def _version(self, row: Sequence[Any]) -> E.PricingVersion:
-        version, pricing_id, _, label, created = row
+        version, pricing_id, _, label, created, effective, cancelled = row
         if version not in self._configs:
             self._configs[version] = PricingConfigData.model_validate_json(row[2])
         return E.PricingVersion(
-            version, pricing_id, self._configs[version], label, timestamp(created)
+            version,
+            pricing_id,
+            self._configs[version],
+            label,
+            timestamp(created),
+            timestamp(effective),
+            self._cancelled.get(version) or _dt(cancelled),
         )
 
-    def active_pricing(self) -> E.PricingVersion | None:
-        version = self.active_version()
-        return None if version is None else self.pricing(version)
-
     def pricing(self, version: int) -> E.PricingVersion | None:
+        added = self._new_versions.get(version)
+        if added is not None:
+            at = self._cancelled.get(version)
+            return added if at is None else added._replace(cancelled_at=at)
         if version not in self.data.versions:
             raise Miss(Need(pricing_versions={version}))
         row = self.data.versions[version]
@@ -1307,9 +1480,20 @@ class Snapshot:
     def pricing_history(self) -> list[E.PricingVersion]:
         if self.data.history is None:
             raise Miss(Need(pricing_history=True))
-        return [self._version(row) for row in self.data.history]
+        added = sorted(self._new_versions, reverse=True)
+        return [
+            *(item for v in added if (item := self.pricing(v)) is not None),
+            *(self._version(row) for row in self.data.history),
+        ]
 
     def add_pricing(self, item: E.PricingVersion) -> None:
+        # Kept in this batch only: the store's parsed configs take versions once committed.
+        state = self.pricing_state()
+        self._new_versions[item.version] = item
+        self._last_version = item.version
+        if state.pointer_at is None or item.effective_at > state.pointer_at:
+            scheduled = [*state.scheduled, (item.effective_at, item.version)]
+            self._pricing_state = state._replace(scheduled=scheduled)
         self.out.pricing.append(
             [
                 item.version,
@@ -1317,19 +1501,21 @@ class Snapshot:
                 item.config.model_dump_json(),
                 item.label,
                 item.created_at.isoformat(),
+                item.effective_at.isoformat(),
             ]
         )
 
     def last_pricing_version(self) -> int:
-        self._pricing_loaded()
+        if self._last_version is not None:
+            return self._last_version
+        self.pricing_state()  # read with it
         assert self.data.last_version is not None
         return self.data.last_version
 
-    def activate(self, version: int) -> None:
-        self.out.activate = version
 
-
-_NO_USER: Final[tuple[None, list[Any], int]] = (None, [], 0)
+_NO_USER: Final[tuple[None, bool, int]] = (None, False, 0)
+"""A user without an account: no caps, no allowance used, and window spend unread (spend may
+be stored without an account; only a cap set in the same batch asks for it, and defers)."""
 
 
 def _expired(lot: L.Lot, now: datetime) -> bool:

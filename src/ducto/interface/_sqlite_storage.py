@@ -25,6 +25,8 @@ T = TypeVar("T")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 NEVER_US: Final = 9223372036854775807
 _ALL_MODELS: Final = ""
+_NO_SCOPE: Final = ""
+"""The scope column of a counter, total or cap that is not in a budget scope."""
 
 
 def to_us(moment: datetime) -> int:
@@ -69,6 +71,7 @@ def _stored_row(row: Sequence[Any]) -> E.StoredRow:
         model,
         operation_type,
         allowance,
+        scope,
     ) = row
     return E.StoredRow(
         seq,
@@ -87,6 +90,7 @@ def _stored_row(row: Sequence[Any]) -> E.StoredRow:
         model,
         operation_type,
         allowance,
+        scope,
     )
 
 
@@ -109,7 +113,29 @@ _EXPIRED_LOTS: Final = (
 )
 _ROW_COLUMNS: Final = (
     "seq, id, kind, account, amount, type, balance_after, metadata, created_us,"
-    " reservation_id, idempotency_key, refunded, spender, model, operation_type, allowance"
+    " reservation_id, idempotency_key, refunded, spender, model, operation_type, allowance,"
+    " scope"
+)
+_POINTER: Final = "active_pricing"
+_POINTER_AT: Final = "active_pricing_at"
+"""The settings keys of the pricing pointer: its version, and since when (microseconds)."""
+_PRICING_COLUMNS: Final = "version, id, config, label, created_us, effective_us, cancelled_us"
+_PRICING_STATE: Final = (
+    # One statement: the pointer's row (if any), then the versions scheduled after it, found
+    # through an index that holds only versions not cancelled.
+    f"SELECT 1, CAST(p.value AS INTEGER), CAST(a.value AS INTEGER) FROM settings p, settings a"
+    f" WHERE p.key = '{_POINTER}' AND a.key = '{_POINTER_AT}'"
+    " UNION ALL SELECT 0, version, effective_us FROM pricing INDEXED BY pricing_scheduled"
+    " WHERE cancelled_us IS NULL AND effective_us > coalesce("
+    f"(SELECT CAST(value AS INTEGER) FROM settings WHERE key = '{_POINTER_AT}'), -{NEVER_US})"
+)
+_HELD_ADD: Final = (
+    "INSERT INTO reserved_by_model (kind, account, model, scope, amount) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (kind, account, model, scope) DO UPDATE SET amount = amount + excluded.amount"
+)
+_HELD_DROP: Final = (
+    "DELETE FROM reserved_by_model WHERE kind = ? AND account = ? AND model = ? AND scope = ?"
+    " AND amount = 0"
 )
 _HORIZON: Final = "archived_before"
 """The settings key of the archive horizon (microseconds)."""
@@ -229,9 +255,11 @@ class SQLiteStorage:
         if now_us < acct.hold_check_us:
             return ()
         lapsed = [
-            E.Hold(hold_id, amount, "", model, False, from_us(expires_us), member=member)
-            for hold_id, amount, model, member, expires_us in self.conn.execute(
-                "SELECT id, amount, model, member, expires_us FROM holds"
+            E.Hold(
+                hold_id, amount, "", model, False, from_us(expires_us), member=member, scope=scope
+            )
+            for hold_id, amount, model, member, expires_us, scope in self.conn.execute(
+                "SELECT id, amount, model, member, expires_us, scope FROM holds"
                 " WHERE kind = ? AND account = ? AND counted = 1 AND expires_us <= ?",
                 (acct.kind, acct.id, now_us),
             ).fetchall()
@@ -284,12 +312,14 @@ class SQLiteStorage:
     def hold(self, acct: E.Account, hold_id: str) -> E.Hold | None:
         row = self._one(
             "SELECT amount, operation_type, model, use_allowance, expires_us, member, state,"
-            " counted FROM holds WHERE id = ? AND kind = ? AND account = ?",
+            " counted, scope FROM holds WHERE id = ? AND kind = ? AND account = ?",
             (hold_id, acct.kind, acct.id),
         )
         if row is None:
             return None
-        amount, operation_type, model, use_allowance, expires_us, member, state, counted = row
+        amount, operation_type, model, use_allowance, expires_us, member, state, counted, scope = (
+            row
+        )
         return E.Hold(
             hold_id,
             amount,
@@ -300,6 +330,7 @@ class SQLiteStorage:
             member=member,
             state=state,
             counted=bool(counted),
+            scope=scope,
         )
 
     def add_hold(self, acct: E.Account, hold: E.Hold) -> None:
@@ -307,7 +338,8 @@ class SQLiteStorage:
         expires_us = to_us(hold.expires_at)
         self.conn.execute(
             "INSERT INTO holds (id, kind, account, amount, operation_type, model, use_allowance,"
-            " expires_us, state, counted, member) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " expires_us, state, counted, member, scope)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 hold.id,
                 acct.kind,
@@ -320,6 +352,7 @@ class SQLiteStorage:
                 hold.state,
                 int(hold.counted),
                 hold.member,
+                hold.scope,
             ),
         )
         if hold.counted:
@@ -330,30 +363,53 @@ class SQLiteStorage:
         hold.state = state
 
     def add_held(self, acct: E.Account, hold: E.Hold, delta: int) -> None:
-        for table, column, value in (
-            ("reserved_by_model", "model", hold.model),
-            ("reserved_by_member", "member", hold.member),
-        ):
-            if value is None:
-                continue
-            params = (acct.kind, acct.id, value)
+        model, scope = hold.model, hold.scope
+        if scope is None:
+            if model is not None:
+                self.conn.execute(_HELD_ADD, (acct.kind, acct.id, model, _NO_SCOPE, delta))
+                if delta < 0:
+                    self.conn.execute(_HELD_DROP, (acct.kind, acct.id, model, _NO_SCOPE))
+        else:
+            # One statement for every total a hold in a scope counts in: the scope's on every
+            # model, and with a model that model's and the scope's on that model.
+            keys = [(_ALL_MODELS, scope)]
+            if model is not None:
+                keys += [(model, _NO_SCOPE), (model, scope)]
             self.conn.execute(
-                f"INSERT INTO {table} (kind, account, {column}, amount) VALUES (?, ?, ?, ?)"
-                f" ON CONFLICT (kind, account, {column})"
+                "INSERT INTO reserved_by_model (kind, account, model, scope, amount) VALUES"
+                + ", ".join(["(?, ?, ?, ?, ?)"] * len(keys))
+                + " ON CONFLICT (kind, account, model, scope)"
+                " DO UPDATE SET amount = amount + excluded.amount",
+                [v for key in keys for v in (acct.kind, acct.id, *key, delta)],
+            )
+            if delta < 0:
+                # Exactly the rows above: ('', '') is never written.
+                self.conn.execute(
+                    "DELETE FROM reserved_by_model WHERE kind = ? AND account = ?"
+                    " AND model IN (?, '') AND scope IN (?, '') AND amount = 0",
+                    (acct.kind, acct.id, model or _ALL_MODELS, scope),
+                )
+        member = hold.member
+        if member is not None:
+            params = (acct.kind, acct.id, member)
+            self.conn.execute(
+                "INSERT INTO reserved_by_member (kind, account, member, amount) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (kind, account, member)"
                 " DO UPDATE SET amount = amount + excluded.amount",
                 (*params, delta),
             )
             if delta < 0:
                 self.conn.execute(
-                    f"DELETE FROM {table} WHERE kind = ? AND account = ? AND {column} = ?"
+                    "DELETE FROM reserved_by_member WHERE kind = ? AND account = ? AND member = ?"
                     " AND amount = 0",
                     params,
                 )
 
-    def held_for(self, acct: E.Account, model: str) -> int:
+    def held_for(self, acct: E.Account, model: str | None, scope: str | None) -> int:
         row = self._one(
-            "SELECT amount FROM reserved_by_model WHERE kind = ? AND account = ? AND model = ?",
-            (acct.kind, acct.id, model),
+            "SELECT amount FROM reserved_by_model WHERE kind = ? AND account = ? AND model = ?"
+            " AND scope = ?",
+            (acct.kind, acct.id, model or _ALL_MODELS, scope or _NO_SCOPE),
         )
         return row[0] if row else 0
 
@@ -443,12 +499,14 @@ class SQLiteStorage:
         model: str | None = None,
         operation_type: str | None = None,
         allowance: int = 0,
+        scope: str | None = None,
     ) -> str:
         row_id = self._ids.next("tx")
         self.conn.execute(
             "INSERT INTO ledger (id, kind, account, amount, type, balance_after, metadata,"
             " created_us, reservation_id, idempotency_key, draws, spender, model,"
-            " operation_type, allowance) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " operation_type, allowance, scope)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row_id,
                 acct.kind,
@@ -465,19 +523,20 @@ class SQLiteStorage:
                 model,
                 operation_type,
                 allowance,
+                scope,
             ),
         )
         return row_id
 
     def debit(self, transaction_id: str) -> E.Debit | None:
         row = self._one(
-            "SELECT kind, account, amount, type, created_us, draws, draw_refunds, spender, model"
-            " FROM ledger WHERE id = ?",
+            "SELECT kind, account, amount, type, created_us, draws, draw_refunds, spender, model,"
+            " scope FROM ledger WHERE id = ?",
             (transaction_id,),
         )
         if row is None:
             return None
-        kind, account, amount, type_, created_us, draws, refunds, spender, model = row
+        kind, account, amount, type_, created_us, draws, refunds, spender, model, scope = row
         return E.Debit(
             transaction_id,
             kind,
@@ -489,6 +548,7 @@ class SQLiteStorage:
             json.loads(refunds) if refunds else None,
             spender,
             model,
+            scope,
         )
 
     def set_refunds(self, debit: E.Debit, refunds: list[int]) -> None:
@@ -530,9 +590,11 @@ class SQLiteStorage:
 
     def spend_events(self, start: datetime, end: datetime) -> list[L.SpendEvent]:
         events = [
-            L.SpendEvent(spender or account, model or L.UNKNOWN_MODEL, from_us(created), net)
-            for spender, account, model, created, net in self.conn.execute(
-                "SELECT spender, account, model, created_us, -amount - refunded FROM ledger"
+            L.SpendEvent(
+                spender or account, model or L.UNKNOWN_MODEL, from_us(created), net, 1, scope
+            )
+            for spender, account, model, created, net, scope in self.conn.execute(
+                "SELECT spender, account, model, created_us, -amount - refunded, scope FROM ledger"
                 " INDEXED BY ledger_usage WHERE type IN ('usage', 'team_usage')"
                 " AND created_us >= ? AND created_us < ? ORDER BY seq",
                 (to_us(start), to_us(end)),
@@ -541,8 +603,8 @@ class SQLiteStorage:
         # Archived days, each at its UTC midnight: those whose midnight is in the window.
         events += R.rollup_events(
             self.conn.execute(
-                "SELECT day, user_id, model, net, count FROM rollups WHERE day >= ? AND day < ?"
-                " ORDER BY day, user_id, model",
+                "SELECT day, user_id, model, scope, net, count FROM rollups"
+                " WHERE day >= ? AND day < ? ORDER BY day, user_id, model, scope",
                 (_first_day(start), _first_day(end)),
             )
         )
@@ -568,12 +630,15 @@ class SQLiteStorage:
         for table, key, where, params in (
             (
                 "spend",
-                "user_id, cap_type, period, model",
+                "user_id, cap_type, period, model, scope",
                 "(cap_type = 'daily' AND period < ?) OR (cap_type = 'monthly' AND period < ?)",
                 (day, month),
             ),
             ("allowance_used", "user_id, month", "month < ?", (month,)),
             ("member_spend", "team_id, user_id, month", "month < ?", (month,)),
+            # Its key leads with the month, but named in this order the chunk's rows are
+            # deleted by the whole key (SQLite plans a list led by the month by month alone).
+            ("top_up_totals", "kind, account, month", "month < ?", (month,)),
         ):
             if not dry_run and done >= limit:
                 break
@@ -636,10 +701,10 @@ class SQLiteStorage:
                 (top, _SEQ_MARK, NEVER_US),
             )
         self.conn.executemany(
-            "INSERT INTO rollups (day, user_id, model, net, count) VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT (day, user_id, model)"
+            "INSERT INTO rollups (day, user_id, model, scope, net, count)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (day, user_id, model, scope)"
             " DO UPDATE SET net = net + excluded.net, count = count + excluded.count",
-            [(day, user, model, net, count) for (day, user, model), (net, count) in totals.items()],
+            [(*key, net, count) for key, (net, count) in totals.items()],
         )
         self.conn.executemany(
             "INSERT INTO archived_rows (id) VALUES (?)", [(row.id,) for row in rows]
@@ -709,11 +774,17 @@ class SQLiteStorage:
 
     # -- plans and allowance -----------------------------------------------------------------
 
-    def plan(self, plan_id: str) -> PlanDefinition | None:
-        active = self.active_pricing()
-        if active is None:
+    def plan(self, plan_id: str, version: int | None) -> PlanDefinition | None:
+        if version is None:
             return None
-        return (active.config.plans or {}).get(plan_id)
+        # A version's config never changes once written: a parsed one needs no statement.
+        config = self._configs.get(version)
+        if config is None:
+            item = self.pricing(version)
+            if item is None:
+                return None
+            config = item.config
+        return (config.plans or {}).get(plan_id)
 
     def allowance_used(self, acct: E.Account, month: int) -> int:
         row = self._one(
@@ -736,10 +807,15 @@ class SQLiteStorage:
             return ()
         return [
             SpendCap(
-                user_id=acct.id, cap_type=cap_type, model=model or None, limit=limit, action=action
+                user_id=acct.id,
+                cap_type=cap_type,
+                model=model or None,
+                scope=scope or None,
+                limit=limit,
+                action=action,
             )
-            for cap_type, model, limit, action in self.conn.execute(
-                "SELECT cap_type, model, cap_limit, action FROM caps WHERE user_id = ?",
+            for cap_type, model, scope, limit, action in self.conn.execute(
+                "SELECT cap_type, model, scope, cap_limit, action FROM caps WHERE user_id = ?",
                 (acct.id,),
             )
         ]
@@ -750,42 +826,97 @@ class SQLiteStorage:
     def put_cap(self, acct: E.Account, cap: SpendCap) -> None:
         assert isinstance(acct, _Account)
         self.conn.execute(
-            "INSERT INTO caps (user_id, cap_type, model, cap_limit, action) VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT (user_id, cap_type, model)"
+            "INSERT INTO caps (user_id, cap_type, model, scope, cap_limit, action)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, cap_type, model, scope)"
             " DO UPDATE SET cap_limit = excluded.cap_limit, action = excluded.action",
-            (acct.id, cap.cap_type, cap.model or _ALL_MODELS, cap.limit, cap.action),
+            (
+                acct.id,
+                cap.cap_type,
+                cap.model or _ALL_MODELS,
+                cap.scope or _NO_SCOPE,
+                cap.limit,
+                cap.action,
+            ),
         )
         self._count_caps(acct)
 
-    def remove_cap(self, acct: E.Account, cap_type: str, model: str | None) -> bool:
+    def remove_cap(
+        self, acct: E.Account, cap_type: str, model: str | None, scope: str | None
+    ) -> bool:
         assert isinstance(acct, _Account)
         removed = self.conn.execute(
-            "DELETE FROM caps WHERE user_id = ? AND cap_type = ? AND model = ?",
-            (acct.id, cap_type, model or _ALL_MODELS),
+            "DELETE FROM caps WHERE user_id = ? AND cap_type = ? AND model = ? AND scope = ?",
+            (acct.id, cap_type, model or _ALL_MODELS, scope or _NO_SCOPE),
         ).rowcount
         self._count_caps(acct)
         return removed > 0
 
-    def window_spend(self, user_id: str, cap_type: str, window: int, model: str | None) -> int:
+    def window_spend(
+        self, user_id: str, cap_type: str, window: int, model: str | None, scope: str | None
+    ) -> int:
         row = self._one(
             "SELECT amount FROM spend WHERE user_id = ? AND cap_type = ? AND period = ?"
-            " AND model = ?",
-            (user_id, cap_type, window, model or _ALL_MODELS),
+            " AND model = ? AND scope = ?",
+            (user_id, cap_type, window, model or _ALL_MODELS, scope or _NO_SCOPE),
         )
         return row[0] if row else 0
 
-    def add_spend(self, user_id: str, model: str | None, at: datetime, amount: int) -> None:
+    def add_spend(
+        self, user_id: str, model: str | None, scope: str | None, at: datetime, amount: int
+    ) -> None:
+        models = (_ALL_MODELS, model) if model is not None else (_ALL_MODELS,)
+        scopes = (_NO_SCOPE, scope) if scope is not None else (_NO_SCOPE,)
         rows = [
-            (user_id, cap_type, L.cap_window_key(cap_type, at), key, amount)
+            (user_id, cap_type, L.cap_window_key(cap_type, at), key, scoped, amount)
             for cap_type in ("daily", "monthly")
-            for key in ((_ALL_MODELS, model) if model is not None else (_ALL_MODELS,))
+            for scoped in scopes
+            for key in models
         ]
         self.conn.execute(
-            "INSERT INTO spend (user_id, cap_type, period, model, amount) VALUES"
-            + ", ".join(["(?, ?, ?, ?, ?)"] * len(rows))
-            + " ON CONFLICT (user_id, cap_type, period, model)"
+            "INSERT INTO spend (user_id, cap_type, period, model, scope, amount) VALUES"
+            + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(rows))
+            + " ON CONFLICT (user_id, cap_type, period, model, scope)"
             " DO UPDATE SET amount = amount + excluded.amount",
             [value for row in rows for value in row],
+        )
+
+    # -- auto top-up -------------------------------------------------------------------------
+
+    def top_up_claim(self, acct: E.Account) -> E.TopUpClaim | None:
+        row = self._one(
+            "SELECT id, amount, month, expires_us FROM top_up_claims"
+            " WHERE kind = ? AND account = ?",
+            (acct.kind, acct.id),
+        )
+        return None if row is None else E.TopUpClaim(row[0], row[1], row[2], from_us(row[3]))
+
+    def put_top_up_claim(self, acct: E.Account, claim: E.TopUpClaim | None) -> None:
+        if claim is None:
+            self.conn.execute(
+                "DELETE FROM top_up_claims WHERE kind = ? AND account = ?", (acct.kind, acct.id)
+            )
+            return
+        self.conn.execute(
+            "INSERT INTO top_up_claims (kind, account, id, amount, month, expires_us)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (kind, account) DO UPDATE SET"
+            " id = excluded.id, amount = excluded.amount, month = excluded.month,"
+            " expires_us = excluded.expires_us",
+            (acct.kind, acct.id, claim.id, claim.amount, claim.month, to_us(claim.expires_at)),
+        )
+
+    def top_up_total(self, acct: E.Account, month: int) -> int:
+        row = self._one(
+            "SELECT amount FROM top_up_totals WHERE month = ? AND kind = ? AND account = ?",
+            (month, acct.kind, acct.id),
+        )
+        return row[0] if row else 0
+
+    def add_top_up_total(self, acct: E.Account, month: int, delta: int) -> None:
+        # A total back at zero stays, like the other window counters, until `prune`.
+        self.conn.execute(
+            "INSERT INTO top_up_totals (month, kind, account, amount) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (month, kind, account) DO UPDATE SET amount = amount + excluded.amount",
+            (month, acct.kind, acct.id, delta),
         )
 
     # -- teams -------------------------------------------------------------------------------
@@ -844,55 +975,75 @@ class SQLiteStorage:
     # -- pricing -----------------------------------------------------------------------------
 
     def _version(self, row: Sequence[Any]) -> E.PricingVersion:
-        version, pricing_id, config, label, created_us = row
+        version, pricing_id, config, label, created_us, effective_us, cancelled_us = row
         parsed = self._configs.get(version)
         if parsed is None:
-            # Versions never change once written, so a parsed one can be kept.
+            # A version's config never changes once written, so a parsed one can be kept.
             parsed = self._configs[version] = PricingConfigData.model_validate_json(config)
-        return E.PricingVersion(version, pricing_id, parsed, label, from_us(created_us))
+        return E.PricingVersion(
+            version,
+            pricing_id,
+            parsed,
+            label,
+            from_us(created_us),
+            from_us(effective_us),
+            _opt_dt(cancelled_us),
+        )
 
-    def active_version(self) -> int | None:
-        row = self._one("SELECT value FROM settings WHERE key = 'active_pricing'")
-        return None if row is None else int(row[0])
+    def forget(self) -> None:
+        """Drop what was cached from rows a rollback may have taken back."""
+        self._configs.clear()
 
-    def active_pricing(self) -> E.PricingVersion | None:
-        version = self.active_version()
-        return None if version is None else self.pricing(version)
+    def pricing_state(self) -> E.PricingState:
+        pointer: int | None = None
+        pointer_at: datetime | None = None
+        scheduled: list[tuple[datetime, int]] = []
+        for is_pointer, version, at_us in self.conn.execute(_PRICING_STATE):
+            if is_pointer:
+                pointer, pointer_at = version, from_us(at_us)
+            else:
+                scheduled.append((from_us(at_us), version))
+        return E.PricingState(pointer, pointer_at, scheduled)
+
+    def set_pricing_pointer(self, version: int, at: datetime) -> None:
+        self.conn.execute(
+            "INSERT INTO settings (key, value) VALUES (?, ?), (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (_POINTER, str(version), _POINTER_AT, str(to_us(at))),
+        )
+
+    def cancel_pricing(self, version: int, at: datetime) -> None:
+        self.conn.execute(
+            "UPDATE pricing SET cancelled_us = ? WHERE version = ?", (to_us(at), version)
+        )
 
     def pricing(self, version: int) -> E.PricingVersion | None:
-        row = self._one(
-            "SELECT version, id, config, label, created_us FROM pricing WHERE version = ?",
-            (version,),
-        )
+        row = self._one(f"SELECT {_PRICING_COLUMNS} FROM pricing WHERE version = ?", (version,))
         return None if row is None else self._version(row)
 
     def pricing_history(self) -> list[E.PricingVersion]:
         return [
             self._version(row)
             for row in self.conn.execute(
-                "SELECT version, id, config, label, created_us FROM pricing ORDER BY version DESC"
+                f"SELECT {_PRICING_COLUMNS} FROM pricing ORDER BY version DESC"
             )
         ]
 
     def add_pricing(self, item: E.PricingVersion) -> None:
         self.conn.execute(
-            "INSERT INTO pricing (version, id, config, label, created_us) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO pricing (version, id, config, label, created_us, effective_us,"
+            " cancelled_us) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 item.version,
                 item.id,
                 item.config.model_dump_json(),
                 item.label,
                 to_us(item.created_at),
+                to_us(item.effective_at),
+                _opt_us(item.cancelled_at),
             ),
         )
 
     def last_pricing_version(self) -> int:
         last: int = self._one("SELECT coalesce(max(version), 0) FROM pricing")[0]
         return last
-
-    def activate(self, version: int) -> None:
-        self.conn.execute(
-            "INSERT INTO settings (key, value) VALUES ('active_pricing', ?)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (str(version),),
-        )

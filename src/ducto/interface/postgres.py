@@ -70,6 +70,7 @@ from ducto.interface.models import (
     PricingConfigData,
     SetupResult,
     SpendByModelRow,
+    SpendByScopeRow,
     SpendByUserRow,
     TopUserRow,
 )
@@ -82,12 +83,13 @@ if TYPE_CHECKING:
 __all__ = ["PostgresStats", "PostgresStore"]
 
 T = TypeVar("T")
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 _MIGRATIONS: Final = (
     "0001_schema.sql",
     "0002_team_holds.sql",
     "0003_data_path.sql",
     "0004_retention.sql",
+    "0005_scopes_schedules_top_ups.sql",
 )
 _SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _TABLE: Final = re.compile(r"^CREATE TABLE (\w+)", re.MULTILINE)
@@ -103,7 +105,7 @@ _TIMED_OUT: Final = "57014"  # query_canceled: statement_timeout
 
 _PRICING_LOCK: Final = ("p", "pricing")
 """The lock that pricing writes take, as if the pricing settings were an account."""
-_PRICING_WRITES: Final = frozenset({E.set_active_pricing, E.activate_pricing})
+_PRICING_WRITES: Final = frozenset({E.set_active_pricing, E.activate_pricing, E.cancel_pricing})
 _ALONE: Final = frozenset({*_PRICING_WRITES, E.sweep})
 """Operations that run in a transaction of their own, never batched with others."""
 
@@ -898,8 +900,12 @@ class PostgresStore(StoreFront):
     # -- analytics, as SQL aggregates ------------------------------------------------------------
 
     async def _query(self, sql: str, *params: object) -> Any:
-        """One read-only statement whose one value is JSON, with ``$n`` parameters."""
-        encoded = [(p.isoformat() if isinstance(p, datetime) else str(p)).encode() for p in params]
+        """One read-only statement whose one value is JSON, with ``$n`` parameters (None is
+        NULL)."""
+        encoded = [
+            None if p is None else (p.isoformat() if isinstance(p, datetime) else str(p)).encode()
+            for p in params
+        ]
 
         def steps() -> Steps[Any]:
             text = yield (sql.encode(), encoded)
@@ -912,17 +918,17 @@ class PostgresStore(StoreFront):
         `select` (one JSON value) over ``w``: usage in the window, as analytics counts it.
 
         ``w`` holds each usage debit in the window, net of refunds (``c`` 1), and each rollup
-        of an archived day whose midnight is in it (``c`` the debits it stands for). The
-        statement also reads the archive horizon, and a window that splits an archived day is
-        refused (`_retention.check_archive_window`).
+        of an archived day whose midnight is in it (``c`` the debits it stands for), with the
+        budget scope ``s`` (NULL for none). The statement also reads the archive horizon, and a
+        window that splits an archived day is refused (`_retention.check_archive_window`).
         """
         horizon, result = await self._query(
             "WITH w AS (SELECT coalesce(spender, account) AS u, coalesce(model, $1) AS m,"
-            " (created_at AT TIME ZONE 'UTC')::date AS d, -amount - refunded AS net, 1 AS c"
-            " FROM ledger WHERE type IN ('usage', 'team_usage') AND created_at >= $2"
-            " AND created_at < $3"
-            " UNION ALL SELECT user_id, model, date '0001-01-01' + (day - 1), net, count"
-            " FROM rollups WHERE day >= $4 AND day < $5)"
+            " (created_at AT TIME ZONE 'UTC')::date AS d, -amount - refunded AS net, 1 AS c,"
+            " scope AS s FROM ledger WHERE type IN ('usage', 'team_usage')"
+            " AND created_at >= $2 AND created_at < $3"
+            " UNION ALL SELECT user_id, model, date '0001-01-01' + (day - 1), net, count,"
+            " nullif(scope, '') FROM rollups WHERE day >= $4 AND day < $5)"
             " SELECT json_build_array((SELECT value FROM settings"
             f" WHERE key = 'archived_before'), ({select}))",
             L.UNKNOWN_MODEL,
@@ -979,6 +985,26 @@ class PostgresStore(StoreFront):
             limit,
         )
         return [TopUserRow(user_id=u, total_spend=s) for u, s in rows]
+
+    async def spend_by_scope(
+        self, start: datetime, end: datetime, *, user_id: str | None = None
+    ) -> list[SpendByScopeRow]:
+        lo, hi = L.check_window(start, end)
+        if user_id is not None:
+            L.check_id("user_id", user_id)
+        rows = await self._spend(
+            "SELECT coalesce(json_agg(json_build_array(u, s, t, c) ORDER BY t DESC,"
+            ' u COLLATE "C", s IS NOT NULL, s COLLATE "C"), \'[]\')'
+            " FROM (SELECT u, s, sum(net) AS t, sum(c) AS c FROM w"
+            " WHERE $6::text IS NULL OR u = $6::text GROUP BY u, s) x",
+            lo,
+            hi,
+            user_id,
+        )
+        return [
+            SpendByScopeRow(user_id=u, scope=s, total_spend=t, transaction_count=c)
+            for u, s, t, c in rows
+        ]
 
     async def aggregate_stats(self, start: datetime, end: datetime) -> AggregateStatsRow:
         lo, hi = L.check_window(start, end)

@@ -42,13 +42,14 @@ from ducto.interface.models import SetupResult
 __all__ = ["SQLiteStore"]
 
 T = TypeVar("T")
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 6
 _MIGRATIONS: Final = (
     "0001_ledger.sql",
     "0002_plans_caps_teams.sql",
     "0003_team_holds.sql",
     "0004_idempotency_rowid.sql",
     "0005_retention.sql",
+    "0006_scopes_schedules_top_ups.sql",
 )
 
 # Primary result codes (``sqlite3.Error.sqlite_errorcode & 0xFF``) that mean the database
@@ -328,8 +329,11 @@ class SQLiteStore(StoreFront):
                 continue
             for statement in _statements(package.joinpath(name).read_text(encoding="utf-8")):
                 conn.execute(statement)
-                if statement.upper().startswith("CREATE TABLE"):
-                    created.append(statement.split()[2])
+                code = "\n".join(
+                    line for line in statement.splitlines() if not line.lstrip().startswith("--")
+                ).strip()
+                if code.upper().startswith("CREATE TABLE"):
+                    created.append(code.split()[2])
             conn.execute(f"PRAGMA user_version = {version}")
         # A table rebuilt by a migration (made under a new name, then renamed) is not new.
         after = _tables(conn) - before
@@ -385,7 +389,8 @@ class SQLiteStore(StoreFront):
 
     def _run_batch(self, batch: list[Job]) -> None:
         """Run queued operations in one transaction; runs on the connection thread."""
-        conn = self._storage().conn
+        st = self._storage()
+        conn = st.conn
         single = len(batch) == 1
         try:
             conn.execute("BEGIN IMMEDIATE" if any(j.write for j in batch) else "BEGIN")
@@ -403,6 +408,7 @@ class SQLiteStore(StoreFront):
                     if single:
                         raise
                     conn.execute("ROLLBACK TO op")
+                    st.forget()
                     job.error = exc if isinstance(exc, DuctoError) else _translate(exc)
                 if not single:
                     conn.execute("RELEASE op")
@@ -410,6 +416,7 @@ class SQLiteStore(StoreFront):
         except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
+            st.forget()
             error: BaseException = exc if isinstance(exc, DuctoError) else _translate(exc)
             for job in batch:
                 job.result, job.error = None, error
