@@ -206,7 +206,7 @@ def sqlite_floor_pairs_per_second(path: Path, synchronous: str, pairs: int) -> f
 
     store = SQLiteStore(path, synchronous=synchronous)  # type: ignore[arg-type]
     conn = store._connect()
-    storage = SQLiteStorage(conn, _ledger.utc_now, _ledger.IdSource())
+    storage = SQLiteStorage(conn, _ledger.utc_now, _ledger.IdSource(), store._retention)
     store._st = storage
     store._migrate()
 
