@@ -26,6 +26,14 @@ Idempotency records come with the instant they were written, which `recall` comp
 retention's cutoff; a record past it is replaced by `remember`. Pruning and archiving do not
 run on a snapshot: `PostgresStore` runs them as short transactions of their own.
 
+What only some accounts need is read only for them, in the same document: caps, this window's
+spend and counted holds by model for a user with caps, and the spend and counted holds in a
+budget scope only for the scopes that user's caps name (a cap on another scope set earlier in
+the batch defers the operation that asks for it). The pricing part (the pointer, the highest
+version and the scheduled versions) comes when an operation needs it and, for a balance or a
+settlement, only when an account read has a plan. A top-up claim and the month's top-up total
+come only when the batch has a top-up operation.
+
 The two functions only move data; every rule stays in the engine.
 """
 

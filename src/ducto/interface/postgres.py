@@ -22,7 +22,7 @@ beside the traffic (``ducto_prune``, ``ducto_archive_rows``, ``ducto_archive``),
 and rollups computed by the engine's rules in Python. Deleting holds or ledger rows takes the
 locks of their accounts as the data path does, so it never falls between an operation's read
 and its commit. Analytics are SQL aggregates over the kept usage rows and the daily rollups
-of archived days.
+of archived days (kept per user, model and budget scope, so spend by scope reads them too).
 """
 
 from __future__ import annotations
