@@ -21,19 +21,23 @@ NEEDS_A_SERVICE = {"stripe_top_up.py"}
 SELF_CONTAINED = [path for path in EXAMPLES if path.name not in NEEDS_A_SERVICE]
 
 
-@pytest.mark.parametrize("script", SELF_CONTAINED, ids=[path.name for path in SELF_CONTAINED])
-def test_example_runs(script: Path, tmp_path: Path) -> None:
-    """The script exits with status 0, run from a scratch working directory."""
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    completed = subprocess.run(
+def _run(script: Path, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run an example from a scratch working directory, with `env` added to the environment."""
+    return subprocess.run(
         [sys.executable, str(script)],
         cwd=tmp_path,
-        env=env,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **env},
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+@pytest.mark.parametrize("script", SELF_CONTAINED, ids=[path.name for path in SELF_CONTAINED])
+def test_example_runs(script: Path, tmp_path: Path) -> None:
+    """The script exits with status 0, run from a scratch working directory."""
+    completed = _run(script, tmp_path)
 
     assert 0 == completed.returncode, completed.stdout + completed.stderr
 
@@ -145,22 +149,13 @@ def test_stripe_top_up_example_runs_against_a_fake_stripe(
     out."""
     pytest.importorskip("stripe")
     script = next(path for path in EXAMPLES if path.name == "stripe_top_up.py")
-    env = {
-        **os.environ,
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "STRIPE_API_KEY": "sk_test_fake",
-        "STRIPE_API_BASE": fake_stripe.url,
-        "STRIPE_CUSTOMER": "cus_alice",
-        "STRIPE_PAYMENT_METHOD": "pm_alice_card",
-    }
-    completed = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    completed = _run(
+        script,
+        tmp_path,
+        STRIPE_API_KEY="sk_test_fake",
+        STRIPE_API_BASE=fake_stripe.url,
+        STRIPE_CUSTOMER="cus_alice",
+        STRIPE_PAYMENT_METHOD="pm_alice_card",
     )
 
     assert 0 == completed.returncode, completed.stdout + completed.stderr
